@@ -1,0 +1,24 @@
+"""Variational autoencoders written the Pyro way.
+
+The generative model p(x, z) is a Pyro ``model``, the amortized encoder q(z|x) a Pyro
+``guide``; ``pyro.infer.SVI`` trains both. See README.md for a tour.
+"""
+
+__version__ = "0.1.0"
+
+from . import datasets, evaluation, guides, likelihoods, nn, objectives, plots, priors
+from .evaluation import elbo
+from .guides import GUIDES, DiagonalNormalEncoder
+from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood
+from .models import VAE
+from .priors import PRIORS, StandardNormal
+from .runs import TrainConfig, load_run, train_run
+from .train import fit, load_checkpoint, read_checkpoint, save_checkpoint
+
+__all__ = [
+    "VAE", "fit", "elbo", "train_run", "load_run", "TrainConfig",
+    "save_checkpoint", "load_checkpoint", "read_checkpoint",
+    "PRIORS", "StandardNormal", "GUIDES", "DiagonalNormalEncoder",
+    "LIKELIHOODS", "BernoulliLikelihood", "GaussianLikelihood",
+    "datasets", "evaluation", "guides", "likelihoods", "nn", "objectives", "plots", "priors",
+]

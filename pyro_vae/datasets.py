@@ -1,0 +1,280 @@
+"""Data sets as whole tensors: the MNIST family, binarization, and the embedded default.
+
+``load(name, data_dir=None)`` returns ``(train, valid, test)`` ``TensorDataset``s. The data
+root is ``data_dir``, else ``$PYRO_VAE_DATA``, else ``~/.cache/pyro_vae``; it holds one
+folder per data set (``mnist/``, ``fashion-mnist/``, ``binarized-mnist/``). Missing files
+are downloaded into a temporary file, md5-checked, then renamed into place. Every file is
+md5-checked on its decompressed content, so a gzipped or a plain copy both pass and a
+truncated or corrupt one is an error naming it.
+"""
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+ENV_VAR = "PYRO_VAE_DATA"
+
+# name -> folder, files {plain file name: md5 of the decompressed content}, remote suffix,
+# mirrors. Files may be stored locally as `name` or `name.gz`.
+_MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                  "http://yann.lecun.com/exdb/mnist/"]
+SOURCES: Dict[str, dict] = {
+    "mnist": dict(folder="mnist", suffix=".gz", mirrors=_MNIST_MIRRORS, files={
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    }),
+    "fashion-mnist": dict(
+        folder="fashion-mnist", suffix=".gz",
+        mirrors=["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"], files={
+            "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+            "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+            "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+        }),
+    "binarized-mnist": dict(
+        folder="binarized-mnist", suffix="",
+        mirrors=["http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"],
+        files={
+            "binarized_mnist_train.amat": "db28b1a6ae0fe70cbd3da91acf46e477",
+            "binarized_mnist_valid.amat": "bf37822a04e94123630de6a7dfd9c9ef",
+            "binarized_mnist_test.amat": "14e41ae11040adba6ab8cb291eda0dd8",
+        }),
+}
+DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist")
+
+
+@dataclasses.dataclass
+class TensorDataset:
+    """A whole split as one ``(N, D)`` float tensor, batched by index permutation.
+
+    ``dynamic_binarize``: each batch is a fresh draw ``Bernoulli(x)`` of the gray values
+    (Salakhutdinov & Murray 2008), as for training on gray MNIST.
+    """
+
+    x: torch.Tensor
+    name: str
+    split: str
+    image_shape: Tuple[int, ...]
+    dynamic_binarize: bool = False
+    labels: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.x.dim() != 2:
+            raise ValueError(f"{self.name} {self.split}: x must be (N, D), got "
+                             f"{tuple(self.x.shape)}")
+        if self.dynamic_binarize and not bool(((self.x >= 0) & (self.x <= 1)).all()):
+            raise ValueError(f"{self.name} {self.split}: dynamic binarization needs "
+                             f"values in [0, 1]")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def to(self, device) -> "TensorDataset":
+        labels = None if self.labels is None else self.labels.to(device)
+        return dataclasses.replace(self, x=self.x.to(device), labels=labels)
+
+    def subset(self, n: int) -> "TensorDataset":
+        """The first n points (all if n is None or larger)."""
+        labels = None if self.labels is None else self.labels[:n]
+        return dataclasses.replace(self, x=self.x[:n], labels=labels)
+
+    def batches(self, batch_size: int, shuffle: bool = True,
+                generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+        """Minibatches of x on the data's device; the last one may be smaller."""
+        n = len(self.x)
+        order = (torch.randperm(n, device=self.device, generator=generator) if shuffle
+                 else None)
+        for i in range(0, n, batch_size):
+            xb = self.x[i:i + batch_size] if order is None else self.x[order[i:i + batch_size]]
+            if self.dynamic_binarize:
+                xb = torch.bernoulli(xb, generator=generator)
+            yield xb
+
+
+def data_root(data_dir=None) -> Path:
+    """``data_dir``, else ``$PYRO_VAE_DATA``, else ``~/.cache/pyro_vae``."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "pyro_vae"
+
+
+def _read_verified(path: Path, md5: str, gz: Optional[bool] = None) -> bytes:
+    """The decompressed bytes of ``path`` (gzip if it ends in .gz), md5-checked."""
+    gz = path.suffix == ".gz" if gz is None else gz
+    try:
+        if gz:
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        raise ValueError(f"{path}: truncated or corrupt ({e}); delete it and download "
+                         f"it again") from None
+    got = hashlib.md5(raw).hexdigest()
+    if got != md5:
+        raise ValueError(f"{path}: md5 of the content is {got}, expected {md5}; the file "
+                         f"is truncated or corrupt, delete it and download it again")
+    return raw
+
+
+def _download(url: str, dest: Path, md5: str) -> bytes:
+    """Download ``url`` into a temporary file beside ``dest``, check it, rename it into
+    place, and return its verified content. Nothing is left behind on failure."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as r:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        raw = _read_verified(Path(tmp), md5, gz=dest.suffix == ".gz")
+        os.replace(tmp, dest)
+        return raw
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fetch(name: str, data_dir=None, download: bool = True) -> Dict[str, bytes]:
+    """The verified, decompressed content of every file of data set ``name``."""
+    src = SOURCES[name]
+    folder = data_root(data_dir) / src["folder"]
+    out, missing = {}, []
+    for fname, md5 in src["files"].items():
+        local = [p for p in (folder / (fname + ".gz"), folder / fname) if p.exists()]
+        if local:
+            out[fname] = _read_verified(local[0], md5)
+        else:
+            missing.append(fname)
+    if missing and download:
+        errors = []
+        for fname in missing:
+            remote = fname + src["suffix"]
+            for mirror in src["mirrors"]:
+                try:
+                    out[fname] = _download(mirror + remote, folder / remote,
+                                           src["files"][fname])
+                    break
+                except (urllib.error.URLError, OSError, ValueError) as e:
+                    errors.append(f"{mirror + remote}: {e}")
+        missing = [f for f in missing if f not in out]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} lacks {', '.join(m + src['suffix'] for m in missing)} "
+            f"(expected: {', '.join(f + src['suffix'] for f in src['files'])}); "
+            + ("download failed" if download else "downloads are off")
+            + f"; put the files there or point --data-dir / ${ENV_VAR} at a folder "
+              f"holding {src['folder']}/")
+    return out
+
+
+def read_idx(raw: bytes, magic: int, source: str = "IDX data") -> np.ndarray:
+    """Parse an IDX file (LeCun's MNIST format): big-endian magic, dims, uint8 payload."""
+    if len(raw) < 8 or int.from_bytes(raw[:4], "big") != magic:
+        got = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+        raise ValueError(f"{source}: IDX magic number is {got}, expected {magic}")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(dims)):
+        raise ValueError(f"{source}: IDX header says {dims} but the payload has "
+                         f"{len(raw) - offset} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def read_amat(raw: bytes, source: str = "amat data", dim: int = 784) -> np.ndarray:
+    """Parse Larochelle's binary ``.amat`` text: one row of '0'/'1' per line, spaces."""
+    width = 2 * dim  # dim digits, dim - 1 spaces and a newline
+    arr = np.frombuffer(raw, dtype=np.uint8)
+    if len(arr) % width != 0:
+        raise ValueError(f"{source}: {len(arr)} bytes is not a whole number of "
+                         f"{dim}-value rows")
+    arr = arr.reshape(-1, width)
+    digits, seps = arr[:, 0::2] - ord("0"), arr[:, 1::2]
+    if (digits > 1).any() or (seps[:, :-1] != ord(" ")).any() or (seps[:, -1] != ord("\n")).any():
+        raise ValueError(f"{source}: not rows of {dim} space-separated 0/1 values")
+    return digits
+
+
+def _gray(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr.reshape(len(arr), -1).astype(np.float32) / 255.0)
+
+
+def _load_idx_family(name, data_dir, download):
+    raw = fetch(name, data_dir, download)
+    folder = data_root(data_dir) / SOURCES[name]["folder"]
+
+    def part(stem):
+        images = read_idx(raw[f"{stem}-images-idx3-ubyte"], 2051, str(folder / stem))
+        labels = read_idx(raw[f"{stem}-labels-idx1-ubyte"], 2049, str(folder / stem))
+        return _gray(images), torch.from_numpy(labels.astype(np.int64))
+
+    (x, y), (xt, yt) = part("train"), part("t10k")
+    # The standard 50k/10k split of the training file (VampPrior and IWAE papers).
+    return [(x[:50000], y[:50000]), (x[50000:], y[50000:]), (xt, yt)], (28, 28)
+
+
+def _load_binarized(data_dir, download):
+    raw = fetch("binarized-mnist", data_dir, download)
+    splits = []
+    for split in ("train", "valid", "test"):
+        fname = f"binarized_mnist_{split}.amat"
+        arr = read_amat(raw[fname], fname)
+        splits.append((torch.from_numpy(arr.astype(np.float32)), None))
+    return splits, (28, 28)
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.data.astype(np.float32) / 16.0)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    # 1797 images: 1297 / 250 / 250.
+    return [(x[:1297], y[:1297]), (x[1297:1547], y[1297:1547]), (x[1547:], y[1547:])], (8, 8)
+
+
+def load(name: str, data_dir=None, binarize: bool = True, seed: int = 0,
+         download: bool = True) -> List[TensorDataset]:
+    """``[train, valid, test]`` of data set ``name`` (one of ``DATASETS``), on the CPU.
+
+    Gray data with ``binarize=True``: training batches are binarized dynamically; the
+    validation and test splits are binarized once with a fixed ``seed``, so every
+    evaluation sees the same binary images. ``binarized-mnist`` is binary already.
+    """
+    if name == "digits":
+        splits, shape = _load_digits()
+    elif name in ("mnist", "fashion-mnist"):
+        splits, shape = _load_idx_family(name, data_dir, download)
+    elif name == "binarized-mnist":
+        splits, shape = _load_binarized(data_dir, download)
+        binarize = False
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for split, (x, y) in zip(("train", "valid", "test"), splits):
+        dynamic = binarize and split == "train"
+        if binarize and split != "train":
+            x = torch.bernoulli(x, generator=gen)
+        out.append(TensorDataset(x, name, split, shape, dynamic, y))
+    return out

@@ -1,0 +1,76 @@
+"""Likelihood heads p(x | z): decoder features -> a Distribution over one datum.
+
+A head is an ``nn.Module`` built as ``Head(x_dim)``. Its ``forward(features)`` takes the
+decoder's output (``x_dim`` features per datum, any leading batch shape) and returns a
+``pyro.distributions`` object with ``event_shape == (x_dim,)``. ``check(x, what)`` rejects
+data outside the head's support with a one-line error before any training starts.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyro.distributions as dist
+
+
+class BernoulliLikelihood(nn.Module):
+    """p(x|z) = prod_d Bernoulli(x_d; sigmoid(f_d(z))), parameterized by logits.
+
+    Needs x in {0, 1}: binarize gray data first (see ``pyro_vae.datasets``).
+    """
+
+    def __init__(self, x_dim: int):
+        super().__init__()
+        self.x_dim = x_dim
+
+    def forward(self, logits: torch.Tensor) -> dist.Distribution:
+        return dist.Bernoulli(logits=logits).to_event(1)
+
+    def check(self, x: torch.Tensor, what: str = "data") -> None:
+        if not torch.all((x == 0) | (x == 1)):
+            lo, hi = x.min().item(), x.max().item()
+            raise ValueError(
+                f"likelihood 'bernoulli' needs x in {{0, 1}} but {what} has values in "
+                f"[{lo:g}, {hi:g}]; binarize it (binarize='dynamic') or use "
+                f"likelihood='gaussian'")
+
+
+class GaussianLikelihood(nn.Module):
+    """p(x|z) = prod_d Normal(x_d; f_d(z), sigma_d).
+
+    ``scale=None`` learns one sigma per dimension, kept in [min_scale, inf) by a softplus;
+    a float fixes sigma (then the model is e.g. the linear-Gaussian VAE of the tests).
+    """
+
+    def __init__(self, x_dim: int, scale: Optional[float] = None, min_scale: float = 1e-3):
+        super().__init__()
+        self.x_dim = x_dim
+        self.min_scale = min_scale
+        if scale is None:
+            # softplus(0.5413) = 1.0: start from unit noise.
+            self.raw_scale = nn.Parameter(torch.full((x_dim,), 0.5413))
+        else:
+            if not scale > 0:
+                raise ValueError(f"likelihood scale must be > 0, got {scale!r}")
+            self.register_buffer("fixed_scale", torch.full((x_dim,), float(scale)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        if hasattr(self, "raw_scale"):
+            return self.min_scale + F.softplus(self.raw_scale)
+        return self.fixed_scale
+
+    def forward(self, loc: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(loc, self.scale).to_event(1)
+
+    def check(self, x: torch.Tensor, what: str = "data") -> None:
+        if not torch.all(torch.isfinite(x)):
+            raise ValueError(f"likelihood 'gaussian' needs finite x; {what} has NaN or inf")
+
+
+LIKELIHOODS = {
+    "bernoulli": BernoulliLikelihood,
+    "gaussian": GaussianLikelihood,
+}

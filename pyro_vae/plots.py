@@ -1,0 +1,65 @@
+"""Matplotlib figures of a trained VAE: samples, reconstructions, ELBO curves."""
+
+from typing import Dict, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; works on machines with no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def image_grid(images: torch.Tensor, image_shape: Tuple[int, int], ncols: int) -> torch.Tensor:
+    """Tile ``(n, H*W)`` images into one ``(rows*H, ncols*W)`` array, 1-pixel gaps."""
+    h, w = image_shape
+    n = len(images)
+    nrows = -(-n // ncols)
+    grid = torch.ones(nrows * (h + 1) - 1, ncols * (w + 1) - 1)
+    for i, img in enumerate(images.detach().float().cpu().reshape(n, h, w)):
+        r, c = divmod(i, ncols)
+        grid[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = img
+    return grid
+
+
+def _save_grid(grid, path, title):
+    fig, ax = plt.subplots(figsize=(grid.shape[1] / 25 + 1, grid.shape[0] / 25 + 1))
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_samples(vae, image_shape, path, n: int = 64) -> None:
+    """Means of p(x|z) for z drawn from the prior."""
+    images = vae.sample(n)
+    ncols = int(n ** 0.5)
+    _save_grid(image_grid(images, image_shape, ncols), path,
+               "mean of p(x|z), z ~ p(z)")
+
+
+def plot_reconstructions(vae, x: torch.Tensor, image_shape, path) -> None:
+    """Pairs of rows: data on top, the mean of p(x|z) at z = E[z|x] below."""
+    recon = vae.reconstruct(x)
+    ncols = min(len(x), 16)
+    rows = []
+    for i in range(0, len(x), ncols):
+        rows += [x[i:i + ncols], recon[i:i + ncols]]
+    _save_grid(image_grid(torch.cat(rows), image_shape, ncols), path,
+               "data (odd rows) and reconstructions (even rows)")
+
+
+def plot_elbo(history: Sequence[Dict], path) -> None:
+    """Train and validation ELBO per data point against epoch."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [r["train_elbo"] for r in history], marker="o", label="train")
+    valid = [(r["epoch"], r["valid_elbo"]) for r in history if r.get("valid_elbo") is not None]
+    if valid:
+        ax.plot(*zip(*valid), marker="o", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO per data point (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,215 @@
+"""Run folders: one flat ``TrainConfig`` in, a folder of results out, and back again.
+
+A run folder holds ``config.json`` (every setting), ``metrics.jsonl`` (one JSON object per
+epoch), ``checkpoint.pt`` (weights only), ``summary.json`` (test ELBO, timings) and the
+figures ``samples.png``, ``reconstructions.png``, ``elbo.png``.
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+import pyro
+
+from . import datasets, plots
+from .evaluation import elbo as evaluate_elbo
+from .likelihoods import LIKELIHOODS, GaussianLikelihood
+from .models import VAE
+from .nn import ACTIVATIONS
+from .objectives import LOSSES
+from .train import OPTIMIZERS, fit, load_checkpoint, read_checkpoint, save_checkpoint
+
+
+def _opt(default, help, **kw):
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run; the ``pyro-vae train`` options map 1:1 onto it."""
+
+    dataset: str = _opt("digits", "data set", choices=datasets.DATASETS)
+    data_dir: Optional[str] = _opt(None, f"data root (default: ${datasets.ENV_VAR}, "
+                                         f"else ~/.cache/pyro_vae)")
+    out: str = _opt("runs/quickstart", "run folder to write")
+    overwrite: bool = _opt(False, "replace a run already in --out")
+    limit: Optional[int] = _opt(None, "train on the first N training points only")
+    z_dim: int = _opt(50, "latent dimension")
+    hidden: Tuple[int, ...] = _opt((400,), "hidden layer sizes of the encoder "
+                                           "(the decoder mirrors them)")
+    act: str = _opt("relu", "hidden activation", choices=tuple(ACTIVATIONS))
+    likelihood: str = _opt("bernoulli", "p(x|z)", choices=tuple(LIKELIHOODS))
+    likelihood_scale: Optional[float] = _opt(None, "fixed sigma of the gaussian "
+                                                   "likelihood (default: learned)")
+    binarize: Optional[bool] = _opt(None, "binarize gray data (default: with the "
+                                          "bernoulli likelihood)")
+    loss: str = _opt("meanfield", "ELBO estimator", choices=tuple(LOSSES))
+    particles: int = _opt(1, "vectorized samples per data point")
+    epochs: int = _opt(30, "training epochs")
+    batch_size: int = _opt(128, "minibatch size")
+    lr: float = _opt(1e-3, "learning rate")
+    optimizer: str = _opt("adam", "Pyro optimizer", choices=OPTIMIZERS)
+    clip_norm: float = _opt(10.0, "gradient norm bound of clipped_adam")
+    seed: int = _opt(0, "random seed")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting, as its command-line option."""
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"--{_flag(f.name)}: {value!r} is not one of {list(choices)}")
+        positive = {"z_dim": self.z_dim, "particles": self.particles,
+                    "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                    "clip_norm": self.clip_norm, "limit": self.limit or 1,
+                    "likelihood_scale": self.likelihood_scale or 1}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"--{_flag(name)} must be > 0, got {value}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"--hidden: sizes must be >= 1, got {list(self.hidden)}")
+        resolve_device(self.device)
+
+    @property
+    def binarize_data(self) -> bool:
+        return self.likelihood == "bernoulli" if self.binarize is None else self.binarize
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def build_vae(config: TrainConfig, x_dim: int) -> VAE:
+    likelihood = config.likelihood
+    if likelihood == "gaussian":
+        likelihood = GaussianLikelihood(x_dim, scale=config.likelihood_scale)
+    return VAE(x_dim, config.z_dim, config.hidden, likelihood=likelihood, act=config.act)
+
+
+def load_data(config: TrainConfig):
+    train, valid, test = datasets.load(config.dataset, config.data_dir,
+                                       binarize=config.binarize_data, seed=config.seed)
+    if config.limit:
+        train = train.subset(config.limit)
+    return train, valid, test
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
+             "samples.png", "reconstructions.png", "elbo.png")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    existing = [f for f in RUN_FILES if (out / f).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"--out {out} already holds a run ({', '.join(existing)}); "
+                              f"pass --overwrite or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in existing:
+        os.remove(out / f)
+
+
+def train_run(config: TrainConfig, progress: bool = True) -> dict:
+    """Train as ``config`` says and fill its run folder; returns the summary."""
+    config.validate()
+    device = resolve_device(config.device)
+    train, valid, test = load_data(config)
+    vae = build_vae(config, train.x.shape[1])
+    out = Path(config.out)
+    # Everything that can fail on bad input has been checked: only now touch the folder.
+    _prepare_out(out, config.overwrite)
+    _write_json(out / "config.json", dataclasses.asdict(config))
+
+    metrics_file = open(out / "metrics.jsonl", "w")
+
+    def record_epoch(record, vae):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        save_checkpoint(out / "checkpoint.pt", vae, epoch=record["epoch"],
+                        x_dim=train.x.shape[1])
+
+    with metrics_file:
+        history = fit(vae, train, valid, epochs=config.epochs, loss=config.loss,
+                      num_particles=config.particles, batch_size=config.batch_size,
+                      lr=config.lr, optimizer=config.optimizer, clip_norm=config.clip_norm,
+                      seed=config.seed, device=device, callbacks=[record_epoch],
+                      progress=progress)
+
+    test = test.to(device)
+    summary = {
+        "test_elbo": evaluate_elbo(vae, test, config.loss, config.particles, seed=config.seed),
+        "num_test": len(test),
+        "epochs": config.epochs,
+        "seconds_per_epoch": sum(r["seconds"] for r in history) / max(len(history), 1),
+        "device": str(device),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+    }
+    _write_json(out / "summary.json", summary)
+    vae.eval()
+    plots.plot_samples(vae, train.image_shape, out / "samples.png")
+    plots.plot_reconstructions(vae, test.x[:32], train.image_shape, out / "reconstructions.png")
+    plots.plot_elbo(history, out / "elbo.png")
+    return summary
+
+
+def read_config(path) -> TrainConfig:
+    """The ``TrainConfig`` in a run folder's ``config.json``."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file; is this a pyro_vae run folder?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}")
+    if isinstance(raw.get("hidden"), list):
+        raw["hidden"] = tuple(raw["hidden"])
+    config = TrainConfig(**raw)
+    try:
+        config.validate()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config
+
+
+def load_run(run_dir, device="cpu") -> Tuple[VAE, TrainConfig]:
+    """The trained VAE and the config of a run folder, on ``device``."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir / "config.json")
+    ckpt_path = run_dir / "checkpoint.pt"
+    state = read_checkpoint(ckpt_path)
+    # x_dim is stored in the checkpoint, so the data need not be loaded to rebuild the net.
+    if not isinstance(state.get("x_dim"), int):
+        raise ValueError(f"{ckpt_path}: checkpoint has no x_dim")
+    vae = build_vae(config, state["x_dim"])
+    load_checkpoint(ckpt_path, vae, state=state)
+    return vae.to(device), config

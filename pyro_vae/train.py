@@ -1,0 +1,171 @@
+"""fit(): the SVI loop, epoch callbacks, and safe checkpoints."""
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import pyro
+from pyro.infer import SVI
+from pyro.optim import Adam, ClippedAdam
+
+from .evaluation import elbo as evaluate_elbo
+from .objectives import make_elbo, warn_if_monte_carlo_kl
+
+OPTIMIZERS = ("adam", "clipped_adam")
+
+Callback = Callable[[Dict, torch.nn.Module], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def make_optimizer(name: str = "adam", lr: float = 1e-3, clip_norm: float = 10.0):
+    """Pyro's ``Adam`` or ``ClippedAdam`` (gradient norm clipped to ``clip_norm``)."""
+    if name == "adam":
+        return Adam({"lr": lr})
+    if name == "clipped_adam":
+        return ClippedAdam({"lr": lr, "clip_norm": clip_norm})
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
+
+
+def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
+        num_particles: int = 1, batch_size: int = 128, lr: float = 1e-3,
+        optimizer: str = "adam", clip_norm: float = 10.0, seed: int = 0,
+        device=None, callbacks: Sequence[Callback] = (), progress: bool = True,
+        ) -> List[Dict]:
+    """Train ``vae`` on ``train`` with ``pyro.infer.SVI`` and return the per-epoch history.
+
+    Each step estimates the ELBO of the whole training set from one minibatch (the
+    ``"data"`` plate scales it by N / B) and takes one optimizer step. After each epoch a
+    record ``{"epoch", "train_elbo", "valid_elbo", "seconds"}`` (ELBOs per data point, in
+    nats; ``train_elbo`` is the running average over the epoch's minibatches) is appended
+    to the history and passed to every ``callback(record, vae)``.
+
+    ``device``: move the model and data there; by default the model's device is used.
+    Clears Pyro's parameter store first: PyroModule registers parameters by name, and a
+    stale entry from an earlier model of the same shape would be optimized instead.
+    """
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
+    device = torch.device(device) if device is not None else _module_device(vae)
+    vae.to(device)
+    train = train.to(device)
+    valid = valid.to(device) if valid is not None else None
+    for data in (train, valid):
+        # Dynamically binarized data reach the model as {0, 1} draws, valid everywhere.
+        if data is not None and not data.dynamic_binarize:
+            vae.likelihood.check(data.x, f"the {data.split} split of {data.name!r}")
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    objective = make_elbo(loss, num_particles)
+    svi = SVI(vae.model, vae.guide, make_optimizer(optimizer, lr, clip_norm), objective)
+    with torch.no_grad():
+        warn_if_monte_carlo_kl(loss, vae.encode(train.x[:2]), vae.prior(vae.encoder))
+
+    n = len(train)
+    steps = math.ceil(n / batch_size)
+    history = []
+    vae.train()
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        total = 0.0  # sum over the epoch of -ELBO per batch point
+        seen = 0
+        bar = tqdm(train.batches(batch_size, generator=generator), total=steps,
+                   desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False,
+                   dynamic_ncols=True)
+        for step, xb in enumerate(bar):
+            batch_loss = svi.step(xb, num_data=n)  # -ELBO of the full set, estimated
+            if not math.isfinite(batch_loss):
+                raise TrainingDiverged(
+                    f"loss is {batch_loss} at epoch {epoch}, step {step + 1}; lower --lr "
+                    f"or use --optimizer clipped_adam")
+            total += batch_loss * len(xb) / n
+            seen += len(xb)
+            if step % 10 == 0:
+                bar.set_postfix(elbo=f"{-total / seen:.2f}")
+        bar.close()
+        train_seconds = time.perf_counter() - start
+        record = {"epoch": epoch, "train_elbo": -total / n, "valid_elbo": None,
+                  "seconds": train_seconds}
+        if valid is not None:
+            record["valid_elbo"] = evaluate_elbo(vae, valid, loss, num_particles)
+        history.append(record)
+        if progress:
+            tqdm.write(_format(record))
+        for callback in callbacks:
+            callback(record, vae)
+    return history
+
+
+def _format(record: Dict) -> str:
+    text = f"epoch {record['epoch']:>3}  train ELBO {record['train_elbo']:9.3f}"
+    if record.get("valid_elbo") is not None:
+        text += f"  valid ELBO {record['valid_elbo']:9.3f}"
+    return text + f"  ({record['seconds']:.1f}s)"
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+CHECKPOINT_FORMAT = "pyro_vae.checkpoint/1"
+
+
+def save_checkpoint(path, vae, **extra) -> None:
+    """Write ``vae``'s state dict (plus plain ``extra`` values) to ``path`` atomically:
+    a temporary file in the same folder, then a rename, so a crash never leaves a
+    half-written checkpoint in place of the last good one."""
+    path = Path(path)
+    state = {"format": CHECKPOINT_FORMAT, "model": vae.state_dict(), **extra}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path, map_location="cpu") -> Dict:
+    """The contents of a checkpoint written by ``save_checkpoint``.
+
+    Uses ``torch.load(weights_only=True)``: tensors and plain containers only, never
+    arbitrary pickled objects, so a crafted file cannot run code. (Pyro's own
+    ``ParamStoreDict.load`` and ``PyroOptim.load`` unpickle; they are not used here.)
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # corrupt, truncated or not a weights-only file
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path}: not a readable pyro_vae checkpoint "
+                         f"({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a pyro_vae checkpoint (no {CHECKPOINT_FORMAT!r} tag)")
+    return state
+
+
+def load_checkpoint(path, vae, map_location="cpu", state: Optional[Dict] = None) -> Dict:
+    """Load a checkpoint into ``vae`` (``state``: its contents, if already read);
+    returns the extras saved beside the weights."""
+    state = read_checkpoint(path, map_location) if state is None else state
+    try:
+        vae.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        reason = str(e).splitlines()[0]
+        raise ValueError(f"{path}: does not fit this model: {reason}") from None
+    return {k: v for k, v in state.items() if k not in ("format", "model")}
