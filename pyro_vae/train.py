@@ -83,7 +83,13 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                    desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False,
                    dynamic_ncols=True)
         for step, xb in enumerate(bar):
-            batch_loss = svi.step(xb, num_data=n)  # -ELBO of the full set, estimated
+            try:
+                batch_loss = svi.step(xb, num_data=n)  # -ELBO of the full set, estimated
+            except ValueError:
+                # With validation on, NaN weights fail a distribution's argument check.
+                if _all_finite(vae):
+                    raise
+                batch_loss = math.nan
             if not math.isfinite(batch_loss):
                 raise TrainingDiverged(
                     f"loss is {batch_loss} at epoch {epoch}, step {step + 1}; lower --lr "
@@ -111,6 +117,10 @@ def _format(record: Dict) -> str:
     if record.get("valid_elbo") is not None:
         text += f"  valid ELBO {record['valid_elbo']:9.3f}"
     return text + f"  ({record['seconds']:.1f}s)"
+
+
+def _all_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
