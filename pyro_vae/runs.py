@@ -36,6 +36,7 @@ class TrainConfig:
     dataset: str = _opt("digits", "data set", choices=datasets.DATASETS)
     data_dir: Optional[str] = _opt(None, f"data root (default: ${datasets.ENV_VAR}, "
                                          f"else ~/.cache/pyro_vae)")
+    download: bool = _opt(True, "download missing data files")
     out: str = _opt("runs/quickstart", "run folder to write")
     overwrite: bool = _opt(False, "replace a run already in --out")
     limit: Optional[int] = _opt(None, "train on the first N training points only")
@@ -106,7 +107,8 @@ def build_vae(config: TrainConfig, x_dim: int) -> VAE:
 
 def load_data(config: TrainConfig):
     train, valid, test = datasets.load(config.dataset, config.data_dir,
-                                       binarize=config.binarize_data, seed=config.seed)
+                                       binarize=config.binarize_data, seed=config.seed,
+                                       download=config.download)
     if config.limit:
         train = train.subset(config.limit)
     return train, valid, test
