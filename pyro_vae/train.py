@@ -27,9 +27,14 @@ class TrainingDiverged(RuntimeError):
 
 
 def make_optimizer(name: str = "adam", lr: float = 1e-3, clip_norm: float = 10.0):
-    """Pyro's ``Adam`` or ``ClippedAdam`` (gradient norm clipped to ``clip_norm``)."""
+    """Pyro's ``Adam`` or ``ClippedAdam`` (gradient norm clipped to ``clip_norm``).
+
+    ``Adam`` uses PyTorch's fused kernel: Pyro keeps one optimizer per parameter tensor,
+    and the fused update cuts that per-call overhead (about 3 ms of a 14 ms step on the
+    784-400-50 MNIST network on a 2-core CPU; see benchmarks/train_speed.py).
+    """
     if name == "adam":
-        return Adam({"lr": lr})
+        return Adam({"lr": lr, "fused": True})
     if name == "clipped_adam":
         return ClippedAdam({"lr": lr, "clip_norm": clip_norm})
     raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
@@ -39,7 +44,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         num_particles: int = 1, batch_size: int = 128, lr: float = 1e-3,
         optimizer: str = "adam", clip_norm: float = 10.0, seed: int = 0,
         device=None, callbacks: Sequence[Callback] = (), progress: bool = True,
-        ) -> List[Dict]:
+        validate: bool = True) -> List[Dict]:
     """Train ``vae`` on ``train`` with ``pyro.infer.SVI`` and return the per-epoch history.
 
     Each step estimates the ELBO of the whole training set from one minibatch (the
@@ -49,6 +54,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     to the history and passed to every ``callback(record, vae)``.
 
     ``device``: move the model and data there; by default the model's device is used.
+    ``validate``: check distribution arguments and supports on the first step.
     Clears Pyro's parameter store first: PyroModule registers parameters by name, and a
     stale entry from an earlier model of the same shape would be optimized instead.
     """
@@ -84,7 +90,10 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                    dynamic_ncols=True)
         for step, xb in enumerate(bar):
             try:
-                batch_loss = svi.step(xb, num_data=n)  # -ELBO of the full set, estimated
+                # Distribution checks run on the very first step, where a model or guide
+                # bug shows, and are then switched off: they cost ~15% of a step.
+                with pyro.validation_enabled(validate and epoch == 1 and step == 0):
+                    batch_loss = svi.step(xb, num_data=n)  # -ELBO of the full set
             except ValueError:
                 # With validation on, NaN weights fail a distribution's argument check.
                 if _all_finite(vae):
