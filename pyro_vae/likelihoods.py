@@ -29,12 +29,12 @@ class BernoulliLikelihood(nn.Module):
         return dist.Bernoulli(logits=logits).to_event(1)
 
     def check(self, x: torch.Tensor, what: str = "data") -> None:
-        if not torch.all((x == 0) | (x == 1)):
-            lo, hi = x.min().item(), x.max().item()
+        bad = x[(x != 0) & (x != 1)]
+        if len(bad):
             raise ValueError(
-                f"likelihood 'bernoulli' needs x in {{0, 1}} but {what} has values in "
-                f"[{lo:g}, {hi:g}]; binarize it (binarize='dynamic') or use "
-                f"likelihood='gaussian'")
+                f"likelihood 'bernoulli' needs x in {{0, 1}} but {what} has other values "
+                f"(e.g. {bad[0].item():g}); binarize it (--binarize, or binarize=True in "
+                f"pyro_vae.datasets.load) or use the gaussian likelihood")
 
 
 class GaussianLikelihood(nn.Module):
