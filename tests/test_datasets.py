@@ -196,3 +196,15 @@ def test_real_binarized_mnist(data_root):
     # Pixel means from the data's README.
     assert train.x.mean().item() == pytest.approx(0.13056, abs=1e-5)
     assert test.x.mean().item() == pytest.approx(0.13251, abs=1e-5)
+
+
+def test_real_fashion_mnist(data_root):
+    train, valid, test = load("fashion-mnist", data_root, binarize=False)
+    assert (len(train), len(valid), len(test)) == (50000, 10000, 10000)
+    # From the data's README: mean pixel 72.9404 (all 60k train) and 73.1466 (test),
+    # 6000 / 1000 images per class, the first training image an ankle boot (9).
+    all_train = torch.cat([train.x, valid.x])
+    assert all_train.mean().item() * 255 == pytest.approx(72.9404, abs=1e-3)
+    assert test.x.mean().item() * 255 == pytest.approx(73.1466, abs=1e-3)
+    assert torch.cat([train.labels, valid.labels]).bincount().tolist() == [6000] * 10
+    assert train.labels[0].item() == 9

@@ -118,6 +118,7 @@ class _Exploit:
         return (os.system, ("touch exploited",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoint_loading_never_unpickles_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pt"
@@ -154,6 +155,20 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="ckpt.pt: not a readable pyro_vae checkpoint"):
         read_checkpoint(path)
+
+
+def test_clipped_adam_is_pyros_and_trains():
+    train, valid, _ = _digits()
+    from pyro_vae.train import make_optimizer
+
+    opt = make_optimizer("clipped_adam", lr=1e-3, clip_norm=0.5)
+    assert opt.pt_optim_constructor.__name__ == "ClippedAdam"
+    assert opt.pt_optim_args == {"lr": 1e-3, "clip_norm": 0.5}
+    history = fit(VAE(64, 4, (16,)), train, valid, epochs=3, optimizer="clipped_adam",
+                  clip_norm=1.0, lr=3e-3, progress=False)
+    assert history[-1]["valid_elbo"] > history[0]["valid_elbo"]
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        make_optimizer("sgd")
 
 
 def test_vectorized_particles_train_with_both_losses():
