@@ -18,10 +18,9 @@ from .runs import TrainConfig, train_run
 def _field_type(name: str):
     """``Optional[X]`` -> X; ``Tuple[int, ...]`` -> tuple; otherwise the annotation."""
     hint = typing.get_type_hints(TrainConfig)[name]
-    if typing.get_origin(hint) is tuple:
-        return tuple
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) is typing.Union else hint
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return tuple if typing.get_origin(hint) is tuple else hint
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +66,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (ValueError, OSError, RuntimeError) as e:
             parser.exit(2, f"pyro-vae: error: {e}\n")
         print(f"run folder: {config.out}")
+        if "test_iwae" in summary:
+            print(f"test IWAE bound (K = {config.particles}): {summary['test_iwae']:.4f} "
+                  f"nats per data point")
         print(f"test ELBO: {summary['test_elbo']:.4f} nats per data point "
               f"({summary['num_test']} test points)")
     return 0

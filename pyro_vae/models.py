@@ -3,33 +3,70 @@
 Model and guide are methods of the same module, so every parameter has exactly one name
 in Pyro's parameter store. Child networks are plain ``nn.Module``s; PyroModule registers
 them (``pyro.module``) whenever ``model`` or ``guide`` touches them.
+
+Both take ``beta``, the weight of the KL term (beta-VAE, KL warm-up). It scales the latent
+sites in the model *and* the guide: ``TraceMeanField_ELBO`` reads the scale of the guide
+site for its closed-form KL, ``Trace_ELBO`` needs log p(z) and log q(z|x) scaled alike.
 """
 
-from typing import Optional, Sequence, Union
+import contextlib
+import importlib
+import inspect
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 import pyro
 import pyro.distributions as dist
+from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
 
-from .guides import GUIDES
+from .guides import GUIDES, DiagonalNormalEncoder
 from .likelihoods import LIKELIHOODS
-from .nn import MLP
+from .nn import network
 from .priors import PRIORS
 
 
-def _build(part, registry: dict, kind: str, *args):
-    """An ``nn.Module`` given as-is, or a registry name built with ``args``."""
+def resolve(name: str, registry: dict, kind: str):
+    """A class from ``registry`` by name, or from ``"package.module:ClassName"``."""
+    if isinstance(name, str) and ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot load {kind} {name!r}: {e}") from None
+    try:
+        return registry[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(registry)}, "
+                         f"or 'package.module:ClassName'") from None
+
+
+def build(part, registry: dict, kind: str, context: Dict, options: Optional[Dict] = None):
+    """``part`` if it is a module; else its class built with the ``context`` arguments its
+    constructor names (z_dim, x_dim, ...) and every one of ``options``."""
     if isinstance(part, nn.Module):
         return part
-    try:
-        cls = registry[part]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown {kind} {part!r}; choose one of {sorted(registry)} "
-                         f"or pass an nn.Module") from None
-    return cls(*args)
+    cls = resolve(part, registry, kind)
+    params = inspect.signature(cls).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    options = dict(options or {})
+    refused = [k for k in options if k not in params and not takes_all]
+    if refused:
+        raise ValueError(f"{kind} {part!r} takes no option {', '.join(refused)}")
+    kwargs = {k: v for k, v in context.items() if k in params or takes_all}
+    return cls(**kwargs, **options)
+
+
+def kl_weight(beta: float):
+    """Scale the sites inside by ``beta``; beta = 0 masks them out (``poutine.scale``
+    refuses 0)."""
+    if beta == 1:
+        return contextlib.nullcontext()
+    if beta == 0:
+        return poutine.mask(mask=False)
+    return poutine.scale(scale=beta)
 
 
 class VAE(PyroModule):
@@ -39,36 +76,46 @@ class VAE(PyroModule):
     Guide:  z_n ~ q(z | x_n) = encoder(x_n)
 
     ``prior``, ``likelihood`` and ``encoder`` are registry names (see ``PRIORS``,
-    ``LIKELIHOODS``, ``GUIDES``) or ready-made modules following their contracts.
-    ``hidden`` gives the encoder's hidden sizes; the decoder mirrors them.
+    ``LIKELIHOODS``, ``GUIDES``), ``"package.module:ClassName"``, or ready-made modules.
+    ``prior_options`` go to the prior's constructor (e.g. ``{"components": 500}``).
+    ``hidden`` gives the encoder's hidden sizes; the decoder mirrors them. ``arch`` is
+    ``"mlp"`` (activation ``act``) or ``"gated"`` (GatedDense, the VampPrior paper's).
     """
 
     def __init__(self, x_dim: int, z_dim: int = 50, hidden: Sequence[int] = (400,),
                  likelihood: Union[str, nn.Module] = "bernoulli",
                  prior: Union[str, nn.Module] = "normal",
                  encoder: Union[str, nn.Module] = "diagonal",
-                 act: str = "relu"):
+                 act: str = "relu", arch: str = "mlp",
+                 prior_options: Optional[Dict] = None):
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim
-        self.encoder = _build(encoder, GUIDES, "guide", x_dim, z_dim, tuple(hidden), act)
-        self.decoder = MLP(z_dim, tuple(reversed(hidden)), x_dim, act)
-        self.likelihood = _build(likelihood, LIKELIHOODS, "likelihood", x_dim)
-        self.prior = _build(prior, PRIORS, "prior", z_dim)
+        hidden = tuple(hidden)
+        self.encoder = build(encoder, GUIDES, "guide", dict(
+            x_dim=x_dim, z_dim=z_dim, hidden=hidden, act=act, arch=arch))
+        self.decoder = network(arch, z_dim, hidden[::-1], x_dim, act)
+        self.likelihood = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim))
+        self.prior = build(prior, PRIORS, "prior", dict(z_dim=z_dim, x_dim=x_dim),
+                           prior_options)
 
     @pyro_method
-    def model(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
+    def model(self, x: torch.Tensor, num_data: Optional[int] = None,
+              beta: float = 1.0) -> torch.Tensor:
         """p(x, z). ``num_data`` is the full data set size N: the minibatch's log-density
         is scaled by N / len(x), so the loss estimates the ELBO of the whole data set."""
         with pyro.plate("data", num_data or len(x), subsample=x):
-            z = pyro.sample("z", self.prior(self.encoder))
+            with kl_weight(beta):
+                z = pyro.sample("z", self.prior(self.encoder))
             pyro.sample("x", self.decode(z), obs=x)
         return z
 
     @pyro_method
-    def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
+    def guide(self, x: torch.Tensor, num_data: Optional[int] = None,
+              beta: float = 1.0) -> torch.Tensor:
         """q(z | x), amortized by the encoder."""
         with pyro.plate("data", num_data or len(x), subsample=x):
-            return pyro.sample("z", self.encoder(x))
+            with kl_weight(beta):
+                return pyro.sample("z", self.encoder(x))
 
     def encode(self, x: torch.Tensor) -> dist.Distribution:
         """q(z | x): batch shape (B,), event shape (z_dim,)."""
@@ -88,3 +135,81 @@ class VAE(PyroModule):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x | z) at the posterior mean z = E_q[z | x]: shape of x."""
         return self.decode(self.encode(x).mean).mean
+
+
+class HierarchicalVAE(PyroModule):
+    """Two stochastic layers (the VampPrior paper's HVAE, L = 2; Tomczak & Welling 2018).
+
+    Model:  z2 ~ p(z2),  z1 ~ p(z1 | z2),  x ~ p(x | z1, z2)
+    Guide:  z2 ~ q(z2 | x),  z1 ~ q(z1 | x, z2)
+
+    p(z2) is any prior of ``PRIORS``; built on q(z2 | .), ``"vamp"`` gives the paper's
+    model. The conditionals are diagonal Gaussians from ``arch`` networks with ``hidden``
+    layers; their inputs are concatenated ([x, z2] and [z1, z2]). Both layers have
+    ``z_dim`` dimensions.
+    """
+
+    def __init__(self, x_dim: int, z_dim: int = 40, hidden: Sequence[int] = (300, 300),
+                 likelihood: Union[str, nn.Module] = "bernoulli",
+                 prior: Union[str, nn.Module] = "normal",
+                 act: str = "relu", arch: str = "gated",
+                 prior_options: Optional[Dict] = None):
+        super().__init__()
+        self.x_dim, self.z_dim = x_dim, z_dim
+        hidden = tuple(hidden)
+        conditional = dict(hidden=hidden, act=act, arch=arch)
+        self.encoder = DiagonalNormalEncoder(x_dim, z_dim, **conditional)       # q(z2|x)
+        self.encoder_z1 = DiagonalNormalEncoder(x_dim + z_dim, z_dim, **conditional)
+        self.p_z1 = DiagonalNormalEncoder(z_dim, z_dim, **conditional)          # p(z1|z2)
+        self.decoder = network(arch, 2 * z_dim, hidden[::-1], x_dim, act)
+        self.likelihood = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim))
+        self.prior = build(prior, PRIORS, "prior", dict(z_dim=z_dim, x_dim=x_dim),
+                           prior_options)
+
+    @pyro_method
+    def model(self, x: torch.Tensor, num_data: Optional[int] = None,
+              beta: float = 1.0) -> torch.Tensor:
+        with pyro.plate("data", num_data or len(x), subsample=x):
+            with kl_weight(beta):
+                z2 = pyro.sample("z2", self.prior(self.encoder))
+                z1 = pyro.sample("z1", self.p_z1(z2))
+            pyro.sample("x", self.decode(z1, z2), obs=x)
+        return z1, z2
+
+    @pyro_method
+    def guide(self, x: torch.Tensor, num_data: Optional[int] = None,
+              beta: float = 1.0) -> torch.Tensor:
+        with pyro.plate("data", num_data or len(x), subsample=x):
+            with kl_weight(beta):
+                z2 = pyro.sample("z2", self.encoder(x))
+                z1 = pyro.sample("z1", self.encode_z1(x, z2))
+        return z1, z2
+
+    def encode(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z2 | x), the top layer."""
+        return self.encoder(x)
+
+    def encode_z1(self, x: torch.Tensor, z2: torch.Tensor) -> dist.Distribution:
+        """q(z1 | x, z2); x broadcasts over leading particle dimensions of z2."""
+        x = x.expand(z2.shape[:-1] + x.shape[-1:])
+        return self.encoder_z1(torch.cat([x, z2], dim=-1))
+
+    def decode(self, z1: torch.Tensor, z2: torch.Tensor) -> dist.Distribution:
+        return self.likelihood(self.decoder(torch.cat([z1, z2], dim=-1)))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        z2 = self.prior(self.encoder).sample((n,))
+        z1 = self.p_z1(z2).sample()
+        return self.decode(z1, z2).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        z2 = self.encoder(x).mean
+        return self.decode(self.encode_z1(x, z2).mean, z2).mean
+
+
+MODELS = {
+    "vae": VAE,
+    "hvae": HierarchicalVAE,
+}

@@ -1,10 +1,15 @@
-"""Which ELBO: the objective handed to ``pyro.infer.SVI``.
+"""Which ELBO: the objective handed to ``pyro.infer.SVI``, and the KL weight beta.
 
 - ``"trace"``: ``Trace_ELBO``, Monte Carlo estimate of E_q[log p(x, z) - log q(z|x)].
 - ``"meanfield"``: ``TraceMeanField_ELBO``, E_q[log p(x|z)] - KL(q(z|x) || p(z)) with the
   KL in closed form where PyTorch/Pyro register one (e.g. Normal vs Normal). Where none is
-  registered, Pyro *silently* falls back to a one-sample Monte Carlo KL;
-  ``warn_if_monte_carlo_kl`` logs that once per (guide, prior) pair.
+  registered (any mixture prior, the VampPrior included), Pyro *silently* falls back to a
+  one-sample Monte Carlo KL; ``warn_if_monte_carlo_kl`` logs that once per pair.
+- ``"iwae"``: ``RenyiELBO(alpha=0)``, the importance-weighted bound of Burda et al. (2015),
+  log (1/K) sum_k p(x, z_k) / q(z_k|x) per data point, z_k ~ q(z|x), K = num_particles.
+  Pyro takes the log-mean-exp of the *scaled* site log-densities, so under a data plate
+  scaled by N / B it would compute log mean exp(s w) instead of s log mean exp(w): the IWAE
+  loss must be evaluated unscaled (``scales_with_data_size("iwae")`` is False).
 
 Particles are vectorized: the model and guide must broadcast over a leading sample
 dimension left of the ``"data"`` plate, which the models of this package do.
@@ -14,13 +19,16 @@ import logging
 
 from torch.distributions import kl_divergence
 
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 logger = logging.getLogger("pyro_vae")
 
 LOSSES = {
     "trace": Trace_ELBO,
     "meanfield": TraceMeanField_ELBO,
+    "iwae": RenyiELBO,
 }
 
 _warned = set()
@@ -34,8 +42,22 @@ def make_elbo(loss: str = "meanfield", num_particles: int = 1) -> ELBO:
         raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}") from None
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    kwargs = dict(alpha=0.0) if cls is RenyiELBO else {}
     return cls(num_particles=num_particles, vectorize_particles=num_particles > 1,
-               max_plate_nesting=1)
+               max_plate_nesting=1, **kwargs)
+
+
+def scales_with_data_size(loss: str) -> bool:
+    """Whether the loss may run under the data plate's N / B scale (not the IWAE bound)."""
+    return loss != "iwae"
+
+
+def beta_at(epoch: int, beta: float = 1.0, warmup_epochs: int = 0) -> float:
+    """KL weight for ``epoch`` (1-based): rises linearly from 0 at epoch 1 to ``beta`` at
+    epoch ``warmup_epochs + 1`` and stays there (Bowman et al. 2016; Sonderby et al. 2016)."""
+    if warmup_epochs <= 0:
+        return beta
+    return beta * min(1.0, (epoch - 1) / warmup_epochs)
 
 
 def has_closed_form_kl(q, p) -> bool:
@@ -47,22 +69,39 @@ def has_closed_form_kl(q, p) -> bool:
         return False
 
 
-def warn_if_monte_carlo_kl(loss: str, q, p) -> bool:
-    """Log once when ``loss="meanfield"`` would fall back to a Monte Carlo KL.
-
-    Returns True when it falls back.
-    """
-    if loss != "meanfield" or has_closed_form_kl(q, p):
-        return False
-    key = (_describe(q), _describe(p))
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(
-            "TraceMeanField_ELBO has no closed-form KL(%s || %s): Pyro uses a one-sample "
-            "Monte Carlo estimate of the KL instead (unbiased, but noisier)", *key)
-    return True
+def warn_if_monte_carlo_kl(loss: str, model, guide, *args, **kwargs) -> list:
+    """Log once per (guide, prior) pair of distribution types where ``loss="meanfield"``
+    falls back to a Monte Carlo KL. Runs the guide and model once on ``args``; returns
+    the names of the latent sites that fall back."""
+    if loss != "meanfield":
+        return []
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        *args, **kwargs)
+    fallbacks = []
+    for name, site in model_trace.nodes.items():
+        if (site["type"] != "sample" or site["is_observed"] or site_is_subsample(site)
+                or name not in guide_trace):
+            continue
+        q, p = guide_trace.nodes[name]["fn"], site["fn"]
+        if has_closed_form_kl(q, p):
+            continue
+        fallbacks.append(name)
+        key = (_describe(q), _describe(p))
+        if key not in _warned:
+            _warned.add(key)
+            logger.warning(
+                "TraceMeanField_ELBO has no closed-form KL(%s || %s) at site %r: Pyro uses "
+                "a one-sample Monte Carlo estimate of the KL instead (unbiased, but "
+                "noisier)", key[0], key[1], name)
+    return fallbacks
 
 
 def _describe(d) -> str:
-    base = getattr(d, "base_dist", None)
-    return f"{type(d).__name__}({type(base).__name__})" if base is not None else type(d).__name__
+    """A short name: Independent(Normal), Mixture(Independent(Normal)), ..."""
+    for inner in ("base_dist", "component"):
+        if hasattr(d, inner):
+            if type(d).__name__ == "ExpandedDistribution":
+                return _describe(d.base_dist)
+            return f"{type(d).__name__}({_describe(getattr(d, inner))})"
+    return type(d).__name__

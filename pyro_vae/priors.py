@@ -1,19 +1,86 @@
 """Priors p(z): modules whose ``forward(encoder)`` returns a Distribution over one z.
 
-Contract: a prior is built as ``Prior(z_dim)``; ``prior(encoder)`` returns a
-``pyro.distributions`` object with ``batch_shape == ()`` and ``event_shape == (z_dim,)``.
-The model samples it inside the ``"data"`` plate, which broadcasts it over the batch.
-The encoder is passed in (never stored) so that priors built from the encoder's own
-posteriors, such as the VampPrior, share its weights with the guide.
+Contract: ``prior(encoder)`` returns a ``pyro.distributions`` object with
+``batch_shape == ()`` and ``event_shape == (z_dim,)``; the model samples it inside the
+``"data"`` plate, which broadcasts it over the batch. The encoder is passed in (never
+stored) so that priors built from the encoder's own posteriors, such as the VampPrior,
+share its weights with the guide.
 
-Add your own by subclassing ``nn.Module`` (or ``PyroModule``) with that signature and
-registering it: ``PRIORS["mine"] = MyPrior``.
+A prior class is built by name (``PRIORS[name]``) with those of the keyword arguments
+``z_dim``, ``x_dim``, ``components``, ``pseudo_init``, ``learn_weights`` and ``data`` (the
+training images) that its constructor names. Register your own with
+``PRIORS["mine"] = MyPrior``, or name it as ``"package.module:ClassName"``.
 """
 
+import math
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributions import constraints
 
 import pyro.distributions as dist
+from pyro.distributions.torch_distribution import TorchDistribution
+
+
+class Mixture(TorchDistribution):
+    """p(z) = sum_k softmax(logits)_k p_k(z), for a component distribution of batch (K,).
+
+    Unlike ``MixtureSameFamily``, which a data plate expands to B x K x z parameters,
+    ``log_prob`` broadcasts z of shape (..., z_dim) against the K x z_dim parameters as
+    they are: ``log p(z) = logsumexp_k [log w_k + log p_k(z)]``. Inside a plate, Pyro wraps
+    it in an ``ExpandedDistribution``, which calls this ``log_prob`` unchanged.
+    Sampling is not reparameterized (``has_rsample`` is False).
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+    has_rsample = False
+
+    def __init__(self, component: dist.Distribution, logits: torch.Tensor,
+                 validate_args=None):
+        if component.batch_shape != logits.shape or logits.dim() != 1:
+            raise ValueError(f"component batch shape {tuple(component.batch_shape)} must "
+                             f"equal logits shape {tuple(logits.shape)} = (K,)")
+        self.component = component
+        self.logits = logits
+        super().__init__(torch.Size(), component.event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self.component.support
+
+    @property
+    def log_weights(self) -> torch.Tensor:
+        return self.logits.log_softmax(-1)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.unsqueeze(-1 - len(self.event_shape))  # (..., 1, z_dim)
+        return torch.logsumexp(self.component.log_prob(value) + self.log_weights, dim=-1)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            k = dist.Categorical(logits=self.logits).sample(sample_shape)
+            comp = self.component
+            base = getattr(comp, "base_dist", None)
+            if isinstance(base, dist.Normal) and comp.reinterpreted_batch_ndims == 1:
+                return torch.normal(base.loc[k], base.scale[k])
+            # Any other family: draw from every component, keep the chosen one.
+            draws = comp.sample(sample_shape)  # (*sample_shape, K, *event)
+            index = k.reshape(k.shape + (1,) * (1 + len(self.event_shape)))
+            index = index.expand(k.shape + (1,) + self.event_shape)
+            return draws.gather(len(k.shape), index).squeeze(len(k.shape))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        w = self.log_weights.exp().unsqueeze(-1)
+        return (w * self.component.mean).sum(-2)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        w = self.log_weights.exp().unsqueeze(-1)
+        second = (w * (self.component.variance + self.component.mean ** 2)).sum(-2)
+        return second - self.mean ** 2
 
 
 class StandardNormal(nn.Module):
@@ -30,6 +97,86 @@ class StandardNormal(nn.Module):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
+class LearnedNormal(nn.Module):
+    """p(z) = N(mu, diag sigma^2) with learned mu and sigma = 1e-4 + softplus(s)."""
+
+    def __init__(self, z_dim: int):
+        super().__init__()
+        self.z_dim = z_dim
+        self.loc = nn.Parameter(torch.zeros(z_dim))
+        self.raw_scale = nn.Parameter(torch.full((z_dim,), math.log(math.e - 1)))  # sigma=1
+
+    def forward(self, encoder: nn.Module = None) -> dist.Distribution:
+        return dist.Normal(self.loc, 1e-4 + F.softplus(self.raw_scale)).to_event(1)
+
+
+class MixtureOfGaussians(nn.Module):
+    """p(z) = sum_k w_k N(z; mu_k, diag sigma_k^2), all learned (K = ``components``).
+
+    Means start at N(0, I) draws, scales at 1, weights uniform.
+    """
+
+    def __init__(self, z_dim: int, components: int = 10):
+        super().__init__()
+        self.z_dim, self.components = z_dim, components
+        self.locs = nn.Parameter(torch.randn(components, z_dim))
+        self.raw_scales = nn.Parameter(torch.full((components, z_dim), math.log(math.e - 1)))
+        self.logits = nn.Parameter(torch.zeros(components))
+
+    def forward(self, encoder: nn.Module = None) -> Mixture:
+        component = dist.Normal(self.locs, 1e-4 + F.softplus(self.raw_scales)).to_event(1)
+        return Mixture(component, self.logits)
+
+
+class VampPrior(nn.Module):
+    """p(z) = (1/K) sum_k q(z | u_k): the encoder's posteriors at K learned pseudo-inputs
+    (Tomczak & Welling 2018, "VAE with a VampPrior", eq. 9).
+
+    As in the paper's code, u = Hardtanh(0, 1)(W) for a K x x_dim weight W (a bias-free
+    linear layer applied to the identity), so pseudo-inputs stay in the data range [0, 1].
+    ``pseudo_init="normal"`` draws W ~ N(0.05, 0.01) (the paper's MNIST setting); a
+    negative mean would clamp every u to 0, where Hardtanh has zero gradient and the
+    pseudo-inputs never train. ``pseudo_init="data"`` starts from K random training
+    images (``data``), squeezed into [0.01, 0.99] for the same reason.
+    ``learn_weights``: learned mixture weights instead of uniform ones.
+    """
+
+    def __init__(self, z_dim: int, x_dim: int, components: int = 500,
+                 pseudo_init: str = "normal", learn_weights: bool = False,
+                 data: Optional[torch.Tensor] = None, init_mean: float = 0.05,
+                 init_std: float = 0.01):
+        super().__init__()
+        self.z_dim, self.x_dim, self.components = z_dim, x_dim, components
+        if pseudo_init == "normal":
+            w = init_mean + init_std * torch.randn(components, x_dim)
+        elif pseudo_init == "data":
+            if data is None or data.shape[-1] != x_dim or len(data) < components:
+                raise ValueError(f"pseudo_init='data' needs at least {components} training "
+                                 f"images of {x_dim} values")
+            w = 0.01 + 0.98 * data[torch.randperm(len(data))[:components]].float().cpu()
+        else:
+            raise ValueError(f"unknown pseudo_init {pseudo_init!r}; choose 'normal' or 'data'")
+        self.pseudo_weight = nn.Parameter(w)
+        logits = torch.zeros(components)
+        if learn_weights:
+            self.logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+
+    @property
+    def pseudo_inputs(self) -> torch.Tensor:
+        """The K pseudo-inputs u_k, in [0, 1]."""
+        return F.hardtanh(self.pseudo_weight, 0.0, 1.0)
+
+    def forward(self, encoder: nn.Module) -> Mixture:
+        if encoder is None:
+            raise ValueError("VampPrior needs the encoder: call prior(encoder)")
+        return Mixture(encoder(self.pseudo_inputs), self.logits)
+
+
 PRIORS = {
     "normal": StandardNormal,
+    "learned_normal": LearnedNormal,
+    "mog": MixtureOfGaussians,
+    "vamp": VampPrior,
 }

@@ -19,9 +19,10 @@ import pyro
 from . import datasets, plots
 from .evaluation import elbo as evaluate_elbo
 from .likelihoods import LIKELIHOODS, GaussianLikelihood
-from .models import VAE
-from .nn import ACTIVATIONS
+from .models import MODELS, resolve
+from .nn import ACTIVATIONS, ARCHS
 from .objectives import LOSSES
+from .priors import PRIORS
 from .train import OPTIMIZERS, fit, load_checkpoint, read_checkpoint, save_checkpoint
 
 
@@ -40,17 +41,33 @@ class TrainConfig:
     out: str = _opt("runs/quickstart", "run folder to write")
     overwrite: bool = _opt(False, "replace a run already in --out")
     limit: Optional[int] = _opt(None, "train on the first N training points only")
-    z_dim: int = _opt(50, "latent dimension")
-    hidden: Tuple[int, ...] = _opt((400,), "hidden layer sizes of the encoder "
-                                           "(the decoder mirrors them)")
-    act: str = _opt("relu", "hidden activation", choices=tuple(ACTIVATIONS))
+    model: str = _opt("vae", "vae, or hvae (two stochastic layers)", choices=tuple(MODELS))
+    arch: str = _opt("mlp", "networks: mlp, or gated (GatedDense, the VampPrior paper's)",
+                     choices=ARCHS)
+    z_dim: Optional[int] = _opt(None, "latent dimension (default: 50 for mlp, 40 for gated)")
+    hidden: Optional[Tuple[int, ...]] = _opt(None, "hidden layer sizes of the encoder; the "
+                                                   "decoder mirrors them (default: 400 for "
+                                                   "mlp, 300 300 for gated)")
+    act: str = _opt("relu", "hidden activation of mlp networks", choices=tuple(ACTIVATIONS))
+    prior: str = _opt("normal", f"p(z): one of {', '.join(PRIORS)}, or "
+                                f"package.module:ClassName")
+    components: Optional[int] = _opt(None, "mixture components of mog (default 10) and "
+                                           "vamp (default 500)")
+    pseudo_init: Optional[str] = _opt(None, "vamp pseudo-inputs: normal (N(0.05, 0.01), "
+                                            "the default) or data (random training images)",
+                                      choices=("normal", "data"))
+    learn_weights: Optional[bool] = _opt(None, "vamp: learn the mixture weights "
+                                               "(default: uniform)")
     likelihood: str = _opt("bernoulli", "p(x|z)", choices=tuple(LIKELIHOODS))
     likelihood_scale: Optional[float] = _opt(None, "fixed sigma of the gaussian "
                                                    "likelihood (default: learned)")
     binarize: Optional[bool] = _opt(None, "binarize gray data (default: with the "
                                           "bernoulli likelihood)")
-    loss: str = _opt("meanfield", "ELBO estimator", choices=tuple(LOSSES))
-    particles: int = _opt(1, "vectorized samples per data point")
+    loss: str = _opt("meanfield", "trace (Trace_ELBO), meanfield (TraceMeanField_ELBO) or "
+                                  "iwae (RenyiELBO, alpha=0)", choices=tuple(LOSSES))
+    particles: int = _opt(1, "vectorized samples per data point (K of the IWAE bound)")
+    beta: float = _opt(1.0, "weight of the KL term (beta-VAE)")
+    warmup_epochs: int = _opt(0, "KL warm-up: beta rises linearly from 0 over these epochs")
     epochs: int = _opt(30, "training epochs")
     batch_size: int = _opt(128, "minibatch size")
     lr: float = _opt(1e-3, "learning rate")
@@ -63,18 +80,37 @@ class TrainConfig:
         """Raise ValueError naming the first bad setting, as its command-line option."""
         for f in dataclasses.fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ValueError(f"--{_flag(f.name)}: {value!r} is not one of {list(choices)}")
-        positive = {"z_dim": self.z_dim, "particles": self.particles,
+        positive = {"z_dim": self.z_dim or 1, "particles": self.particles,
                     "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
                     "clip_norm": self.clip_norm, "limit": self.limit or 1,
-                    "likelihood_scale": self.likelihood_scale or 1}
+                    "likelihood_scale": self.likelihood_scale or 1,
+                    "components": self.components or 1}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"--{_flag(name)} must be > 0, got {value}")
-        if not self.hidden or min(self.hidden) < 1:
+        if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise ValueError(f"--hidden: sizes must be >= 1, got {list(self.hidden)}")
+        if self.beta < 0 or self.warmup_epochs < 0:
+            raise ValueError("--beta and --warmup-epochs must be >= 0")
+        if self.loss == "iwae" and (self.beta != 1 or self.warmup_epochs):
+            raise ValueError("--beta and --warmup-epochs weight the ELBO's KL term; "
+                             "--loss iwae has none")
+        resolve(self.prior, PRIORS, "prior")
         resolve_device(self.device)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the arch-dependent defaults filled in (what config.json records)."""
+        gated = self.arch == "gated"
+        return dataclasses.replace(
+            self, z_dim=self.z_dim or (40 if gated else 50),
+            hidden=tuple(self.hidden or ((300, 300) if gated else (400,))))
+
+    def prior_options(self) -> dict:
+        """The prior options that were set, for the prior's constructor."""
+        names = ("components", "pseudo_init", "learn_weights")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     @property
     def binarize_data(self) -> bool:
@@ -98,11 +134,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_vae(config: TrainConfig, x_dim: int) -> VAE:
+def build_vae(config: TrainConfig, x_dim: int, train=None):
+    """The model a (resolved) config describes. ``train``: the training split, needed by
+    VampPrior pseudo-inputs initialized from data (not when loading trained weights)."""
     likelihood = config.likelihood
     if likelihood == "gaussian":
         likelihood = GaussianLikelihood(x_dim, scale=config.likelihood_scale)
-    return VAE(x_dim, config.z_dim, config.hidden, likelihood=likelihood, act=config.act)
+    options = config.prior_options()
+    if options.get("pseudo_init") == "data":
+        # Loading a trained run overwrites them; any images of the right shape will do.
+        options["data"] = train.x if train is not None else torch.rand(
+            config.components or 500, x_dim)
+    return MODELS[config.model](x_dim, config.z_dim, config.hidden, likelihood=likelihood,
+                                prior=config.prior, act=config.act, arch=config.arch,
+                                prior_options=options)
 
 
 def load_data(config: TrainConfig):
@@ -139,9 +184,10 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def train_run(config: TrainConfig, progress: bool = True) -> dict:
     """Train as ``config`` says and fill its run folder; returns the summary."""
     config.validate()
+    config = config.resolved()
     device = resolve_device(config.device)
     train, valid, test = load_data(config)
-    vae = build_vae(config, train.x.shape[1])
+    vae = build_vae(config, train.x.shape[1], train)
     out = Path(config.out)
     # Everything that can fail on bad input has been checked: only now touch the folder.
     _prepare_out(out, config.overwrite)
@@ -157,14 +203,17 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
 
     with metrics_file:
         history = fit(vae, train, valid, epochs=config.epochs, loss=config.loss,
-                      num_particles=config.particles, batch_size=config.batch_size,
+                      num_particles=config.particles, beta=config.beta,
+                      warmup_epochs=config.warmup_epochs, batch_size=config.batch_size,
                       lr=config.lr, optimizer=config.optimizer, clip_norm=config.clip_norm,
                       seed=config.seed, device=device, callbacks=[record_epoch],
                       progress=progress)
 
     test = test.to(device)
+    # The plain ELBO (beta = 1) for every run; the IWAE bound too where it was trained.
+    elbo_loss = "trace" if config.loss == "iwae" else config.loss
     summary = {
-        "test_elbo": evaluate_elbo(vae, test, config.loss, config.particles, seed=config.seed),
+        "test_elbo": evaluate_elbo(vae, test, elbo_loss, config.particles, seed=config.seed),
         "num_test": len(test),
         "epochs": config.epochs,
         "seconds_per_epoch": sum(r["seconds"] for r in history) / max(len(history), 1),
@@ -172,6 +221,9 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
         "torch": torch.__version__,
         "pyro": pyro.__version__,
     }
+    if config.loss == "iwae":
+        summary["test_iwae"] = evaluate_elbo(vae, test, "iwae", config.particles,
+                                             seed=config.seed)
     _write_json(out / "summary.json", summary)
     vae.eval()
     plots.plot_samples(vae, train.image_shape, out / "samples.png")
@@ -195,6 +247,8 @@ def read_config(path) -> TrainConfig:
         raise ValueError(f"{path}: unknown settings {unknown}")
     if isinstance(raw.get("hidden"), list):
         raw["hidden"] = tuple(raw["hidden"])
+    if not isinstance(raw.get("z_dim"), int) or not raw.get("hidden"):
+        raise ValueError(f"{path}: z_dim and hidden must be set")
     config = TrainConfig(**raw)
     try:
         config.validate()
@@ -203,8 +257,8 @@ def read_config(path) -> TrainConfig:
     return config
 
 
-def load_run(run_dir, device="cpu") -> Tuple[VAE, TrainConfig]:
-    """The trained VAE and the config of a run folder, on ``device``."""
+def load_run(run_dir, device="cpu") -> Tuple[torch.nn.Module, TrainConfig]:
+    """The trained model and the config of a run folder, on ``device``."""
     run_dir = Path(run_dir)
     config = read_config(run_dir / "config.json")
     ckpt_path = run_dir / "checkpoint.pt"

@@ -15,7 +15,7 @@ from pyro.infer import SVI
 from pyro.optim import Adam, ClippedAdam
 
 from .evaluation import elbo as evaluate_elbo
-from .objectives import make_elbo, warn_if_monte_carlo_kl
+from .objectives import beta_at, make_elbo, scales_with_data_size, warn_if_monte_carlo_kl
 
 OPTIMIZERS = ("adam", "clipped_adam")
 
@@ -41,17 +41,25 @@ def make_optimizer(name: str = "adam", lr: float = 1e-3, clip_norm: float = 10.0
 
 
 def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
-        num_particles: int = 1, batch_size: int = 128, lr: float = 1e-3,
+        num_particles: int = 1, beta: float = 1.0, warmup_epochs: int = 0,
+        batch_size: int = 128, lr: float = 1e-3,
         optimizer: str = "adam", clip_norm: float = 10.0, seed: int = 0,
         device=None, callbacks: Sequence[Callback] = (), progress: bool = True,
         validate: bool = True) -> List[Dict]:
     """Train ``vae`` on ``train`` with ``pyro.infer.SVI`` and return the per-epoch history.
 
-    Each step estimates the ELBO of the whole training set from one minibatch (the
-    ``"data"`` plate scales it by N / B) and takes one optimizer step. After each epoch a
-    record ``{"epoch", "train_elbo", "valid_elbo", "seconds"}`` (ELBOs per data point, in
-    nats; ``train_elbo`` is the running average over the epoch's minibatches) is appended
-    to the history and passed to every ``callback(record, vae)``.
+    Each step estimates the objective of the whole training set from one minibatch (the
+    ``"data"`` plate scales it by N / B) and takes one optimizer step. ``loss`` is
+    ``"trace"``, ``"meanfield"`` or ``"iwae"`` (see ``pyro_vae.objectives``).
+
+    ``beta`` weights the KL term (beta-VAE, Higgins et al. 2017); with ``warmup_epochs``
+    W it rises linearly from 0 at epoch 1 to ``beta`` at epoch W + 1.
+
+    After each epoch a record ``{"epoch", "beta", "train_elbo", "valid_elbo", "seconds"}``
+    is appended to the history and passed to every ``callback(record, vae)``. Values are
+    per data point, in nats: ``train_elbo`` is the training objective (the beta-weighted
+    ELBO, or the IWAE bound) averaged over the epoch's minibatches; ``valid_elbo`` is the
+    plain ELBO (beta = 1) of ``valid``; ``seconds`` excludes validation.
 
     ``device``: move the model and data there; by default the model's device is used.
     ``validate``: check distribution arguments and supports on the first step.
@@ -60,6 +68,11 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
+    if beta < 0 or warmup_epochs < 0:
+        raise ValueError(f"need beta >= 0 and warmup_epochs >= 0, got {beta}, {warmup_epochs}")
+    if loss == "iwae" and (beta != 1 or warmup_epochs):
+        raise ValueError("beta and warm-up weight the KL term of the ELBO; the IWAE bound "
+                         "has none: use loss='trace' or 'meanfield' with them")
     device = torch.device(device) if device is not None else _module_device(vae)
     vae.to(device)
     train = train.to(device)
@@ -75,13 +88,17 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     objective = make_elbo(loss, num_particles)
     svi = SVI(vae.model, vae.guide, make_optimizer(optimizer, lr, clip_norm), objective)
     with torch.no_grad():
-        warn_if_monte_carlo_kl(loss, vae.encode(train.x[:2]), vae.prior(vae.encoder))
+        warn_if_monte_carlo_kl(loss, vae.model, vae.guide, next(train.batches(2, False)))
+    # The IWAE bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
+    num_data = len(train) if scales_with_data_size(loss) else None
+    valid_loss = loss if loss != "iwae" else "trace"
 
     n = len(train)
     steps = math.ceil(n / batch_size)
     history = []
     vae.train()
     for epoch in range(1, epochs + 1):
+        beta_e = beta_at(epoch, beta, warmup_epochs)
         start = time.perf_counter()
         total = 0.0  # sum over the epoch of -ELBO per batch point
         seen = 0
@@ -93,7 +110,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                 # Distribution checks run on the very first step, where a model or guide
                 # bug shows, and are then switched off: they cost ~15% of a step.
                 with pyro.validation_enabled(validate and epoch == 1 and step == 0):
-                    batch_loss = svi.step(xb, num_data=n)  # -ELBO of the full set
+                    batch_loss = svi.step(xb, num_data=num_data, beta=beta_e)
             except ValueError:
                 # With validation on, NaN weights fail a distribution's argument check.
                 if _all_finite(vae):
@@ -103,16 +120,17 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                 raise TrainingDiverged(
                     f"loss is {batch_loss} at epoch {epoch}, step {step + 1}; lower --lr "
                     f"or use --optimizer clipped_adam")
-            total += batch_loss * len(xb) / n
+            # -ELBO of the batch: the step's loss estimates it for the whole set if scaled.
+            total += batch_loss * len(xb) / n if num_data else batch_loss
             seen += len(xb)
             if step % 10 == 0:
                 bar.set_postfix(elbo=f"{-total / seen:.2f}")
         bar.close()
         train_seconds = time.perf_counter() - start
-        record = {"epoch": epoch, "train_elbo": -total / n, "valid_elbo": None,
-                  "seconds": train_seconds}
+        record = {"epoch": epoch, "beta": beta_e, "train_elbo": -total / n,
+                  "valid_elbo": None, "seconds": train_seconds}
         if valid is not None:
-            record["valid_elbo"] = evaluate_elbo(vae, valid, loss, num_particles)
+            record["valid_elbo"] = evaluate_elbo(vae, valid, valid_loss, num_particles)
         history.append(record)
         if progress:
             tqdm.write(_format(record))
