@@ -10,15 +10,16 @@ from . import datasets, evaluation, guides, likelihoods, nn, objectives, plots, 
 from .evaluation import elbo
 from .guides import GUIDES, DiagonalNormalEncoder
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood
-from .models import VAE
-from .priors import PRIORS, StandardNormal
+from .models import MODELS, VAE, HierarchicalVAE
+from .priors import PRIORS, LearnedNormal, Mixture, MixtureOfGaussians, StandardNormal, VampPrior
 from .runs import TrainConfig, load_run, train_run
 from .train import fit, load_checkpoint, read_checkpoint, save_checkpoint
 
 __all__ = [
-    "VAE", "fit", "elbo", "train_run", "load_run", "TrainConfig",
+    "VAE", "HierarchicalVAE", "MODELS", "fit", "elbo", "train_run", "load_run", "TrainConfig",
     "save_checkpoint", "load_checkpoint", "read_checkpoint",
-    "PRIORS", "StandardNormal", "GUIDES", "DiagonalNormalEncoder",
+    "PRIORS", "StandardNormal", "LearnedNormal", "MixtureOfGaussians", "VampPrior", "Mixture",
+    "GUIDES", "DiagonalNormalEncoder",
     "LIKELIHOODS", "BernoulliLikelihood", "GaussianLikelihood",
     "datasets", "evaluation", "guides", "likelihoods", "nn", "objectives", "plots", "priors",
 ]

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -103,3 +104,62 @@ def test_train_on_real_mnist(tmp_path, data_root):
     assert "(10000 test points)" in r.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[1]["valid_elbo"] > metrics[0]["valid_elbo"]
+
+
+def test_hvae_vamp_gated_with_warmup_end_to_end(tmp_path):
+    out = tmp_path / "hvae"
+    r = run_cli("train", "--model", "hvae", "--prior", "vamp", "--components", "10",
+                "--arch", "gated", "--beta", "2", "--warmup-epochs", "2", "--epochs", "3",
+                "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "no closed-form KL" in r.stderr and "'z2'" in r.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["beta"] for m in metrics] == [0.0, 1.0, 2.0]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["z_dim"], config["hidden"], config["components"]) == (40, [300, 300], 10)
+    model, _ = load_run(out)
+    assert type(model).__name__ == "HierarchicalVAE"
+    assert model.prior.pseudo_inputs.shape == (10, 64)
+    # The reloaded model reproduces the printed test ELBO (beta = 1, fixed seed).
+    printed = float(r.stdout.strip().splitlines()[-1].split()[2])
+    test = load("digits")[2]
+    assert elbo(model, test, "meanfield", seed=0) == pytest.approx(printed, abs=1e-3)
+
+
+def test_iwae_run_reports_both_bounds(tmp_path):
+    out = tmp_path / "iwae"
+    r = run_cli("train", "--loss", "iwae", "--particles", "4", "--epochs", "2",
+                "--z-dim", "8", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    match = re.fullmatch(r"test IWAE bound \(K = 4\): (-?[\d.]+) nats per data point", lines[-2])
+    assert match, lines[-2]
+    iwae = float(match.group(1))
+    elbo_value = float(lines[-1].split()[2])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_iwae"] == pytest.approx(iwae, abs=1e-3)
+    assert iwae > elbo_value  # the K = 4 bound is tighter than the ELBO
+
+
+def test_user_prior_by_import_path(tmp_path):
+    out = tmp_path / "user"
+    r = run_cli("train", "--prior", "test_priors:ShiftedNormal", "--epochs", "1",
+                "--z-dim", "4", "--out", str(out), "--quiet",
+                env={"PYTHONPATH": str(REPO / "tests")})
+    assert r.returncode == 0, r.stderr
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert state["prior.mu"].shape == (4,)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--loss", "iwae", "--beta", "4"], "--loss iwae has none"),
+    (["--prior", "nope"], "unknown prior 'nope'"),
+    (["--prior", "normal", "--components", "5"], "prior 'normal' takes no option components"),
+    (["--pseudo-init", "zeros"], "invalid choice: 'zeros'"),
+])
+def test_bad_prior_and_objective_options(tmp_path, args, message):
+    out = tmp_path / "run"
+    r = run_cli("train", "--out", str(out), "--epochs", "1", *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert not out.exists()

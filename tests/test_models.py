@@ -10,8 +10,10 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_vae import VAE, GaussianLikelihood
+from pyro_vae import VAE, GaussianLikelihood, HierarchicalVAE
+from pyro_vae.models import build
 from pyro_vae.objectives import make_elbo
+from pyro_vae.priors import PRIORS, VampPrior
 
 
 def test_trace_site_names_and_shapes():
@@ -152,3 +154,69 @@ def test_unknown_part_names_are_rejected():
         VAE(4, 2, prior="nope")
     with pytest.raises(ValueError, match="unknown likelihood 'poisson'"):
         VAE(4, 2, likelihood="poisson")
+
+
+# --- Hierarchical VAE, gated networks, building parts -------------------------------
+
+
+def test_hvae_trace_site_names_and_shapes():
+    hvae = HierarchicalVAE(12, 3, (8, 8), prior="vamp", prior_options={"components": 4})
+    x = torch.bernoulli(torch.full((5, 12), 0.3))
+    guide_tr = poutine.trace(hvae.guide).get_trace(x, num_data=50)
+    model_tr = poutine.trace(poutine.replay(hvae.model, trace=guide_tr)).get_trace(x, num_data=50)
+    assert [n for n, s in guide_tr.nodes.items() if s["type"] == "sample"] == ["data", "z2", "z1"]
+    assert [n for n, s in model_tr.nodes.items() if s["type"] == "sample"] == [
+        "data", "z2", "z1", "x"]
+    for name, event in (("z2", 3), ("z1", 3), ("x", 12)):
+        fn = model_tr.nodes[name]["fn"]
+        assert fn.batch_shape == (5,) and fn.event_shape == (event,), name
+        assert model_tr.nodes[name]["scale"] == pytest.approx(10.0)
+    for name in ("z2", "z1"):
+        assert guide_tr.nodes[name]["fn"].batch_shape == (5,)
+        assert guide_tr.nodes[name]["value"].shape == (5, 3)
+    # p(z1 | z2) is conditioned on the guide's z2.
+    z2 = guide_tr.nodes["z2"]["value"]
+    assert torch.allclose(model_tr.nodes["z1"]["fn"].mean, hvae.p_z1(z2).mean)
+    # Vectorized particles broadcast x against a leading sample dimension.
+    model_v, guide_v = make_elbo("trace", 4)._get_vectorized_trace(hvae.model, hvae.guide, (x,), {})
+    assert guide_v.nodes["z1"]["value"].shape == (4, 5, 3)
+    assert model_v.nodes["x"]["fn"].batch_shape == (4, 5)
+    assert hvae.sample(6).shape == (6, 12) and hvae.reconstruct(x).shape == (5, 12)
+
+
+@pytest.mark.slow
+def test_hvae_training_on_mnist_subset_raises_validation_elbo(mnist):
+    from pyro_vae import elbo, fit
+
+    train, valid, _ = mnist
+    train, valid = train.subset(3000), valid.subset(1000)
+    hvae = HierarchicalVAE(784, 20, (200,), prior="vamp", prior_options={"components": 50})
+    before = elbo(hvae, valid, seed=0)
+    fit(hvae, train, valid, epochs=3, batch_size=100, progress=False)
+    after = elbo(hvae, valid, seed=0)
+    # Untrained about -545 nats (784 log 2 = 543); 90 steps reach about -200.
+    assert before < -500 and after > before + 150
+
+
+def test_gated_network_and_logvar_scale_bounds():
+    vae = VAE(12, 3, (8, 8), arch="gated")
+    assert [type(m).__name__ for m in vae.decoder] == ["GatedDense", "GatedDense", "Linear"]
+    assert vae.encoder.scale == "logvar"
+    with torch.no_grad():
+        for p in vae.encoder.parameters():
+            p.mul_(1000)  # push the log-variance far outside [-6, 2]
+    scale = vae.encode(torch.rand(50, 12)).base_dist.scale
+    assert scale.min() >= math.exp(-3) - 1e-6 and scale.max() <= math.exp(1) + 1e-6
+    assert scale.min() < 0.06 and scale.max() > 2.7  # both bounds are reached
+
+
+def test_build_passes_context_and_refuses_unknown_options():
+    vamp = build("vamp", PRIORS, "prior", dict(z_dim=3, x_dim=12), {"components": 9})
+    assert isinstance(vamp, VampPrior) and vamp.pseudo_inputs.shape == (9, 12)
+    with pytest.raises(ValueError, match="prior 'normal' takes no option components"):
+        build("normal", PRIORS, "prior", dict(z_dim=3, x_dim=12), {"components": 9})
+    # "package.module:ClassName" loads a class by import path.
+    cls = build("pyro_vae.priors:MixtureOfGaussians", PRIORS, "prior", dict(z_dim=2, x_dim=5))
+    assert type(cls).__name__ == "MixtureOfGaussians" and cls.locs.shape == (10, 2)
+    with pytest.raises(ValueError, match="cannot load prior 'no_such_module:Prior'"):
+        build("no_such_module:Prior", PRIORS, "prior", {})

@@ -45,7 +45,7 @@ def test_history_records_and_callbacks():
     history = fit(VAE(64, 4, (16,)), train, valid, epochs=2, progress=False,
                   callbacks=[lambda record, vae: seen.append(dict(record))])
     assert seen == history
-    assert set(history[0]) == {"epoch", "train_elbo", "valid_elbo", "seconds"}
+    assert set(history[0]) == {"epoch", "beta", "train_elbo", "valid_elbo", "seconds"}
     assert all(r["seconds"] > 0 and r["train_elbo"] < 0 for r in history)
 
 
