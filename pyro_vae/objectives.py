@@ -52,6 +52,20 @@ def scales_with_data_size(loss: str) -> bool:
     return loss != "iwae"
 
 
+def plain_elbo_loss(loss: str) -> str:
+    """The loss that estimates the plain ELBO for a run trained with ``loss``."""
+    return "trace" if loss == "iwae" else loss
+
+
+def check_objective(loss: str, beta: float = 1.0, warmup_epochs: int = 0) -> None:
+    """Raise ValueError for a combination that means nothing."""
+    if beta < 0 or warmup_epochs < 0:
+        raise ValueError(f"beta and warmup_epochs must be >= 0, got {beta}, {warmup_epochs}")
+    if loss == "iwae" and (beta != 1 or warmup_epochs):
+        raise ValueError("beta and warm-up weight the KL term of the ELBO; the IWAE bound "
+                         "has none: use loss trace or meanfield with them")
+
+
 def beta_at(epoch: int, beta: float = 1.0, warmup_epochs: int = 0) -> float:
     """KL weight for ``epoch`` (1-based): rises linearly from 0 at epoch 1 to ``beta`` at
     epoch ``warmup_epochs + 1`` and stays there (Bowman et al. 2016; Sonderby et al. 2016)."""

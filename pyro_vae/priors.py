@@ -55,15 +55,27 @@ class Mixture(TorchDistribution):
         return self.logits.log_softmax(-1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.unsqueeze(-1 - len(self.event_shape))  # (..., 1, z_dim)
-        return torch.logsumexp(self.component.log_prob(value) + self.log_weights, dim=-1)
+        base = self._diagonal_normal()
+        if base is not None:
+            log_p = _diag_normal_log_prob(value, base.loc, base.scale)  # (..., K)
+        else:
+            value = value.unsqueeze(-1 - len(self.event_shape))  # (..., 1, z_dim)
+            log_p = self.component.log_prob(value)
+        return torch.logsumexp(log_p + self.log_weights, dim=-1)
+
+    def _diagonal_normal(self):
+        """The Normal of an Independent(Normal) component over the last dim, else None."""
+        base = getattr(self.component, "base_dist", None)
+        if isinstance(base, dist.Normal) and self.component.reinterpreted_batch_ndims == 1:
+            return base
+        return None
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
             k = dist.Categorical(logits=self.logits).sample(sample_shape)
             comp = self.component
-            base = getattr(comp, "base_dist", None)
-            if isinstance(base, dist.Normal) and comp.reinterpreted_batch_ndims == 1:
+            base = self._diagonal_normal()
+            if base is not None:
                 return torch.normal(base.loc[k], base.scale[k])
             # Any other family: draw from every component, keep the chosen one.
             draws = comp.sample(sample_shape)  # (*sample_shape, K, *event)
@@ -81,6 +93,21 @@ class Mixture(TorchDistribution):
         w = self.log_weights.exp().unsqueeze(-1)
         second = (w * (self.component.variance + self.component.mean ** 2)).sum(-2)
         return second - self.mean ** 2
+
+
+def _diag_normal_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor):
+    """log N(z; loc_k, diag scale_k^2) for z (..., D) and every row k of loc, scale (K, D).
+
+    The quadratic form sum_d (z_d - m_kd)^2 / s_kd^2 is expanded into three matrix
+    products, so no (..., K, D) tensor is ever formed: with K = 500 components and
+    vectorized particles that tensor and its gradient dominate a training step. The
+    expansion cancels large terms when s is small, so it runs in float64.
+    """
+    z64, prec = z.double(), scale.double().pow(-2)  # (..., D), (K, D)
+    m_prec = loc.double() * prec
+    quad = (z64 ** 2) @ prec.T - 2 * z64 @ m_prec.T + (loc.double() * m_prec).sum(-1)
+    log_norm = scale.double().log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+    return (-0.5 * quad - log_norm).to(z.dtype)
 
 
 class StandardNormal(nn.Module):

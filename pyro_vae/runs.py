@@ -21,7 +21,7 @@ from .evaluation import elbo as evaluate_elbo
 from .likelihoods import LIKELIHOODS, GaussianLikelihood
 from .models import MODELS, resolve
 from .nn import ACTIVATIONS, ARCHS
-from .objectives import LOSSES
+from .objectives import LOSSES, check_objective, plain_elbo_loss
 from .priors import PRIORS
 from .train import OPTIMIZERS, fit, load_checkpoint, read_checkpoint, save_checkpoint
 
@@ -92,11 +92,7 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} must be > 0, got {value}")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise ValueError(f"--hidden: sizes must be >= 1, got {list(self.hidden)}")
-        if self.beta < 0 or self.warmup_epochs < 0:
-            raise ValueError("--beta and --warmup-epochs must be >= 0")
-        if self.loss == "iwae" and (self.beta != 1 or self.warmup_epochs):
-            raise ValueError("--beta and --warmup-epochs weight the ELBO's KL term; "
-                             "--loss iwae has none")
+        check_objective(self.loss, self.beta, self.warmup_epochs)
         resolve(self.prior, PRIORS, "prior")
         resolve_device(self.device)
 
@@ -211,9 +207,9 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
 
     test = test.to(device)
     # The plain ELBO (beta = 1) for every run; the IWAE bound too where it was trained.
-    elbo_loss = "trace" if config.loss == "iwae" else config.loss
     summary = {
-        "test_elbo": evaluate_elbo(vae, test, elbo_loss, config.particles, seed=config.seed),
+        "test_elbo": evaluate_elbo(vae, test, plain_elbo_loss(config.loss), config.particles,
+                                   seed=config.seed),
         "num_test": len(test),
         "epochs": config.epochs,
         "seconds_per_epoch": sum(r["seconds"] for r in history) / max(len(history), 1),

@@ -15,7 +15,8 @@ from pyro.infer import SVI
 from pyro.optim import Adam, ClippedAdam
 
 from .evaluation import elbo as evaluate_elbo
-from .objectives import beta_at, make_elbo, scales_with_data_size, warn_if_monte_carlo_kl
+from .objectives import (beta_at, check_objective, make_elbo, plain_elbo_loss,
+                         scales_with_data_size, warn_if_monte_carlo_kl)
 
 OPTIMIZERS = ("adam", "clipped_adam")
 
@@ -68,11 +69,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
-    if beta < 0 or warmup_epochs < 0:
-        raise ValueError(f"need beta >= 0 and warmup_epochs >= 0, got {beta}, {warmup_epochs}")
-    if loss == "iwae" and (beta != 1 or warmup_epochs):
-        raise ValueError("beta and warm-up weight the KL term of the ELBO; the IWAE bound "
-                         "has none: use loss='trace' or 'meanfield' with them")
+    check_objective(loss, beta, warmup_epochs)
     device = torch.device(device) if device is not None else _module_device(vae)
     vae.to(device)
     train = train.to(device)
@@ -91,7 +88,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         warn_if_monte_carlo_kl(loss, vae.model, vae.guide, next(train.batches(2, False)))
     # The IWAE bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
     num_data = len(train) if scales_with_data_size(loss) else None
-    valid_loss = loss if loss != "iwae" else "trace"
+    valid_loss = plain_elbo_loss(loss)
 
     n = len(train)
     steps = math.ceil(n / batch_size)
@@ -100,7 +97,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     for epoch in range(1, epochs + 1):
         beta_e = beta_at(epoch, beta, warmup_epochs)
         start = time.perf_counter()
-        total = 0.0  # sum over the epoch of -ELBO per batch point
+        total = 0.0  # -objective summed over the epoch's data points
         seen = 0
         bar = tqdm(train.batches(batch_size, generator=generator), total=steps,
                    desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False,

@@ -152,7 +152,7 @@ def test_user_prior_by_import_path(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--loss", "iwae", "--beta", "4"], "--loss iwae has none"),
+    (["--loss", "iwae", "--beta", "4"], "the IWAE bound has none"),
     (["--prior", "nope"], "unknown prior 'nope'"),
     (["--prior", "normal", "--components", "5"], "prior 'normal' takes no option components"),
     (["--pseudo-init", "zeros"], "invalid choice: 'zeros'"),

@@ -1,5 +1,6 @@
 """Every tutorial runs end to end, and prints what its text promises."""
 
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,8 @@ def run(path, *args):
 
 
 def test_all_tutorials_are_tested():
-    assert [p.name for p in TUTORIALS] == ["01_vae_in_pyro.py", "02_your_own_parts.py"]
+    assert [p.name for p in TUTORIALS] == ["01_vae_in_pyro.py", "02_your_own_parts.py",
+                                           "03_priors_and_objectives.py"]
 
 
 def test_01_vae_in_pyro(tmp_path):
@@ -37,3 +39,23 @@ def test_02_your_own_parts(tmp_path):
     assert "Bernoulli on gray data -> ValueError: likelihood 'bernoulli' needs x in" in text
     assert text.count("one-sample Monte Carlo estimate of the KL") == 1
     assert (tmp_path / "samples.png").exists()
+
+
+def test_03_priors_and_objectives():
+    text = run(TUTORIALS[2], "--epochs", "8")
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"(.+?)\s+test ELBO\s+(\S+)\s+recon\s+(\S+)\s+KL\s+(\S+)\s+"
+                     r"IWAE\(K=50\)\s+(\S+)$", line)
+        if m:
+            rows[m.group(1).strip()] = [float(v) for v in m.groups()[1:]]
+    assert set(rows) == {"normal prior", "VampPrior (K = 50)", "normal prior, beta = 4",
+                         "normal prior, IWAE K=5"}
+    for name, (elbo, recon, kl, iwae) in rows.items():
+        assert kl > 0 and recon > elbo, name
+        assert iwae > elbo, name  # the IWAE bound is tighter than the ELBO
+    # beta = 4 buys a smaller KL with a worse reconstruction.
+    assert rows["normal prior, beta = 4"][2] < rows["normal prior"][2]
+    assert rows["normal prior, beta = 4"][1] < rows["normal prior"][1]
+    assert "beta per epoch: [0.0, 2.0, 4.0, 4.0, 4.0, 4.0] ..." in text
+    assert text.count("one-sample Monte Carlo estimate of the KL") == 1  # VampPrior, once
