@@ -183,6 +183,7 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
     config = config.resolved()
     device = resolve_device(config.device)
     train, valid, test = load_data(config)
+    pyro.set_rng_seed(config.seed)  # the initial weights too are a function of --seed
     vae = build_vae(config, train.x.shape[1], train)
     out = Path(config.out)
     # Everything that can fail on bad input has been checked: only now touch the folder.

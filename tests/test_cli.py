@@ -84,6 +84,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message, data_
     assert not out.exists()
 
 
+def test_same_seed_same_run(tmp_path):
+    runs = []
+    for name in ("a", "b", "c"):
+        seed = "1" if name == "c" else "0"
+        r = run_cli("train", "--epochs", "1", "--z-dim", "4", "--hidden", "16", "--seed", seed,
+                    "--out", str(tmp_path / name), "--quiet")
+        assert r.returncode == 0, r.stderr
+        runs.append(torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"])
+    a, b, c = runs
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_overwrite_replaces_a_run(tmp_path):
     out = tmp_path / "run"
     assert run_cli("train", "--epochs", "1", "--out", str(out), "--quiet").returncode == 0
