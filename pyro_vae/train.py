@@ -84,7 +84,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     generator = torch.Generator(device=device).manual_seed(seed)
     objective = make_elbo(loss, num_particles)
     svi = SVI(vae.model, vae.guide, make_optimizer(optimizer, lr, clip_norm), objective)
-    with torch.no_grad():
+    with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic: never raise here
         warn_if_monte_carlo_kl(loss, vae.model, vae.guide, next(train.batches(2, False)))
     # The IWAE bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
     num_data = len(train) if scales_with_data_size(loss) else None
