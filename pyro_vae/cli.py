@@ -12,7 +12,7 @@ import typing
 from typing import List, Optional
 
 from . import __version__
-from .runs import TrainConfig, train_run
+from .runs import TrainConfig, evaluate_run, train_run
 
 
 def _field_type(name: str):
@@ -48,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a VAE and write a run folder")
     _add_config_options(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = sub.add_parser(
+        "evaluate", help="log-likelihood, ELBO surgery and active units of a run folder")
+    evaluate.add_argument("run", help="run folder written by pyro-vae train")
+    evaluate.add_argument("--samples", type=int, default=5000,
+                          help="importance samples per data point (default: %(default)s)")
+    evaluate.add_argument("--chunk", type=int, default=100,
+                          help="samples drawn at once; lower it to save memory "
+                               "(default: %(default)s)")
+    evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N points only")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -71,6 +85,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                   f"nats per data point")
         print(f"test ELBO: {summary['test_elbo']:.4f} nats per data point "
               f"({summary['num_test']} test points)")
+    elif args["command"] == "evaluate":
+        try:
+            r = evaluate_run(args["run"], args["samples"], args["chunk"], args["split"],
+                             args["limit"], args["device"], args["seed"],
+                             progress=not args["quiet"])
+        except (ValueError, OSError, RuntimeError) as e:
+            parser.exit(2, f"pyro-vae: error: {e}\n")
+        n = f"{r['num_points']} {r['split']} points"
+        print(f"ELBO:            {r['test_elbo']:.4f}")
+        if "reconstruction" in r:
+            print(f"reconstruction:  {r['reconstruction']:.4f}")
+            print(f"average KL:      {r['avg_kl']:.4f} = I(n; z) {r['mutual_information']:.4f}"
+                  f" + KL(q(z) || p(z)) {r['marginal_kl']:.4f}   (log N = {r['log_n']:.4f})")
+        print(f"active units:    {r['active_units']}")
+        print(f"eval.json and elbo_surgery.png in {args['run']}")
+        print(f"log-likelihood: {r['log_likelihood']:.4f} +- {r['log_likelihood_stderr']:.4f} "
+              f"nats per data point ({n}, S = {r['num_samples']})")
     return 0
 
 

@@ -1,12 +1,20 @@
-"""Evaluation of trained VAEs."""
+"""Evaluation of trained VAEs: ELBO, importance-sampled log-likelihood, ELBO surgery,
+posterior-collapse diagnostics."""
 
+import math
 from typing import Optional
 
 import torch
+from torch.distributions import kl_divergence
+from tqdm.auto import tqdm
 
 import pyro
+import pyro.distributions as dist
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from .objectives import make_elbo
+from .priors import Mixture
 
 
 @torch.no_grad()
@@ -32,3 +40,123 @@ def elbo(vae, data, loss: str = "meanfield", num_particles: int = 1,
     finally:
         vae.train(was_training)
     return -total / len(data)
+
+
+def _log_weights(vae, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """log p(x, z_s) - log q(z_s | x) for z_s ~ q(z | x): shape (num_samples, B).
+
+    Runs the guide under a particle plate left of the "data" plate, replays the model on
+    its samples, and sums each site's unscaled log-density over its event: any model and
+    guide of the package (any prior, both layers of the HVAE, any guide family).
+    """
+    particles = pyro.plate("_eval_particles", num_samples, dim=-2)
+    guide_trace = poutine.trace(particles(vae.guide)).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(particles(vae.model), trace=guide_trace)
+                                ).get_trace(x)
+    log_w = 0.0
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                log_w = log_w + sign * site["fn"].log_prob(site["value"])
+    return log_w.expand(num_samples, len(x))
+
+
+@torch.no_grad()
+def log_likelihood(vae, data, num_samples: int = 5000, chunk: int = 100,
+                   batch_size: int = 40, seed: Optional[int] = 0,
+                   progress: bool = False) -> torch.Tensor:
+    """Importance-sampled log p(x) per data point (Burda et al. 2015, eq. 9):
+
+        log p(x) ~= log (1/S) sum_s p(x, z_s) / q(z_s | x),   z_s ~ q(z | x),
+
+    with S = ``num_samples`` (5000 as in the VampPrior paper), drawn ``chunk`` at a time
+    for ``batch_size`` data points at a time and combined by ``logsumexp``. A lower bound
+    in expectation (the IWAE bound with K = S) that tightens as S grows. Returns (N,).
+    """
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    was_training = vae.training
+    vae.eval()
+    out = []
+    batches = data.batches(batch_size, shuffle=False)
+    bar = tqdm(batches, total=-(-len(data) // batch_size), disable=not progress,
+               desc="log p(x)", leave=False, dynamic_ncols=True)
+    try:
+        for xb in bar:
+            parts = []
+            for start in range(0, num_samples, chunk):
+                s = min(chunk, num_samples - start)
+                parts.append(torch.logsumexp(_log_weights(vae, xb, s), dim=0))
+            out.append(torch.logsumexp(torch.stack(parts), dim=0) - math.log(num_samples))
+    finally:
+        vae.train(was_training)
+    return torch.cat(out)
+
+
+def _single_latent(vae):
+    if not hasattr(vae, "encode") or not hasattr(vae, "prior") or hasattr(vae, "p_z1"):
+        raise ValueError("ELBO surgery needs a model with one latent site 'z' (pyro_vae.VAE)")
+
+
+@torch.no_grad()
+def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0) -> dict:
+    """ELBO surgery (Hoffman & Johnson 2016) over the N points of ``data``:
+
+        ELBO = E[log p(x_n | z)] - I(n; z) - KL(q(z) || p(z)),
+        average KL = (1/N) sum_n KL(q(z|x_n) || p(z)) = I(n; z) + KL(q(z) || p(z)),
+
+    where q(z) = (1/N) sum_n q(z | x_n) is the aggregate posterior. One z_n ~ q(z | x_n)
+    per point serves every term: the reconstruction log p(x_n | z_n), the average KL
+    log q(z_n | x_n) - log p(z_n), and, since (n, z_n) is a draw from q(n, z), the
+    marginal KL log q(z_n) - log p(z_n), where log q(z_n) = logsumexp_m log q(z_n | x_m)
+    - log N is evaluated against all N posteriors, ``chunk`` rows at a time.
+    I(n; z) = average KL - marginal KL, between 0 and log N. All in nats per data point.
+    """
+    _single_latent(vae)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    x = torch.cat(list(data.batches(len(data), shuffle=False)))
+    q = vae.encode(x)  # batch (N,)
+    z = q.sample()
+    prior = vae.prior(vae.encoder)
+    log_px_z = vae.decode(z).log_prob(x)
+    log_qz_x = q.log_prob(z)
+    log_pz = prior.log_prob(z)
+    aggregate = Mixture(q, torch.zeros(len(x), device=x.device))
+    log_qz = torch.cat([aggregate.log_prob(zc) for zc in z.split(chunk)])
+    n = len(x)
+    reconstruction = log_px_z.mean().item()
+    avg_kl = (log_qz_x - log_pz).mean().item()
+    marginal_kl = (log_qz - log_pz).mean().item()
+    return {
+        "elbo": reconstruction - avg_kl,
+        "reconstruction": reconstruction,
+        "avg_kl": avg_kl,
+        "mutual_information": avg_kl - marginal_kl,
+        "marginal_kl": marginal_kl,
+        "log_n": math.log(n),
+        "num_points": n,
+    }
+
+
+@torch.no_grad()
+def active_units(vae, data, threshold: float = 0.01) -> dict:
+    """Posterior-collapse diagnostics (Burda et al. 2015, section 5.2).
+
+    Latent dimension u is active when Cov_x(E_q[z_u | x]) > ``threshold``: its posterior
+    mean moves with the data. Also the average KL(q(z_u | x) || p(z_u)) per dimension when
+    the prior and the guide are both diagonal Gaussians (else None).
+    """
+    x = torch.cat(list(data.batches(len(data), shuffle=False)))
+    q = vae.encode(x)
+    activity = q.mean.var(dim=0)
+    kl_per_dim = None
+    prior = vae.prior(getattr(vae, "encoder", None))
+    q_base, p_base = getattr(q, "base_dist", None), getattr(prior, "base_dist", None)
+    if isinstance(q_base, dist.Normal) and isinstance(p_base, dist.Normal):
+        kl_per_dim = kl_divergence(q_base, p_base.expand(q_base.batch_shape)).mean(0).tolist()
+    return {
+        "active_units": int((activity > threshold).sum()),
+        "activity": activity.tolist(),
+        "kl_per_dim": kl_per_dim,
+    }

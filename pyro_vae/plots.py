@@ -63,3 +63,24 @@ def plot_elbo(history: Sequence[Dict], path) -> None:
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_elbo_surgery(terms: Dict, path) -> None:
+    """Bars of the ELBO-surgery terms (Hoffman & Johnson 2016), nats per data point."""
+    names = ["reconstruction", "avg_kl", "mutual_information", "marginal_kl", "elbo"]
+    labels = ["E log p(x|z)", "avg KL", "I(n; z)", "KL(q(z)||p(z))", "ELBO"]
+    values = [terms[n] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(labels, values, color=["C0", "C1", "C2", "C3", "C4"])
+    ax.axhline(terms["log_n"], color="gray", linestyle="--", linewidth=1,
+               label=f"log N = {terms['log_n']:.2f} (bound on I)")
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                    va="bottom" if v >= 0 else "top", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("nats per data point")
+    ax.set_title("ELBO = E log p(x|z) − I(n; z) − KL(q(z) || p(z))", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

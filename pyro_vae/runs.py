@@ -266,3 +266,44 @@ def load_run(run_dir, device="cpu") -> Tuple[torch.nn.Module, TrainConfig]:
     vae = build_vae(config, state["x_dim"])
     load_checkpoint(ckpt_path, vae, state=state)
     return vae.to(device), config
+
+
+def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "test",
+                 limit: Optional[int] = None, device: str = "auto", seed: int = 0,
+                 progress: bool = True) -> dict:
+    """Evaluate a run folder on one of its splits; writes ``eval.json`` and
+    ``elbo_surgery.png`` there and returns the results."""
+    from .evaluation import active_units, elbo_surgery, log_likelihood
+
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"--split: {split!r} is not one of ['train', 'valid', 'test']")
+    if samples < 1 or chunk < 1 or (limit is not None and limit < 1):
+        raise ValueError("--samples, --chunk and --limit must be >= 1")
+    run_dir = Path(run_dir)
+    dev = resolve_device(device)
+    vae, config = load_run(run_dir, dev)
+    data = dict(zip(("train", "valid", "test"), load_data(config)))[split]
+    data = data.subset(limit).to(dev)
+    vae.eval()
+    ll = log_likelihood(vae, data, samples, chunk, seed=seed, progress=progress)
+    results = {
+        "split": split,
+        "num_points": len(data),
+        "num_samples": samples,
+        "test_elbo": evaluate_elbo(vae, data, plain_elbo_loss(config.loss), seed=seed),
+        "log_likelihood": ll.mean().item(),
+        "log_likelihood_stderr": (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else 0.0,
+    }
+    try:
+        surgery = elbo_surgery(vae, data, seed=seed)
+        results.update({k: surgery[k] for k in ("reconstruction", "avg_kl",
+                                                "mutual_information", "marginal_kl", "log_n")})
+        results["surgery_elbo"] = surgery["elbo"]
+        plots.plot_elbo_surgery(surgery, run_dir / "elbo_surgery.png")
+    except ValueError as e:  # a model with more than one latent layer
+        results["surgery_skipped"] = str(e)
+    diagnostics = active_units(vae, data)
+    results.update(active_units=diagnostics["active_units"],
+                   activity=diagnostics["activity"], kl_per_dim=diagnostics["kl_per_dim"])
+    _write_json(run_dir / "eval.json", results)
+    return results
