@@ -176,3 +176,29 @@ def test_bad_prior_and_objective_options(tmp_path, args, message):
     assert r.returncode == 2
     assert message in r.stderr
     assert not out.exists()
+
+
+def test_evaluate_a_run(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", "--epochs", "2", "--z-dim", "6", "--hidden", "64", "--out",
+                   str(out), "--quiet").returncode == 0
+    r = run_cli("evaluate", str(out), "--samples", "200", "--chunk", "50", "--limit", "60",
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "eval.json").read_text())
+    for key in ("test_elbo", "log_likelihood", "log_likelihood_stderr", "num_samples",
+                "reconstruction", "avg_kl", "mutual_information", "marginal_kl",
+                "active_units"):
+        assert key in result, key
+    assert result["num_samples"] == 200 and result["num_points"] == 60
+    assert result["log_likelihood"] > result["test_elbo"]  # a tighter bound
+    assert 0 <= result["active_units"] <= 6
+    assert (out / "elbo_surgery.png").read_bytes()[:4] == b"\x89PNG"
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"log-likelihood: {result['log_likelihood']:.4f} +- ")
+
+    bad = run_cli("evaluate", str(out), "--split", "nope")
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
+    missing = run_cli("evaluate", str(tmp_path / "absent"))
+    assert missing.returncode == 2 and "config.json: no such file" in missing.stderr
+    assert missing.stderr.strip().count("\n") == 0
