@@ -1,0 +1,86 @@
+"""Seconds to estimate log p(x) by importance sampling, against bare matrix products.
+
+Times ``pyro_vae.evaluation.log_likelihood`` with S samples on the first ``--limit`` test
+points of a run folder and extrapolates to the whole test set (10 000 MNIST points). The
+reference does the same number of forward passes as bare batched matrix products: every
+``nn.Linear`` of the decoder applied to N x S latent rows, and of the encoder to N data
+rows, with no bias, activation, distribution or Pyro bookkeeping. The ratio says how
+close the estimator is to compute-bound.
+
+    python benchmarks/loglik_speed.py RUN_FOLDER [--limit 200] [--samples 5000] [--device cpu]
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+
+import pyro
+
+import pyro_vae as pv
+from pyro_vae.evaluation import log_likelihood
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_passes(module: nn.Module, rows: int, block: int, device) -> float:
+    """Seconds for ``rows`` rows through every Linear of ``module``, ``block`` at a time."""
+    weights = [m.weight.detach() for m in module.modules() if isinstance(m, nn.Linear)]
+    inputs = [torch.randn(block, w.shape[1], device=device) for w in weights]
+    _sync(device)
+    start = time.perf_counter()
+    done = 0
+    while done < rows:
+        n = min(block, rows - done)
+        for x, w in zip(inputs, weights):
+            torch.mm(x[:n], w.T)
+        done += n
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--chunk", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=40)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--total", type=int, default=10000, help="points to extrapolate to")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    vae, config = pv.load_run(args.run, device)
+    vae.eval()
+    test = pv.datasets.load(config.dataset, config.data_dir)[2].subset(args.limit).to(device)
+
+    with torch.no_grad():
+        log_likelihood(vae, test.subset(args.batch_size), 2 * args.chunk,  # warm-up
+                       args.chunk, args.batch_size)
+        _sync(device)
+        start = time.perf_counter()
+        ll = log_likelihood(vae, test, args.samples, args.chunk, args.batch_size)
+        _sync(device)
+        estimator = time.perf_counter() - start
+        block = args.chunk * args.batch_size
+        bare = (bare_passes(vae.decoder, args.limit * args.samples, block, device)
+                + bare_passes(vae.encoder, args.limit, block, device))
+    scale = args.total / args.limit
+    print(json.dumps({
+        "run": args.run, "points": args.limit, "samples": args.samples,
+        "log_likelihood_mean": ll.mean().item(),
+        "estimator_seconds": estimator, "bare_matmul_seconds": bare,
+        "ratio": estimator / bare,
+        f"estimator_seconds_for_{args.total}_points": estimator * scale,
+        "device": str(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "pyro": pyro.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
