@@ -121,9 +121,14 @@ def log_likelihood(vae, data, num_samples: int = 5000, chunk: int = 100,
     return torch.cat(out)
 
 
-def _single_latent(vae):
-    if not hasattr(vae, "encode") or not hasattr(vae, "prior") or hasattr(vae, "p_z1"):
-        raise ValueError("ELBO surgery needs a model with one latent site 'z' (pyro_vae.VAE)")
+def _check_single_latent(vae, x: torch.Tensor) -> None:
+    """ELBO surgery is defined here for one latent site, "z"."""
+    trace = poutine.trace(vae.guide).get_trace(x[:1])
+    latents = [name for name, site in trace.nodes.items()
+               if site["type"] == "sample" and not site_is_subsample(site)]
+    if latents != ["z"]:
+        raise ValueError(f"ELBO surgery needs one latent site 'z'; this guide samples "
+                         f"{latents}")
 
 
 @torch.no_grad()
@@ -140,10 +145,10 @@ def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0) -> dict:
     - log N is evaluated against all N posteriors, ``chunk`` rows at a time.
     I(n; z) = average KL - marginal KL, between 0 and log N. All in nats per data point.
     """
-    _single_latent(vae)
     if seed is not None:
         pyro.set_rng_seed(seed)
     x = torch.cat(list(data.batches(len(data), shuffle=False)))
+    _check_single_latent(vae, x)
     q = vae.encode(x)  # batch (N,)
     z = q.sample()
     prior = vae.prior(vae.encoder)

@@ -151,5 +151,5 @@ def test_active_units_finds_the_dimensions_the_decoder_ignores():
 
 def test_surgery_refuses_two_layer_models():
     hvae = HierarchicalVAE(12, 3, (8,), arch="mlp")
-    with pytest.raises(ValueError, match="one latent site"):
+    with pytest.raises(ValueError, match=r"one latent site 'z'; this guide samples \['z2', 'z1'\]"):
         elbo_surgery(hvae, _lg_data(torch.ones(4, 12)))
