@@ -121,6 +121,11 @@ def log_likelihood(vae, data, num_samples: int = 5000, chunk: int = 100,
     return torch.cat(out)
 
 
+def _all_points(data) -> torch.Tensor:
+    """The whole split as one tensor, as the model sees it (binarized if dynamic)."""
+    return next(data.batches(len(data), shuffle=False))
+
+
 def _check_single_latent(vae, x: torch.Tensor) -> None:
     """ELBO surgery is defined here for one latent site, "z"."""
     trace = poutine.trace(vae.guide).get_trace(x[:1])
@@ -147,7 +152,7 @@ def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0) -> dict:
     """
     if seed is not None:
         pyro.set_rng_seed(seed)
-    x = torch.cat(list(data.batches(len(data), shuffle=False)))
+    x = _all_points(data)
     _check_single_latent(vae, x)
     q = vae.encode(x)  # batch (N,)
     z = q.sample()
@@ -180,11 +185,10 @@ def active_units(vae, data, threshold: float = 0.01) -> dict:
     mean moves with the data. Also the average KL(q(z_u | x) || p(z_u)) per dimension when
     the prior and the guide are both diagonal Gaussians (else None).
     """
-    x = torch.cat(list(data.batches(len(data), shuffle=False)))
-    q = vae.encode(x)
+    q = vae.encode(_all_points(data))
     activity = q.mean.var(dim=0)
     kl_per_dim = None
-    prior = vae.prior(getattr(vae, "encoder", None))
+    prior = vae.prior(vae.encoder)
     q_base, p_base = getattr(q, "base_dist", None), getattr(prior, "base_dist", None)
     if isinstance(q_base, dist.Normal) and isinstance(p_base, dist.Normal):
         kl_per_dim = kl_divergence(q_base, p_base.expand(q_base.batch_shape)).mean(0).tolist()

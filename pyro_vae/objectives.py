@@ -20,6 +20,7 @@ import logging
 from torch.distributions import kl_divergence
 
 from pyro import poutine
+from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.poutine.util import site_is_subsample
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
@@ -113,9 +114,7 @@ def warn_if_monte_carlo_kl(loss: str, model, guide, *args, **kwargs) -> list:
 
 def _describe(d) -> str:
     """A short name: Independent(Normal), Mixture(Independent(Normal)), ..."""
-    for inner in ("base_dist", "component"):
-        if hasattr(d, inner):
-            if type(d).__name__ == "ExpandedDistribution":
-                return _describe(d.base_dist)
-            return f"{type(d).__name__}({_describe(getattr(d, inner))})"
-    return type(d).__name__
+    if isinstance(d, ExpandedDistribution):  # the data plate's broadcast, not a family
+        return _describe(d.base_dist)
+    inner = getattr(d, "base_dist", None) or getattr(d, "component", None)
+    return type(d).__name__ if inner is None else f"{type(d).__name__}({_describe(inner)})"

@@ -17,6 +17,7 @@ import torch
 import pyro
 
 from . import datasets, plots
+from .evaluation import active_units, elbo_surgery, log_likelihood
 from .evaluation import elbo as evaluate_elbo
 from .likelihoods import LIKELIHOODS, GaussianLikelihood
 from .models import MODELS, resolve
@@ -273,8 +274,6 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
                  progress: bool = True) -> dict:
     """Evaluate a run folder on one of its splits; writes ``eval.json`` and
     ``elbo_surgery.png`` there and returns the results."""
-    from .evaluation import active_units, elbo_surgery, log_likelihood
-
     if split not in ("train", "valid", "test"):
         raise ValueError(f"--split: {split!r} is not one of ['train', 'valid', 'test']")
     if samples < 1 or chunk < 1 or (limit is not None and limit < 1):
