@@ -16,7 +16,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .objectives import make_elbo
-from .priors import Mixture
+from .priors import Mixture, logsumexp
 
 
 @torch.no_grad()
@@ -113,8 +113,8 @@ def log_likelihood(vae, data, num_samples: int = 5000, chunk: int = 100,
                 parts = []
                 for start in range(0, num_samples, chunk):
                     s = min(chunk, num_samples - start)
-                    parts.append(torch.logsumexp(_log_weights(vae, xb, s), dim=0))
-                out.append(torch.logsumexp(torch.stack(parts), dim=0)
+                    parts.append(logsumexp(_log_weights(vae, xb, s), dim=0))
+                out.append(logsumexp(torch.stack(parts), dim=0)
                            - math.log(num_samples))
     finally:
         vae.train(was_training)

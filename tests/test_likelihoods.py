@@ -48,3 +48,28 @@ def test_gaussian_learned_scale_starts_at_one_and_stays_above_minimum():
 
 def test_registry():
     assert LIKELIHOODS == {"bernoulli": BernoulliLikelihood, "gaussian": GaussianLikelihood}
+
+
+def test_bernoulli_in_a_plate_and_particles_matches_pyro_bernoulli():
+    """Pyro expands the likelihood over particle and data plates; the summed form must
+    give Pyro's own Bernoulli density there, and sample with mean sigmoid(logits)."""
+    import pyro
+    import pyro.distributions as dist
+    from pyro import poutine
+
+    torch.manual_seed(1)
+    logits = 4 * torch.randn(3, 5)
+    x = torch.bernoulli(torch.full((3, 5), 0.5))
+
+    def model(head):
+        with pyro.plate("particles", 7, dim=-2), pyro.plate("data", 3, dim=-1):
+            pyro.sample("x", head(logits), obs=x)
+
+    ours = poutine.trace(model).get_trace(BernoulliLikelihood(5))
+    pyros = poutine.trace(model).get_trace(lambda l: dist.Bernoulli(logits=l).to_event(1))
+    lp, ref = ours.nodes["x"]["fn"].log_prob(x), pyros.nodes["x"]["fn"].log_prob(x)
+    assert lp.shape == ref.shape == (7, 3)
+    assert torch.allclose(lp, ref, rtol=1e-6, atol=1e-5)
+    draws = BernoulliLikelihood(5)(logits).sample((20000,))
+    assert draws.shape == (20000, 3, 5) and set(draws.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(draws.mean(0), torch.sigmoid(logits), atol=0.015)  # ~4.5 sd

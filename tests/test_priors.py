@@ -8,7 +8,7 @@ import pyro.distributions as dist
 
 from pyro_vae import VAE
 from pyro_vae.guides import DiagonalNormalEncoder
-from pyro_vae.priors import (PRIORS, LearnedNormal, Mixture, MixtureOfGaussians,
+from pyro_vae.priors import (PRIORS, LearnedNormal, Mixture, MixtureOfGaussians, logsumexp,
                              StandardNormal, VampPrior)
 
 
@@ -206,17 +206,41 @@ def test_vamp_data_init_and_learned_weights():
         VampPrior(3, 12, components=7, pseudo_init="data", data=images[:5])
 
 
-@pytest.mark.parametrize("min_scale", [1.0, 0.05, 1e-3])
-def test_fast_diagonal_mixture_log_prob_matches_float64_reference(min_scale):
-    """The matrix-product form expands (z - m)^2 / s^2, which cancels badly in float32
-    for small s; it runs in float64 and must match the direct formula there."""
+@pytest.mark.parametrize("min_scale, dims, atol", [
+    (1.0, 6, 1e-4), (1.0, 40, 2e-4),     # float32 product
+    (0.1, 6, 5e-4), (0.1, 40, 4e-3),     # float32, smallest scale it takes
+    (0.05, 40, 2e-4), (1e-3, 6, 1e-4),   # float64 product
+])
+def test_fast_diagonal_mixture_log_prob_matches_float64_reference(min_scale, dims, atol):
+    """The matrix-product form expands (z - m)^2 / s^2, which cancels in float32 as s
+    shrinks: float32 while every s >= 0.1 (error stated in the tolerance), else float64.
+    Components and latents spread as in a trained VampPrior (unit scale)."""
     torch.manual_seed(8)
-    loc = 2 * torch.randn(50, 6)
-    scale = min_scale * (1 + torch.rand(50, 6))
+    loc = torch.randn(50, dims)
+    scale = min_scale * (1 + torch.rand(50, dims))
     logits = torch.randn(50)
-    z = loc[:20] + scale[:20] * torch.randn(20, 6)  # near components: the hard case
+    z = torch.cat([loc[:20] + scale[:20] * torch.randn(20, dims),  # near a component
+                   1.5 * torch.randn(20, dims)])                     # anywhere
     fast = Mixture(dist.Normal(loc, scale).to_event(1), logits).log_prob(z)
     terms = dist.Normal(loc.double(), scale.double()).log_prob(z.double()[:, None]).sum(-1)
     reference = torch.logsumexp(terms + logits.double().log_softmax(-1), -1)
-    # float32 output: allow a few ulps of the value's magnitude.
-    assert torch.allclose(fast.double(), reference, rtol=1e-6, atol=1e-4)
+    # rtol: the float32 output rounds values of size |v| by ~1e-7 |v| whatever the path.
+    assert torch.allclose(fast.double(), reference, rtol=1e-6, atol=atol)
+
+
+def test_logsumexp_matches_torch_and_is_fast_path_safe():
+    """Terms far below the maximum (where exp is slow) change nothing; all -inf rows, +inf
+    and nan behave as in torch.logsumexp; the gradient is the softmax."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(30, 200) * 100, torch.randn(30, 200)])
+    inf, nan = float("inf"), float("nan")
+    special = torch.tensor([[-inf, -inf, -inf], [0.0, -inf, 1.0], [inf, 0.0, 0.0],
+                            [nan, 0.0, 0.0], [-1e4, 0.0, -200.0]])
+    assert torch.allclose(logsumexp(x, -1), torch.logsumexp(x, -1), rtol=1e-6, atol=0)
+    assert torch.allclose(logsumexp(x.double(), 0), torch.logsumexp(x.double(), 0),
+                          rtol=1e-12, atol=0)
+    assert torch.allclose(logsumexp(special, -1), torch.logsumexp(special, -1),
+                          equal_nan=True)
+    y = x.double().requires_grad_()
+    logsumexp(y, -1).sum().backward()
+    assert torch.allclose(y.grad, torch.softmax(x.double(), -1), rtol=0, atol=1e-15)
