@@ -28,6 +28,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f.name)
         kw = dict(default=f.default, help=f.metadata["help"], dest=f.name)
+        if f.metadata.get("derived"):  # recorded in config.json, not chosen by hand
+            kw["help"] = argparse.SUPPRESS
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if kind is bool:
@@ -36,7 +38,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=int, nargs="+", metavar="N", **kw)
         else:
             parser.add_argument(flag, type=kind, **kw)
-        if kw["default"] is not None and kind is not bool:
+        if kw["default"] is not None and kind is not bool and not f.metadata.get("derived"):
             parser._actions[-1].help += " (default: %(default)s)"
 
 

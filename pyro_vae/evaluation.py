@@ -16,6 +16,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .objectives import make_elbo
+from .guides import posterior_mean
 from .priors import Mixture, logsumexp
 
 
@@ -79,7 +80,7 @@ def _prior_computed_once(vae):
     """p(z) does not depend on x: compute it once for all chunks (the VampPrior's K
     pseudo-inputs then go through the encoder once, not once per chunk)."""
     prior = vae.prior
-    vae.prior = _Fixed(prior(vae.encoder))
+    vae.prior = _Fixed(vae.p_z())
     try:
         yield
     finally:
@@ -156,11 +157,15 @@ def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0) -> dict:
     _check_single_latent(vae, x)
     q = vae.encode(x)  # batch (N,)
     z = q.sample()
-    prior = vae.prior(vae.encoder)
+    prior = vae.p_z()
     log_px_z = vae.decode(z).log_prob(x)
     log_qz_x = q.log_prob(z)
     log_pz = prior.log_prob(z)
     aggregate = Mixture(q, torch.zeros(len(x), device=x.device))
+    if aggregate._diagonal_normal() is None:
+        # Other guide families evaluate chunk x N posteriors elementwise (a flow also
+        # inverts each): bound that to about 2^18 rows.
+        chunk = max(1, min(chunk, 2 ** 18 // len(x)))
     log_qz = torch.cat([aggregate.log_prob(zc) for zc in z.split(chunk)])
     n = len(x)
     reconstruction = log_px_z.mean().item()
@@ -181,14 +186,15 @@ def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0) -> dict:
 def active_units(vae, data, threshold: float = 0.01) -> dict:
     """Posterior-collapse diagnostics (Burda et al. 2015, section 5.2).
 
-    Latent dimension u is active when Cov_x(E_q[z_u | x]) > ``threshold``: its posterior
+    Latent dimension u is active when Cov_x(E_q[z_u | x]) > ``threshold`` (E_q from 256
+    draws where q has no closed-form mean, as for a flow guide): its posterior
     mean moves with the data. Also the average KL(q(z_u | x) || p(z_u)) per dimension when
     the prior and the guide are both diagonal Gaussians (else None).
     """
     q = vae.encode(_all_points(data))
-    activity = q.mean.var(dim=0)
+    activity = posterior_mean(q).var(dim=0)
     kl_per_dim = None
-    prior = vae.prior(vae.encoder)
+    prior = vae.p_z()
     q_base, p_base = getattr(q, "base_dist", None), getattr(prior, "base_dist", None)
     if isinstance(q_base, dist.Normal) and isinstance(p_base, dist.Normal):
         kl_per_dim = kl_divergence(q_base, p_base.expand(q_base.batch_shape)).mean(0).tolist()

@@ -22,7 +22,7 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
 
-from .guides import GUIDES, DiagonalNormalEncoder
+from .guides import GUIDES, DiagonalNormalEncoder, location
 from .likelihoods import LIKELIHOODS
 from .nn import network
 from .priors import PRIORS
@@ -69,7 +69,31 @@ def kl_weight(beta: float):
     return poutine.scale(scale=beta)
 
 
-class VAE(PyroModule):
+class _LatentModel(PyroModule):
+    """What VAE and HierarchicalVAE share: the prior is built on an encoder, by default
+    the guide's own (the VampPrior's components are the guide's posteriors)."""
+
+    @property
+    def prior_encoder(self) -> nn.Module:
+        """The encoder p(z) is built on: the guide's, unless ``swap_guide`` kept the old."""
+        kept = self._modules.get("kept_encoder")
+        return self.encoder if kept is None else kept
+
+    def p_z(self) -> dist.Distribution:
+        """The prior p(z) (of the top layer for the HVAE)."""
+        return self.prior(self.prior_encoder)
+
+    def swap_guide(self, encoder: nn.Module) -> None:
+        """Replace the guide's encoder by ``encoder`` (any guide family with the same
+        z_dim), keeping the model p(x, z) as it is: the old encoder stays, as
+        ``kept_encoder``, what the prior is built on, so a VampPrior does not change.
+        With ``fit(..., freeze_model=True)`` only the new guide then trains."""
+        if "kept_encoder" not in self._modules:
+            self.kept_encoder = self.encoder
+        self.encoder = encoder
+
+
+class VAE(_LatentModel):
     """Variational autoencoder (Kingma & Welling 2014) as a Pyro model/guide pair.
 
     Model:  z_n ~ p(z),  x_n ~ p(x | decoder(z_n))      for n in the "data" plate
@@ -80,6 +104,7 @@ class VAE(PyroModule):
     ``prior_options`` go to the prior's constructor (e.g. ``{"components": 500}``).
     ``hidden`` gives the encoder's hidden sizes; the decoder mirrors them. ``arch`` is
     ``"mlp"`` (activation ``act``) or ``"gated"`` (GatedDense, the VampPrior paper's).
+    ``flow_steps``: flow steps of the ``"iaf"`` guide.
     """
 
     def __init__(self, x_dim: int, z_dim: int = 50, hidden: Sequence[int] = (400,),
@@ -87,12 +112,13 @@ class VAE(PyroModule):
                  prior: Union[str, nn.Module] = "normal",
                  encoder: Union[str, nn.Module] = "diagonal",
                  act: str = "relu", arch: str = "mlp",
-                 prior_options: Optional[Dict] = None):
+                 prior_options: Optional[Dict] = None, flow_steps: int = 2):
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim
         hidden = tuple(hidden)
         self.encoder = build(encoder, GUIDES, "guide", dict(
-            x_dim=x_dim, z_dim=z_dim, hidden=hidden, act=act, arch=arch))
+            x_dim=x_dim, z_dim=z_dim, hidden=hidden, act=act, arch=arch,
+            flow_steps=flow_steps))
         self.decoder = network(arch, z_dim, hidden[::-1], x_dim, act)
         self.likelihood = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim))
         self.prior = build(prior, PRIORS, "prior", dict(z_dim=z_dim, x_dim=x_dim),
@@ -105,7 +131,7 @@ class VAE(PyroModule):
         is scaled by N / len(x), so the loss estimates the ELBO of the whole data set."""
         with pyro.plate("data", num_data or len(x), subsample=x):
             with kl_weight(beta):
-                z = pyro.sample("z", self.prior(self.encoder))
+                z = pyro.sample("z", self.p_z())
             pyro.sample("x", self.decode(z), obs=x)
         return z
 
@@ -128,37 +154,40 @@ class VAE(PyroModule):
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         """Mean of p(x | z) for n draws z ~ p(z): shape (n, x_dim)."""
-        z = self.prior(self.encoder).sample((n,))
+        z = self.p_z().sample((n,))
         return self.decode(z).mean
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x | z) at the posterior mean z = E_q[z | x]: shape of x."""
-        return self.decode(self.encode(x).mean).mean
+        return self.decode(location(self.encode(x))).mean
 
 
-class HierarchicalVAE(PyroModule):
+class HierarchicalVAE(_LatentModel):
     """Two stochastic layers (the VampPrior paper's HVAE, L = 2; Tomczak & Welling 2018).
 
     Model:  z2 ~ p(z2),  z1 ~ p(z1 | z2),  x ~ p(x | z1, z2)
     Guide:  z2 ~ q(z2 | x),  z1 ~ q(z1 | x, z2)
 
     p(z2) is any prior of ``PRIORS``; built on q(z2 | .), ``"vamp"`` gives the paper's
-    model. The conditionals are diagonal Gaussians from ``arch`` networks with ``hidden``
-    layers; their inputs are concatenated ([x, z2] and [z1, z2]). Both layers have
-    ``z_dim`` dimensions.
+    model. q(z2 | x) is any guide family (``encoder``, as for the VAE); the other
+    conditionals are diagonal Gaussians from ``arch`` networks with ``hidden`` layers;
+    their inputs are concatenated ([x, z2] and [z1, z2]). Both layers have ``z_dim``
+    dimensions.
     """
 
     def __init__(self, x_dim: int, z_dim: int = 40, hidden: Sequence[int] = (300, 300),
                  likelihood: Union[str, nn.Module] = "bernoulli",
                  prior: Union[str, nn.Module] = "normal",
+                 encoder: Union[str, nn.Module] = "diagonal",
                  act: str = "relu", arch: str = "gated",
-                 prior_options: Optional[Dict] = None):
+                 prior_options: Optional[Dict] = None, flow_steps: int = 2):
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim
         hidden = tuple(hidden)
         conditional = dict(hidden=hidden, act=act, arch=arch)
-        self.encoder = DiagonalNormalEncoder(x_dim, z_dim, **conditional)       # q(z2|x)
+        self.encoder = build(encoder, GUIDES, "guide", dict(                  # q(z2|x)
+            x_dim=x_dim, z_dim=z_dim, flow_steps=flow_steps, **conditional))
         self.encoder_z1 = DiagonalNormalEncoder(x_dim + z_dim, z_dim, **conditional)
         self.p_z1 = DiagonalNormalEncoder(z_dim, z_dim, **conditional)          # p(z1|z2)
         self.decoder = network(arch, 2 * z_dim, hidden[::-1], x_dim, act)
@@ -171,7 +200,7 @@ class HierarchicalVAE(PyroModule):
               beta: float = 1.0) -> torch.Tensor:
         with pyro.plate("data", num_data or len(x), subsample=x):
             with kl_weight(beta):
-                z2 = pyro.sample("z2", self.prior(self.encoder))
+                z2 = pyro.sample("z2", self.p_z())
                 z1 = pyro.sample("z1", self.p_z1(z2))
             pyro.sample("x", self.decode(z1, z2), obs=x)
         return z1, z2
@@ -199,13 +228,13 @@ class HierarchicalVAE(PyroModule):
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
-        z2 = self.prior(self.encoder).sample((n,))
+        z2 = self.p_z().sample((n,))
         z1 = self.p_z1(z2).sample()
         return self.decode(z1, z2).mean
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        z2 = self.encoder(x).mean
+        z2 = location(self.encoder(x))
         return self.decode(self.encode_z1(x, z2).mean, z2).mean
 
 

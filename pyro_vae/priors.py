@@ -60,7 +60,11 @@ class Mixture(TorchDistribution):
             # log w_k + log p_k(z) for every k in one matrix product: (..., K).
             terms = _diag_normal_log_prob(value, base.loc, base.scale, self.log_weights)
         else:
-            value = value.unsqueeze(-1 - len(self.event_shape))  # (..., 1, z_dim)
+            # (..., K, z_dim): expanded, not broadcast, so that components with their own
+            # conditioning (a flow's context of batch K) see one value per component.
+            value = value.unsqueeze(-1 - len(self.event_shape))
+            value = value.expand(value.shape[:-1 - len(self.event_shape)]
+                                 + self.component.batch_shape + self.event_shape)
             terms = self.component.log_prob(value) + self.log_weights
         return logsumexp(terms, dim=-1)
 

@@ -20,7 +20,8 @@ from . import datasets, plots
 from .evaluation import active_units, elbo_surgery, log_likelihood
 from .evaluation import elbo as evaluate_elbo
 from .likelihoods import LIKELIHOODS, GaussianLikelihood
-from .models import MODELS, resolve
+from .guides import GUIDES
+from .models import MODELS, build, resolve
 from .nn import ACTIVATIONS, ARCHS
 from .objectives import LOSSES, check_objective, plain_elbo_loss
 from .priors import PRIORS
@@ -59,6 +60,19 @@ class TrainConfig:
                                       choices=("normal", "data"))
     learn_weights: Optional[bool] = _opt(None, "vamp: learn the mixture weights "
                                                "(default: uniform)")
+    guide: str = _opt("diagonal", f"q(z|x): one of {', '.join(GUIDES)}, or "
+                                  f"package.module:ClassName")
+    flow_steps: int = _opt(2, "flow steps of --guide iaf")
+    init_from: Optional[str] = _opt(None, "start from this run folder's model (its model "
+                                          "settings are used); a --guide other than its "
+                                          "own starts fresh, the same one from its weights")
+    freeze_model: bool = _opt(False, "with --init-from: train the guide only, the decoder "
+                                     "and prior stay fixed")
+    prior_guide: Optional[str] = _opt(None, "set by --init-from: guide family of the "
+                                            "encoder the prior keeps from that run",
+                                      derived=True)
+    prior_flow_steps: Optional[int] = _opt(None, "set by --init-from: its flow steps",
+                                           derived=True)
     likelihood: str = _opt("bernoulli", "p(x|z)", choices=tuple(LIKELIHOODS))
     likelihood_scale: Optional[float] = _opt(None, "fixed sigma of the gaussian "
                                                    "likelihood (default: learned)")
@@ -93,8 +107,13 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} must be > 0, got {value}")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise ValueError(f"--hidden: sizes must be >= 1, got {list(self.hidden)}")
+        if not self.flow_steps >= 1:
+            raise ValueError(f"--flow-steps must be >= 1, got {self.flow_steps}")
+        if self.freeze_model and not self.init_from:
+            raise ValueError("--freeze-model needs --init-from RUN (a trained model)")
         check_objective(self.loss, self.beta, self.warmup_epochs)
         resolve(self.prior, PRIORS, "prior")
+        resolve(self.guide, GUIDES, "guide")
         resolve_device(self.device)
 
     def resolved(self) -> "TrainConfig":
@@ -142,9 +161,49 @@ def build_vae(config: TrainConfig, x_dim: int, train=None):
         # Loading a trained run overwrites them; any images of the right shape will do.
         options["data"] = train.x if train is not None else torch.rand(
             config.components or 500, x_dim)
-    return MODELS[config.model](x_dim, config.z_dim, config.hidden, likelihood=likelihood,
-                                prior=config.prior, act=config.act, arch=config.arch,
-                                prior_options=options)
+    swapped = config.prior_guide is not None
+    vae = MODELS[config.model](
+        x_dim, config.z_dim, config.hidden, likelihood=likelihood, prior=config.prior,
+        encoder=config.prior_guide if swapped else config.guide, act=config.act,
+        arch=config.arch, prior_options=options,
+        flow_steps=config.prior_flow_steps if swapped else config.flow_steps)
+    if swapped:  # a guide fitted to another run's model: the prior keeps that encoder
+        vae.swap_guide(build(config.guide, GUIDES, "guide", dict(
+            x_dim=x_dim, z_dim=config.z_dim, hidden=config.hidden, act=config.act,
+            arch=config.arch, flow_steps=config.flow_steps)))
+    return vae
+
+
+# Settings that define the model p(x, z): --init-from takes them from the source run.
+MODEL_SETTINGS = ("dataset", "model", "arch", "z_dim", "hidden", "act", "prior",
+                  "components", "pseudo_init", "learn_weights", "likelihood",
+                  "likelihood_scale", "binarize")
+
+
+def from_source(config: TrainConfig) -> Tuple[TrainConfig, dict]:
+    """For ``--init-from SOURCE``: the config with SOURCE's model settings, and the weights
+    to start from (a state dict for ``build_vae(config)``: the model's from SOURCE; the
+    guide's too when it is SOURCE's guide family, else left to its fresh initialization)."""
+    source = Path(config.init_from)
+    src = read_config(source / "config.json")
+    state = read_checkpoint(source / "checkpoint.pt")["model"]
+    config = dataclasses.replace(config, **{k: getattr(src, k) for k in MODEL_SETTINGS})
+    same_guide = (config.guide, config.flow_steps) == (src.guide, src.flow_steps)
+    if same_guide and not config.freeze_model:
+        # Plain continuation; a source that kept an encoder for its prior keeps it.
+        return dataclasses.replace(config, prior_guide=src.prior_guide,
+                                   prior_flow_steps=src.prior_flow_steps), state
+    # The prior keeps the encoder it was built on: the source's kept one, else its guide.
+    kept = "kept_encoder." if src.prior_guide is not None else "encoder."
+    config = dataclasses.replace(
+        config, prior_guide=src.prior_guide or src.guide,
+        prior_flow_steps=src.prior_flow_steps if src.prior_guide else src.flow_steps)
+    start = {k: v for k, v in state.items() if not k.startswith(("encoder.", "kept_encoder."))}
+    start.update({"kept_encoder." + k[len(kept):]: v for k, v in state.items()
+                  if k.startswith(kept)})
+    if same_guide:  # the new guide starts where the source's stopped
+        start.update({k: v for k, v in state.items() if k.startswith("encoder.")})
+    return config, start
 
 
 def load_data(config: TrainConfig):
@@ -178,14 +237,30 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         os.remove(out / f)
 
 
+def _load_start(vae, state: dict, path: Path) -> None:
+    """Load ``state``; only the guide (``encoder.*``) may be missing, to start fresh."""
+    result = vae.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("encoder.")]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise ValueError(f"{path}: does not fit this model (e.g. {bad!r})")
+
+
 def train_run(config: TrainConfig, progress: bool = True) -> dict:
     """Train as ``config`` says and fill its run folder; returns the summary."""
     config.validate()
+    start = None
+    if config.init_from:
+        if Path(config.out).resolve() == Path(config.init_from).resolve():
+            raise ValueError(f"--out {config.out} is the --init-from run; write elsewhere")
+        config, start = from_source(config)
     config = config.resolved()
     device = resolve_device(config.device)
     train, valid, test = load_data(config)
     pyro.set_rng_seed(config.seed)  # the initial weights too are a function of --seed
     vae = build_vae(config, train.x.shape[1], train)
+    if start is not None:
+        _load_start(vae, start, Path(config.init_from) / "checkpoint.pt")
     out = Path(config.out)
     # Everything that can fail on bad input has been checked: only now touch the folder.
     _prepare_out(out, config.overwrite)
@@ -205,7 +280,7 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
                       warmup_epochs=config.warmup_epochs, batch_size=config.batch_size,
                       lr=config.lr, optimizer=config.optimizer, clip_norm=config.clip_norm,
                       seed=config.seed, device=device, callbacks=[record_epoch],
-                      progress=progress)
+                      progress=progress, freeze_model=config.freeze_model)
 
     test = test.to(device)
     # The plain ELBO (beta = 1) for every run; the IWAE bound too where it was trained.

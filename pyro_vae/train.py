@@ -1,5 +1,6 @@
 """fit(): the SVI loop, epoch callbacks, and safe checkpoints."""
 
+import contextlib
 import math
 import os
 import tempfile
@@ -11,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 import pyro
+from pyro import poutine
 from pyro.infer import SVI
 from pyro.optim import Adam, ClippedAdam
 
@@ -46,7 +48,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         batch_size: int = 128, lr: float = 1e-3,
         optimizer: str = "adam", clip_norm: float = 10.0, seed: int = 0,
         device=None, callbacks: Sequence[Callback] = (), progress: bool = True,
-        validate: bool = True) -> List[Dict]:
+        validate: bool = True, freeze_model: bool = False) -> List[Dict]:
     """Train ``vae`` on ``train`` with ``pyro.infer.SVI`` and return the per-epoch history.
 
     Each step estimates the objective of the whole training set from one minibatch (the
@@ -64,6 +66,10 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
 
     ``device``: move the model and data there; by default the model's device is used.
     ``validate``: check distribution arguments and supports on the first step.
+    ``freeze_model``: train the guide's parameters only; the decoder, the likelihood and
+    the prior stay as they are (to fit a new guide to a trained model, see
+    ``VAE.swap_guide``; a prior built on the guide's own encoder would move, and is
+    refused).
     Clears Pyro's parameter store first: PyroModule registers parameters by name, and a
     stale entry from an earlier model of the same shape would be optimized instead.
     """
@@ -83,57 +89,83 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     pyro.set_rng_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     objective = make_elbo(loss, num_particles)
-    svi = SVI(vae.model, vae.guide, make_optimizer(optimizer, lr, clip_norm), objective)
-    with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic: never raise here
-        warn_if_monte_carlo_kl(loss, vae.model, vae.guide, next(train.batches(2, False)))
-    # The IWAE bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
-    num_data = len(train) if scales_with_data_size(loss) else None
-    valid_loss = plain_elbo_loss(loss)
+    guide_only = _guide_only(vae, next(train.batches(2, False))) if freeze_model else None
+    with guide_only or contextlib.nullcontext(vae.model) as model:
+        svi = SVI(model, vae.guide, make_optimizer(optimizer, lr, clip_norm), objective)
+        with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic: never raise here
+            warn_if_monte_carlo_kl(loss, vae.model, vae.guide, next(train.batches(2, False)))
+        # The IWAE bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
+        num_data = len(train) if scales_with_data_size(loss) else None
+        valid_loss = plain_elbo_loss(loss)
 
-    n = len(train)
-    steps = math.ceil(n / batch_size)
-    history = []
-    vae.train()
-    for epoch in range(1, epochs + 1):
-        beta_e = beta_at(epoch, beta, warmup_epochs)
-        start = time.perf_counter()
-        total = 0.0  # -objective summed over the epoch's data points
-        seen = 0
-        bar = tqdm(train.batches(batch_size, generator=generator), total=steps,
-                   desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False,
-                   dynamic_ncols=True)
-        for step, xb in enumerate(bar):
-            try:
-                # Distribution checks run on the very first step, where a model or guide
-                # bug shows, and are then switched off: they cost ~15% of a step.
-                with pyro.validation_enabled(validate and epoch == 1 and step == 0):
-                    batch_loss = svi.step(xb, num_data=num_data, beta=beta_e)
-            except ValueError:
-                # With validation on, NaN weights fail a distribution's argument check.
-                if _all_finite(vae):
-                    raise
-                batch_loss = math.nan
-            if not math.isfinite(batch_loss):
-                raise TrainingDiverged(
-                    f"loss is {batch_loss} at epoch {epoch}, step {step + 1}; lower --lr "
-                    f"or use --optimizer clipped_adam")
-            # -ELBO of the batch: the step's loss estimates it for the whole set if scaled.
-            total += batch_loss * len(xb) / n if num_data else batch_loss
-            seen += len(xb)
-            if step % 10 == 0:
-                bar.set_postfix(elbo=f"{-total / seen:.2f}")
-        bar.close()
-        train_seconds = time.perf_counter() - start
-        record = {"epoch": epoch, "beta": beta_e, "train_elbo": -total / n,
-                  "valid_elbo": None, "seconds": train_seconds}
-        if valid is not None:
-            record["valid_elbo"] = evaluate_elbo(vae, valid, valid_loss, num_particles)
-        history.append(record)
-        if progress:
-            tqdm.write(_format(record))
-        for callback in callbacks:
-            callback(record, vae)
-    return history
+        n = len(train)
+        steps = math.ceil(n / batch_size)
+        history = []
+        vae.train()
+        for epoch in range(1, epochs + 1):
+            beta_e = beta_at(epoch, beta, warmup_epochs)
+            start = time.perf_counter()
+            total = 0.0  # -objective summed over the epoch's data points
+            seen = 0
+            bar = tqdm(train.batches(batch_size, generator=generator), total=steps,
+                       desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False,
+                       dynamic_ncols=True)
+            for step, xb in enumerate(bar):
+                try:
+                    # Distribution checks run on the very first step, where a model or guide
+                    # bug shows, and are then switched off: they cost ~15% of a step.
+                    with pyro.validation_enabled(validate and epoch == 1 and step == 0):
+                        batch_loss = svi.step(xb, num_data=num_data, beta=beta_e)
+                except ValueError:
+                    # With validation on, NaN weights fail a distribution's argument check.
+                    if _all_finite(vae):
+                        raise
+                    batch_loss = math.nan
+                if not math.isfinite(batch_loss):
+                    raise TrainingDiverged(
+                        f"loss is {batch_loss} at epoch {epoch}, step {step + 1}; lower --lr "
+                        f"or use --optimizer clipped_adam")
+                # -ELBO of the batch: the step's loss estimates it for the whole set if scaled.
+                total += batch_loss * len(xb) / n if num_data else batch_loss
+                seen += len(xb)
+                if step % 10 == 0:
+                    bar.set_postfix(elbo=f"{-total / seen:.2f}")
+            bar.close()
+            train_seconds = time.perf_counter() - start
+            record = {"epoch": epoch, "beta": beta_e, "train_elbo": -total / n,
+                      "valid_elbo": None, "seconds": train_seconds}
+            if valid is not None:
+                record["valid_elbo"] = evaluate_elbo(vae, valid, valid_loss, num_particles)
+            history.append(record)
+            if progress:
+                tqdm.write(_format(record))
+            for callback in callbacks:
+                callback(record, vae)
+        return history
+
+
+@contextlib.contextmanager
+def _guide_only(vae, x: torch.Tensor):
+    """Yield the model with its parameters hidden from SVI, and without gradients (no
+    work spent on them) until the block exits; refuse a prior built on the guide's own
+    parameters, as it would change with the guide."""
+    with poutine.trace(param_only=True) as capture:
+        vae.guide(x)
+    guide_params = {id(site["value"].unconstrained()) for site in capture.trace.nodes.values()}
+    frozen = [p for p in vae.parameters() if p.requires_grad and id(p) not in guide_params]
+    log_p = vae.p_z().log_prob(torch.zeros(vae.z_dim, device=x.device))
+    ours = [p for p in vae.parameters() if id(p) in guide_params]
+    if log_p.requires_grad and any(g is not None for g in torch.autograd.grad(
+            log_p.sum(), ours, allow_unused=True)):
+        raise ValueError("freeze_model: the prior is built on the guide's encoder and would "
+                         "train with it; give the model its own (VAE.swap_guide)")
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield poutine.block(vae.model, hide_types=["param"])
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def _format(record: Dict) -> str:

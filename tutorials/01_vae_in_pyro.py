@@ -44,7 +44,7 @@ print(f"digits: {len(train)} train, {len(valid)} valid, {len(test)} test, "
 #
 #     def model(self, x, num_data=None):
 #         with pyro.plate("data", num_data or len(x), subsample=x):
-#             z = pyro.sample("z", self.prior(self.encoder))       # z ~ N(0, I)
+#             z = pyro.sample("z", self.p_z())                     # z ~ N(0, I)
 #             pyro.sample("x", self.decode(z), obs=x)              # x ~ Bernoulli(f(z))
 #
 #     def guide(self, x, num_data=None):
