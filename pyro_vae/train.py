@@ -5,6 +5,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -162,7 +163,11 @@ def _guide_only(vae, x: torch.Tensor):
     for p in frozen:
         p.requires_grad_(False)
     try:
-        yield poutine.block(vae.model, hide_types=["param"])
+        with warnings.catch_warnings():
+            # pyro.module notes each frozen parameter it skips: here that is the point.
+            warnings.filterwarnings("ignore", message=".*not registered in the param store "
+                                                      "because requires_grad=False")
+            yield poutine.block(vae.model, hide_types=["param"])
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -202,3 +202,64 @@ def test_evaluate_a_run(tmp_path):
     missing = run_cli("evaluate", str(tmp_path / "absent"))
     assert missing.returncode == 2 and "config.json: no such file" in missing.stderr
     assert missing.stderr.strip().count("\n") == 0
+
+
+def test_swap_guide_on_a_trained_run_keeps_the_model_fixed(tmp_path):
+    """pyro-vae train --init-from RUN --guide iaf --freeze-model: the decoder, the prior
+    (VampPrior pseudo-inputs and the encoder its components come from) are RUN's, bit for
+    bit; only the new guide trained; the run loads and evaluates like any other."""
+    base, new = tmp_path / "base", tmp_path / "iaf"
+    r = run_cli("train", "--dataset", "digits", "--epochs", "2", "--z-dim", "4",
+                "--hidden", "32", "--prior", "vamp", "--components", "10",
+                "--out", str(base), "--quiet")
+    assert r.returncode == 0, r.stderr
+    before = _digests(base)
+    r = run_cli("train", "--init-from", str(base), "--guide", "iaf", "--flow-steps", "2",
+                "--freeze-model", "--epochs", "2", "--out", str(new), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert _digests(base) == before  # the source run is untouched
+    config = read_config(new / "config.json")
+    assert (config.guide, config.prior_guide, config.prior, config.z_dim) == (
+        "iaf", "diagonal", "vamp", 4)
+    old_vae, _ = load_run(base)
+    new_vae, _ = load_run(new)
+    old_state, new_state = old_vae.state_dict(), new_vae.state_dict()
+    kept = {k: v for k, v in new_state.items() if not k.startswith("encoder.")}
+    expected = {k.replace("encoder.", "kept_encoder.", 1) if k.startswith("encoder.") else k: v
+                for k, v in old_state.items()}
+    assert kept.keys() == expected.keys()
+    assert all(torch.equal(kept[k], expected[k]) for k in kept)
+    assert any(k.startswith("encoder.flows.") for k in new_state)
+    # The model's p(z) is the source's: same VampPrior density at any z.
+    z = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.equal(new_vae.p_z().log_prob(z), old_vae.p_z().log_prob(z))
+    r = run_cli("evaluate", str(new), "--samples", "20", "--limit", "30", "--quiet")
+    assert r.returncode == 0, r.stderr
+    results = json.loads((new / "eval.json").read_text())
+    assert results["log_likelihood"] >= results["test_elbo"] - 0.5  # IWAE(20) vs ELBO
+    # Continuing the same guide family starts from its weights.
+    r = run_cli("train", "--init-from", str(new), "--guide", "iaf", "--epochs", "1",
+                "--out", str(tmp_path / "more"), "--quiet")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--freeze-model"], "--freeze-model needs --init-from RUN"),
+    (["--init-from", "{tmp}/nowhere"], "nowhere/config.json: no such file"),
+    (["--init-from", "{tmp}/base", "--out", "{tmp}/base", "--overwrite"],
+     "is the --init-from run"),
+    (["--guide", "nope"], "unknown guide 'nope'"),
+    (["--guide", "iaf", "--flow-steps", "0"], "--flow-steps must be >= 1"),
+])
+def test_guide_options_bad_input(tmp_path, args, message):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    before = _digests(base)
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = run_cli("train", "--dataset", "digits", "--epochs", "1", "--out",
+                str(tmp_path / "out"), *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert _digests(base) == before and not (tmp_path / "out").exists()

@@ -190,3 +190,27 @@ def test_training_on_cuda_keeps_everything_on_the_device():
     x = test.x[:8]
     assert torch.allclose(vae.reconstruct(x.cuda()).cpu(), cpu_copy.reconstruct(x), atol=1e-4)
     assert vae.sample(4).is_cuda
+
+
+def test_freeze_model_trains_only_the_new_guide():
+    """fit(freeze_model=True) after swap_guide: decoder, likelihood, prior and the kept
+    encoder are bitwise unchanged; the new guide moves; gradients are back on after."""
+    from pyro_vae.guides import FullRankNormalEncoder
+
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((64, 12), 0.3))
+    data = TensorDataset(x, "toy", "train", (3, 4))
+    vae = VAE(12, 3, hidden=(8,), prior="vamp", prior_options={"components": 4})
+    fit(vae, data, epochs=1, batch_size=16, progress=False)
+    with pytest.raises(ValueError, match="prior is built on the guide's encoder"):
+        fit(vae, data, epochs=1, progress=False, freeze_model=True)
+    model_before = {k: v.clone() for k, v in vae.state_dict().items()}
+    vae.swap_guide(FullRankNormalEncoder(12, 3, hidden=(8,)))
+    guide_before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    fit(vae, data, epochs=2, batch_size=16, progress=False, freeze_model=True)
+    after = vae.state_dict()
+    for k, v in model_before.items():
+        key = "kept_encoder." + k[len("encoder."):] if k.startswith("encoder.") else k
+        assert torch.equal(after[key], v), key
+    assert any(not torch.equal(v, vae.encoder.state_dict()[k]) for k, v in guide_before.items())
+    assert all(p.requires_grad for p in vae.parameters())
