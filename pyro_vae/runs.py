@@ -68,6 +68,8 @@ class TrainConfig:
                                           "own starts fresh, the same one from its weights")
     freeze_model: bool = _opt(False, "with --init-from: train the guide only, the decoder "
                                      "and prior stay fixed")
+    fresh_guide: bool = _opt(False, "with --init-from: start the guide from scratch even "
+                                    "when it is that run's own family")
     prior_guide: Optional[str] = _opt(None, "set by --init-from: guide family of the "
                                             "encoder the prior keeps from that run",
                                       derived=True)
@@ -109,8 +111,9 @@ class TrainConfig:
             raise ValueError(f"--hidden: sizes must be >= 1, got {list(self.hidden)}")
         if not self.flow_steps >= 1:
             raise ValueError(f"--flow-steps must be >= 1, got {self.flow_steps}")
-        if self.freeze_model and not self.init_from:
-            raise ValueError("--freeze-model needs --init-from RUN (a trained model)")
+        for flag in ("freeze_model", "fresh_guide"):
+            if getattr(self, flag) and not self.init_from:
+                raise ValueError(f"--{_flag(flag)} needs --init-from RUN (a trained model)")
         check_objective(self.loss, self.beta, self.warmup_epochs)
         resolve(self.prior, PRIORS, "prior")
         resolve(self.guide, GUIDES, "guide")
@@ -188,7 +191,8 @@ def from_source(config: TrainConfig) -> Tuple[TrainConfig, dict]:
     src = read_config(source / "config.json")
     state = read_checkpoint(source / "checkpoint.pt")["model"]
     config = dataclasses.replace(config, **{k: getattr(src, k) for k in MODEL_SETTINGS})
-    same_guide = (config.guide, config.flow_steps) == (src.guide, src.flow_steps)
+    same_guide = ((config.guide, config.flow_steps) == (src.guide, src.flow_steps)
+                  and not config.fresh_guide)
     if same_guide and not config.freeze_model:
         # Plain continuation; a source that kept an encoder for its prior keeps it.
         return dataclasses.replace(config, prior_guide=src.prior_guide,
@@ -346,13 +350,14 @@ def load_run(run_dir, device="cpu") -> Tuple[torch.nn.Module, TrainConfig]:
 
 def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "test",
                  limit: Optional[int] = None, device: str = "auto", seed: int = 0,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, surgery_points: Optional[int] = None) -> dict:
     """Evaluate a run folder on one of its splits; writes ``eval.json`` and
-    ``elbo_surgery.png`` there and returns the results."""
+    ``elbo_surgery.png`` there and returns the results. ``surgery_points``: ELBO surgery
+    on the first N evaluated points only (default: all)."""
     if split not in ("train", "valid", "test"):
         raise ValueError(f"--split: {split!r} is not one of ['train', 'valid', 'test']")
-    if samples < 1 or chunk < 1 or (limit is not None and limit < 1):
-        raise ValueError("--samples, --chunk and --limit must be >= 1")
+    if any(v is not None and v < 1 for v in (samples, chunk, limit, surgery_points)):
+        raise ValueError("--samples, --chunk, --limit and --surgery-points must be >= 1")
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     vae, config = load_run(run_dir, dev)
@@ -362,6 +367,7 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
     ll = log_likelihood(vae, data, samples, chunk, seed=seed, progress=progress)
     results = {
         "split": split,
+        "guide": config.guide,
         "num_points": len(data),
         "num_samples": samples,
         "test_elbo": evaluate_elbo(vae, data, plain_elbo_loss(config.loss), seed=seed),
@@ -369,10 +375,11 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
         "log_likelihood_stderr": (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else 0.0,
     }
     try:
-        surgery = elbo_surgery(vae, data, seed=seed)
+        surgery = elbo_surgery(vae, data.subset(surgery_points), seed=seed)
         results.update({k: surgery[k] for k in ("reconstruction", "avg_kl",
                                                 "mutual_information", "marginal_kl", "log_n")})
         results["surgery_elbo"] = surgery["elbo"]
+        results["surgery_points"] = surgery["num_points"]
         plots.plot_elbo_surgery(surgery, run_dir / "elbo_surgery.png")
     except ValueError as e:  # a model with more than one latent layer
         results["surgery_skipped"] = str(e)

@@ -10,7 +10,7 @@ import torch
 
 from pyro_vae import elbo, load_run
 from pyro_vae.datasets import load
-from pyro_vae.runs import RUN_FILES, TrainConfig, read_config
+from pyro_vae.runs import RUN_FILES, TrainConfig, from_source, read_config
 
 from conftest import REPO
 
@@ -238,14 +238,22 @@ def test_swap_guide_on_a_trained_run_keeps_the_model_fixed(tmp_path):
     assert r.returncode == 0, r.stderr
     results = json.loads((new / "eval.json").read_text())
     assert results["log_likelihood"] >= results["test_elbo"] - 0.5  # IWAE(20) vs ELBO
-    # Continuing the same guide family starts from its weights.
+    # Continuing the same guide family starts from its weights, unless --fresh-guide.
     r = run_cli("train", "--init-from", str(new), "--guide", "iaf", "--epochs", "1",
                 "--out", str(tmp_path / "more"), "--quiet")
     assert r.returncode == 0, r.stderr
+    for fresh in (False, True):
+        config, start = from_source(TrainConfig(init_from=str(base), freeze_model=True,
+                                                fresh_guide=fresh))
+        assert config.prior_guide == "diagonal"
+        guide_keys = [k for k in start if k.startswith("encoder.")]
+        assert bool(guide_keys) is not fresh
+        assert all(torch.equal(start[k], old_state[k]) for k in guide_keys)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--freeze-model"], "--freeze-model needs --init-from RUN"),
+    (["--fresh-guide"], "--fresh-guide needs --init-from RUN"),
     (["--init-from", "{tmp}/nowhere"], "nowhere/config.json: no such file"),
     (["--init-from", "{tmp}/base", "--out", "{tmp}/base", "--overwrite"],
      "is the --init-from run"),
