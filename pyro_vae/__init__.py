@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from . import datasets, evaluation, guides, likelihoods, nn, objectives, plots, priors
 from .evaluation import elbo
-from .guides import GUIDES, DiagonalNormalEncoder
+from .guides import GUIDES, DiagonalNormalEncoder, FullRankNormalEncoder, IAFEncoder
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood
 from .models import MODELS, VAE, HierarchicalVAE
 from .priors import PRIORS, LearnedNormal, Mixture, MixtureOfGaussians, StandardNormal, VampPrior
@@ -19,7 +19,7 @@ __all__ = [
     "VAE", "HierarchicalVAE", "MODELS", "fit", "elbo", "train_run", "load_run", "TrainConfig",
     "save_checkpoint", "load_checkpoint", "read_checkpoint",
     "PRIORS", "StandardNormal", "LearnedNormal", "MixtureOfGaussians", "VampPrior", "Mixture",
-    "GUIDES", "DiagonalNormalEncoder",
+    "GUIDES", "DiagonalNormalEncoder", "FullRankNormalEncoder", "IAFEncoder",
     "LIKELIHOODS", "BernoulliLikelihood", "GaussianLikelihood",
     "datasets", "evaluation", "guides", "likelihoods", "nn", "objectives", "plots", "priors",
 ]

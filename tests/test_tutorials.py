@@ -20,7 +20,8 @@ def run(path, *args):
 
 def test_all_tutorials_are_tested():
     assert [p.name for p in TUTORIALS] == ["01_vae_in_pyro.py", "02_your_own_parts.py",
-                                           "03_priors_and_objectives.py"]
+                                           "03_priors_and_objectives.py",
+                                           "04_swapping_guides.py"]
 
 
 def test_01_vae_in_pyro(tmp_path):
@@ -59,3 +60,18 @@ def test_03_priors_and_objectives():
     assert rows["normal prior, beta = 4"][1] < rows["normal prior"][1]
     assert "beta per epoch: [0.0, 2.0, 4.0, 4.0, 4.0, 4.0] ..." in text
     assert text.count("one-sample Monte Carlo estimate of the KL") == 1  # VampPrior, once
+
+
+def test_04_swapping_guides():
+    text = run(TUTORIALS[3], "--epochs", "10", "--guide-epochs", "10", "--samples", "300")
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"(diagonal|fullrank|iaf)\s+(\S+)\s+(\S+)\s+(\S+)$", line)
+        if m:
+            rows[m.group(1)] = [float(v) for v in m.groups()[1:]]
+    assert set(rows) == {"diagonal", "fullrank", "iaf"}
+    log_px = [r[1] for r in rows.values()]
+    # One frozen model: its log p(x) does not depend on the guide (Monte Carlo spread).
+    assert max(log_px) - min(log_px) < 0.5, rows
+    for elbo, lpx, gap in rows.values():
+        assert gap == pytest.approx(lpx - elbo, abs=2e-3) and gap > 0
