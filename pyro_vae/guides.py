@@ -20,8 +20,8 @@ Only Normal against Normal has a closed-form KL in PyTorch; with the full-rank g
 ``TraceMeanField_ELBO`` uses a Monte Carlo KL (``fit`` logs it once).
 """
 
+import math
 from typing import Optional, Sequence
-
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,34 @@ class DiagonalNormalEncoder(nn.Module):
         return dist.Normal(loc, _positive(s, self.scale, self.min_scale)).to_event(1)
 
 
+class _MultivariateNormal(dist.MultivariateNormal):
+    """``MultivariateNormal`` whose density at its own latest ``rsample`` comes from the
+    noise that made it: z = mu + L eps gives log q(z) = log N(eps; 0, I) - sum_i log L_ii,
+    exact however ill-conditioned L is. The general formula solves L u = z - mu, which in
+    float32 loses all accuracy once the off-diagonal entries dwarf the diagonal; an
+    optimizer then climbs that error instead of the ELBO, and training diverges. The
+    value and its gradient are the same in exact arithmetic (Pyro's flows cache the same
+    way). Any other value takes the general formula."""
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        z = self.loc + (self._unbroadcasted_scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        self._own_sample = (z, eps)
+        return z
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        own = getattr(self, "_own_sample", None)
+        if own is None or value is not own[0]:
+            return super().log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        eps = own[1]
+        half_log_det = self._unbroadcasted_scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return (-0.5 * (eps * eps).sum(-1) - half_log_det
+                - 0.5 * self.event_shape[0] * math.log(2 * math.pi))
+
+
 class FullRankNormalEncoder(nn.Module):
     """q(z|x) = N(mu(x), L(x) L(x)^T): a full-covariance Gaussian posterior.
 
@@ -102,7 +130,7 @@ class FullRankNormalEncoder(nn.Module):
         diag = _positive(s, self.scale, self.min_scale)
         tril = torch.diag_embed(diag)
         tril[..., self.rows, self.cols] = self.offdiag(h)
-        return dist.MultivariateNormal(loc, scale_tril=tril)
+        return _MultivariateNormal(loc, scale_tril=tril)
 
 
 class IAFEncoder(nn.Module):

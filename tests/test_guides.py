@@ -87,7 +87,29 @@ def test_fullrank_log_prob_is_the_gaussian_density_of_its_covariance():
     diff = (z - q.loc).unsqueeze(-1)  # (3, 6, 3, 1)
     maha = (diff.transpose(-1, -2) @ torch.linalg.inv(cov) @ diff).squeeze(-1).squeeze(-1)
     expected = -0.5 * (maha + torch.logdet(cov) + 3 * math.log(2 * math.pi))
+    # Its own sample (density from the noise that made it) and any other value.
     assert torch.allclose(q.log_prob(z), expected, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(q.log_prob(z.clone()), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fullrank_density_of_own_samples_survives_ill_conditioning():
+    """With off-diagonal entries 100x the diagonal, the triangular solve in float32 is
+    far off; the density of the guide's own samples stays exact (float64 reference)."""
+    torch.manual_seed(5)
+    enc = _guide("fullrank", scale="softplus", min_scale=1e-4)
+    with torch.no_grad():
+        enc.net[-1].bias[3:].fill_(-6.0)  # diagonal of L ~ 2.5e-3
+        enc.offdiag.bias.fill_(0.5)
+    q = enc(torch.zeros(4, 10))
+    torch.manual_seed(6)
+    z = q.rsample()
+    torch.manual_seed(6)
+    eps = torch.randn(4, 3, dtype=torch.float64)  # the same draw, then z in float64
+    loc, tril = q.loc.double(), q.scale_tril.double()
+    z64 = loc + (tril @ eps.unsqueeze(-1)).squeeze(-1)
+    exact = dist.MultivariateNormal(loc, scale_tril=tril).log_prob(z64)
+    assert torch.allclose(q.log_prob(z).double(), exact, rtol=1e-5)
+    assert not torch.allclose(q.log_prob(z.clone()).double(), exact, rtol=1e-3)
 
 
 def test_iaf_log_prob_is_the_change_of_variables_formula():
