@@ -233,3 +233,21 @@ def test_flow_guide_beats_diagonal_on_a_frozen_mnist_model(mnist):
         fit(vae, train, epochs=6, loss="trace", progress=False, seed=1, freeze_model=True)
         results[name] = elbo(vae, test, loss="trace", num_particles=20, seed=0)
     assert results["iaf"] >= results["diagonal"], results
+
+
+def test_meanfield_uses_closed_form_kl_for_fullrank_and_logs_the_flow_fallback(caplog):
+    """Against the N(0, I) prior: diagonal and full-rank guides have a closed-form KL;
+    the flow has none, so TraceMeanField_ELBO's Monte Carlo KL is named in the log, once."""
+    import logging
+
+    from pyro_vae.objectives import warn_if_monte_carlo_kl
+
+    x = torch.bernoulli(torch.full((4, 12), 0.5))
+    found = {}
+    with caplog.at_level(logging.WARNING, logger="pyro_vae"):
+        for name in GUIDE_NAMES + ["iaf"]:
+            vae = VAE(12, 3, (8,), encoder=name)
+            found[name] = warn_if_monte_carlo_kl("meanfield", vae.model, vae.guide, x)
+    assert found == {"diagonal": [], "fullrank": [], "iaf": ["z"]}
+    flow_lines = [r for r in caplog.records if "TransformedDistribution" in r.getMessage()]
+    assert len(flow_lines) <= 1  # once per (guide, prior) pair in a session
