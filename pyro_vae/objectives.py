@@ -117,4 +117,5 @@ def _describe(d) -> str:
     if isinstance(d, ExpandedDistribution):  # the data plate's broadcast, not a family
         return _describe(d.base_dist)
     inner = getattr(d, "base_dist", None) or getattr(d, "component", None)
-    return type(d).__name__ if inner is None else f"{type(d).__name__}({_describe(inner)})"
+    name = type(d).__name__.lstrip("_")  # a private subclass reads as its family
+    return name if inner is None else f"{name}({_describe(inner)})"
