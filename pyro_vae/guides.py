@@ -103,7 +103,7 @@ class _MultivariateNormal(dist.MultivariateNormal):
                 - 0.5 * self.event_shape[0] * math.log(2 * math.pi))
 
 
-class FullRankNormalEncoder(nn.Module):
+class FullRankNormalEncoder(DiagonalNormalEncoder):
     """q(z|x) = N(mu(x), L(x) L(x)^T): a full-covariance Gaussian posterior.
 
     One network emits mu (z_dim), the diagonal of L (z_dim, made positive as in
@@ -114,10 +114,7 @@ class FullRankNormalEncoder(nn.Module):
     def __init__(self, x_dim: int, z_dim: int, hidden: Sequence[int] = (400,),
                  act: str = "relu", arch: str = "mlp", scale: Optional[str] = None,
                  min_scale: float = 1e-4):
-        super().__init__()
-        self.x_dim, self.z_dim, self.min_scale = x_dim, z_dim, min_scale
-        self.scale = _check_scale(scale, arch)
-        self.net = network(arch, x_dim, hidden, 2 * z_dim, act)
+        super().__init__(x_dim, z_dim, hidden, act, arch, scale, min_scale)
         self.offdiag = nn.Linear(_features_in(self.net), z_dim * (z_dim - 1) // 2)
         nn.init.zeros_(self.offdiag.weight)
         nn.init.zeros_(self.offdiag.bias)
