@@ -90,6 +90,8 @@ class TrainConfig:
     lr: float = _opt(1e-3, "learning rate")
     optimizer: str = _opt("adam", "Pyro optimizer", choices=OPTIMIZERS)
     clip_norm: float = _opt(10.0, "gradient norm bound of clipped_adam")
+    skip_nonfinite: int = _opt(0, "skip up to K steps whose loss or gradient is not "
+                                  "finite (each is logged), instead of stopping")
     seed: int = _opt(0, "random seed")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
 
@@ -109,6 +111,8 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} must be > 0, got {value}")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise ValueError(f"--hidden: sizes must be >= 1, got {list(self.hidden)}")
+        if not self.skip_nonfinite >= 0:
+            raise ValueError(f"--skip-nonfinite must be >= 0, got {self.skip_nonfinite}")
         if not self.flow_steps >= 1:
             raise ValueError(f"--flow-steps must be >= 1, got {self.flow_steps}")
         for flag in ("freeze_model", "fresh_guide"):
@@ -284,7 +288,8 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
                       warmup_epochs=config.warmup_epochs, batch_size=config.batch_size,
                       lr=config.lr, optimizer=config.optimizer, clip_norm=config.clip_norm,
                       seed=config.seed, device=device, callbacks=[record_epoch],
-                      progress=progress, freeze_model=config.freeze_model)
+                      progress=progress, freeze_model=config.freeze_model,
+                      skip_nonfinite=config.skip_nonfinite)
 
     test = test.to(device)
     # The plain ELBO (beta = 1) for every run; the IWAE bound too where it was trained.

@@ -1,13 +1,14 @@
 """fit(): the SVI loop, epoch callbacks, and safe checkpoints."""
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 import pyro
 from pyro import poutine
 from pyro.infer import SVI
+from pyro.infer.util import torch_item, zero_grads
 from pyro.optim import Adam, ClippedAdam
 
 from .evaluation import elbo as evaluate_elbo
@@ -26,8 +28,35 @@ OPTIMIZERS = ("adam", "clipped_adam")
 Callback = Callable[[Dict, torch.nn.Module], None]
 
 
+logger = logging.getLogger("pyro_vae")
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or a gradient became NaN or infinite."""
+
+
+def _guarded_step(svi: SVI, *args, **kwargs) -> Tuple[float, Optional[str]]:
+    """``svi.step`` (same body as Pyro's), except that when the loss or a gradient is not
+    finite no parameter is updated. Returns the loss and None, or the loss and the name
+    of the first non-finite quantity ("loss" or "gradient of decoder.0.weight")."""
+    with poutine.trace(param_only=True) as capture:
+        loss = torch_item(svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs))
+    sites = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+    params = set(sites.values())
+    bad = None
+    if not math.isfinite(loss):
+        bad = "loss"
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        # One reduction and one host sync for all gradients; names only on failure.
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            bad = next((f"gradient of {name.replace('$$$', '.')}"
+                        for name, p in sites.items()
+                        if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+    if bad is None:
+        svi.optim(params)
+    zero_grads(params)
+    return loss, bad
 
 
 def make_optimizer(name: str = "adam", lr: float = 1e-3, clip_norm: float = 10.0):
@@ -49,7 +78,8 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         batch_size: int = 128, lr: float = 1e-3,
         optimizer: str = "adam", clip_norm: float = 10.0, seed: int = 0,
         device=None, callbacks: Sequence[Callback] = (), progress: bool = True,
-        validate: bool = True, freeze_model: bool = False) -> List[Dict]:
+        validate: bool = True, freeze_model: bool = False,
+        skip_nonfinite: int = 0) -> List[Dict]:
     """Train ``vae`` on ``train`` with ``pyro.infer.SVI`` and return the per-epoch history.
 
     Each step estimates the objective of the whole training set from one minibatch (the
@@ -67,6 +97,10 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
 
     ``device``: move the model and data there; by default the model's device is used.
     ``validate``: check distribution arguments and supports on the first step.
+    Every step checks the loss and the gradients before the update: a non-finite value
+    changes no parameter and stops training with ``TrainingDiverged`` naming the epoch,
+    the step and the quantity; ``skip_nonfinite`` such steps are skipped (and logged)
+    first. Skipped steps do not count in ``train_elbo``.
     ``freeze_model``: train the guide's parameters only; the decoder, the likelihood and
     the prior stay as they are (to fit a new guide to a trained model, see
     ``VAE.swap_guide``; a prior built on the guide's own encoder would move, and is
@@ -74,6 +108,8 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     Clears Pyro's parameter store first: PyroModule registers parameters by name, and a
     stale entry from an earlier model of the same shape would be optimized instead.
     """
+    if skip_nonfinite < 0:
+        raise ValueError(f"skip_nonfinite must be >= 0, got {skip_nonfinite}")
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
     check_objective(loss, beta, warmup_epochs)
@@ -102,6 +138,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         n = len(train)
         steps = math.ceil(n / batch_size)
         history = []
+        skipped = 0  # non-finite steps skipped so far
         vae.train()
         for epoch in range(1, epochs + 1):
             beta_e = beta_at(epoch, beta, warmup_epochs)
@@ -116,16 +153,27 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                     # Distribution checks run on the very first step, where a model or guide
                     # bug shows, and are then switched off: they cost ~15% of a step.
                     with pyro.validation_enabled(validate and epoch == 1 and step == 0):
-                        batch_loss = svi.step(xb, num_data=num_data, beta=beta_e)
+                        batch_loss, bad = _guarded_step(svi, xb, num_data=num_data,
+                                                        beta=beta_e)
                 except ValueError:
                     # With validation on, NaN weights fail a distribution's argument check.
-                    if _all_finite(vae):
+                    bad = next((f"parameter {name}" for name, p in vae.named_parameters()
+                                if not torch.isfinite(p).all()), None)
+                    if bad is None:
                         raise
                     batch_loss = math.nan
-                if not math.isfinite(batch_loss):
+                if bad is not None:
+                    where = f"epoch {epoch}, step {step + 1}"
+                    if skipped < skip_nonfinite:
+                        skipped += 1
+                        logger.warning("non-finite %s at %s: step skipped, no parameter "
+                                       "changed (%d of %d allowed)", bad, where, skipped,
+                                       skip_nonfinite)
+                        continue
                     raise TrainingDiverged(
-                        f"loss is {batch_loss} at epoch {epoch}, step {step + 1}; lower --lr "
-                        f"or use --optimizer clipped_adam")
+                        f"non-finite {bad} (loss {batch_loss}) at {where}; this step changed "
+                        f"no parameter; lower --lr, use --optimizer clipped_adam, or allow "
+                        f"a few with --skip-nonfinite")
                 # -ELBO of the batch: the step's loss estimates it for the whole set if scaled.
                 total += batch_loss * len(xb) / n if num_data else batch_loss
                 seen += len(xb)
@@ -133,7 +181,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                     bar.set_postfix(elbo=f"{-total / seen:.2f}")
             bar.close()
             train_seconds = time.perf_counter() - start
-            record = {"epoch": epoch, "beta": beta_e, "train_elbo": -total / n,
+            record = {"epoch": epoch, "beta": beta_e, "train_elbo": -total / max(seen, 1),
                       "valid_elbo": None, "seconds": train_seconds}
             if valid is not None:
                 record["valid_elbo"] = evaluate_elbo(vae, valid, valid_loss, num_particles)
@@ -178,10 +226,6 @@ def _format(record: Dict) -> str:
     if record.get("valid_elbo") is not None:
         text += f"  valid ELBO {record['valid_elbo']:9.3f}"
     return text + f"  ({record['seconds']:.1f}s)"
-
-
-def _all_finite(module: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:

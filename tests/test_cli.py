@@ -59,6 +59,7 @@ def test_train_on_digits_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--skip-nonfinite", "-1"], "--skip-nonfinite must be >= 0, got -1"),
     (["--hidden", "0"], "--hidden: sizes must be >= 1"),
     (["--device", "tpu:7"], "--device: 'tpu:7' is not a device"),
     (["--dataset", "mnist", "--data-dir", "{tmp}/empty", "--no-download"],

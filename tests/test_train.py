@@ -1,4 +1,5 @@
 import copy
+import math
 import os
 import pickle
 
@@ -9,6 +10,7 @@ import pyro
 
 from pyro_vae import VAE, elbo, fit, load_checkpoint, read_checkpoint, save_checkpoint
 from pyro_vae.datasets import TensorDataset, load
+from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.train import TrainingDiverged
 
 from conftest import requires_cuda
@@ -96,8 +98,77 @@ def test_divergence_is_reported():
     vae = VAE(64, 4, (16,))
     with torch.no_grad():
         vae.decoder[0].weight.fill_(float("nan"))
-    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1, step 1"):
+    with pytest.raises(TrainingDiverged,
+                       match="non-finite parameter decoder.0.weight .* at epoch 1, step 1;"):
         fit(vae, train, epochs=1, progress=False)
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward; NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class _FaultAtStep(BernoulliLikelihood):
+    """The Bernoulli head, except at training step ``at`` (counted over calls with
+    gradients on, i.e. SVI steps): a NaN loss, or a NaN gradient with a finite loss.
+    Records the model's parameters as they were just before that step."""
+
+    def __init__(self, x_dim, at, gradient=False):
+        super().__init__(x_dim)
+        self.at, self.gradient, self.calls = at, gradient, 0
+        self.owner, self.before = [], None
+
+    def forward(self, logits):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.at:
+                self.before = {k: v.clone() for k, v in self.owner[0].state_dict().items()}
+                logits = _NanGradient.apply(logits) if self.gradient else logits * float("nan")
+        return super().forward(logits)
+
+
+@pytest.mark.parametrize("gradient, quantity", [
+    (False, r"non-finite loss \(loss nan\)"),
+    (True, r"non-finite gradient of (encoder|decoder)\.\S+ \(loss -?[0-9.]+\)"),
+])
+def test_nonfinite_step_stops_training_and_changes_nothing(gradient, quantity):
+    """A NaN loss, or a NaN gradient under a finite loss, injected at step 5 of epoch 2:
+    fit stops naming epoch, step and quantity, and every parameter is bitwise what it was
+    before that step (the update was not applied)."""
+    train, _, _ = _digits()
+    steps_per_epoch = -(-len(train) // 64)
+    head = _FaultAtStep(64, at=steps_per_epoch + 5, gradient=gradient)
+    vae = VAE(64, 4, (16,), likelihood=head)
+    head.owner.append(vae)
+    with pytest.raises(TrainingDiverged, match=quantity + " at epoch 2, step 5;"):
+        fit(vae, train, epochs=3, batch_size=64, progress=False)
+    after = vae.state_dict()
+    assert head.before is not None and after.keys() == head.before.keys()
+    assert all(torch.equal(after[k], v) for k, v in head.before.items())
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_skip_nonfinite_tolerates_and_logs_each_skipped_step(caplog):
+    train, _, _ = _digits()
+    head = _FaultAtStep(64, at=3)
+    vae = VAE(64, 4, (16,), likelihood=head)
+    head.owner.append(vae)
+    with caplog.at_level("WARNING", logger="pyro_vae"):
+        history = fit(vae, train, epochs=1, batch_size=64, progress=False, skip_nonfinite=1)
+    skipped = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    assert skipped == ["non-finite loss at epoch 1, step 3: step skipped, no parameter "
+                       "changed (1 of 1 allowed)"]
+    assert math.isfinite(history[0]["train_elbo"])
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+    with pytest.raises(ValueError, match="skip_nonfinite must be >= 0"):
+        fit(vae, train, epochs=1, progress=False, skip_nonfinite=-1)
 
 
 def test_checkpoint_round_trip(tmp_path):
