@@ -8,7 +8,6 @@ figures ``samples.png``, ``reconstructions.png``, ``elbo.png``.
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -25,7 +24,8 @@ from .models import MODELS, build, resolve
 from .nn import ACTIVATIONS, ARCHS
 from .objectives import LOSSES, check_objective, plain_elbo_loss
 from .priors import PRIORS
-from .train import OPTIMIZERS, fit, load_checkpoint, read_checkpoint, save_checkpoint
+from .train import (OPTIMIZERS, atomic_write, fit, load_checkpoint, read_checkpoint,
+                    save_checkpoint)
 
 
 def _opt(default, help, **kw):
@@ -224,11 +224,7 @@ def load_data(config: TrainConfig):
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), binary=False)
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json",

@@ -237,20 +237,30 @@ def _module_device(module: torch.nn.Module) -> torch.device:
 CHECKPOINT_FORMAT = "pyro_vae.checkpoint/1"
 
 
-def save_checkpoint(path, vae, **extra) -> None:
-    """Write ``vae``'s state dict (plus plain ``extra`` values) to ``path`` atomically:
-    a temporary file in the same folder, then a rename, so a crash never leaves a
-    half-written checkpoint in place of the last good one."""
+def atomic_write(path, write: Callable, binary: bool = True) -> None:
+    """Write ``path`` so that a crash leaves either the old file or the new one, never a
+    mix: ``write(f)`` fills a temporary file in the same folder, which is flushed, fsynced
+    and renamed over ``path`` (``os.replace`` is atomic). On failure the temporary file is
+    removed; one left by a killed process is never read (readers open ``path`` only)."""
     path = Path(path)
-    state = {"format": CHECKPOINT_FORMAT, "model": vae.state_dict(), **extra}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(path, vae, **extra) -> None:
+    """Write ``vae``'s state dict (plus plain ``extra`` values) to ``path`` atomically
+    (``atomic_write``): a crash never leaves a half-written checkpoint in place of the
+    last good one."""
+    state = {"format": CHECKPOINT_FORMAT, "model": vae.state_dict(), **extra}
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def read_checkpoint(path, map_location="cpu") -> Dict:

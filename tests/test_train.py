@@ -285,3 +285,40 @@ def test_freeze_model_trains_only_the_new_guide():
         assert torch.equal(after[key], v), key
     assert any(not torch.equal(v, vae.encoder.state_dict()[k]) for k, v in guide_before.items())
     assert all(p.requires_grad for p in vae.parameters())
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a readable pyro_vae checkpoint"),
+    (b'{"not": "a checkpoint"}', "not a readable pyro_vae checkpoint"),
+    ("torch-without-tag", "not a pyro_vae checkpoint (no 'pyro_vae.checkpoint/1' tag)"),
+])
+def test_empty_or_foreign_checkpoint_is_a_clear_error_naming_the_file(tmp_path, content,
+                                                                      message):
+    path = tmp_path / "ckpt.pt"
+    if content == "torch-without-tag":  # a plain state dict, as torch.save writes it
+        torch.save(VAE(64, 4, (16,)).state_dict(), path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        read_checkpoint(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_checkpoint_write_is_flushed_to_disk_and_leftovers_are_ignored(tmp_path,
+                                                                       monkeypatch):
+    """The temporary file is fsynced before the rename; a temporary file left by a killed
+    writer does not disturb reading or the next write."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    path = tmp_path / "ckpt.pt"
+    vae = VAE(64, 4, (16,))
+    (tmp_path / "ckpt.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    save_checkpoint(path, vae, epoch=1, x_dim=64)
+    assert len(synced) == 1
+    other = VAE(64, 4, (16,))
+    assert load_checkpoint(path, other) == {"epoch": 1, "x_dim": 64}
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(),
+                                                 other.state_dict().values()))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.k1ll3d.tmp"]
