@@ -24,8 +24,8 @@ from .models import MODELS, build, resolve
 from .nn import ACTIVATIONS, ARCHS
 from .objectives import LOSSES, check_objective, plain_elbo_loss
 from .priors import PRIORS
-from .train import (OPTIMIZERS, atomic_write, fit, load_checkpoint, read_checkpoint,
-                    save_checkpoint)
+from .train import (OPTIMIZERS, atomic_write, check_data, fit, load_checkpoint,
+                    read_checkpoint, save_checkpoint)
 
 
 def _opt(default, help, **kw):
@@ -101,13 +101,11 @@ class TrainConfig:
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise ValueError(f"--{_flag(f.name)}: {value!r} is not one of {list(choices)}")
-        positive = {"z_dim": self.z_dim or 1, "particles": self.particles,
-                    "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-                    "clip_norm": self.clip_norm, "limit": self.limit or 1,
-                    "likelihood_scale": self.likelihood_scale or 1,
-                    "components": self.components or 1}
-        for name, value in positive.items():
-            if not value > 0:
+        positive = ("z_dim", "particles", "epochs", "batch_size", "lr", "clip_norm", "limit",
+                    "likelihood_scale", "components")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # None: the default applies
                 raise ValueError(f"--{_flag(name)} must be > 0, got {value}")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise ValueError(f"--hidden: sizes must be >= 1, got {list(self.hidden)}")
@@ -265,6 +263,7 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
     vae = build_vae(config, train.x.shape[1], train)
     if start is not None:
         _load_start(vae, start, Path(config.init_from) / "checkpoint.pt")
+    check_data(vae, train, valid, test, batch_size=config.batch_size)
     out = Path(config.out)
     # Everything that can fail on bad input has been checked: only now touch the folder.
     _prepare_out(out, config.overwrite)

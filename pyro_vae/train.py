@@ -117,10 +117,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     vae.to(device)
     train = train.to(device)
     valid = valid.to(device) if valid is not None else None
-    for data in (train, valid):
-        # Dynamically binarized data reach the model as {0, 1} draws, valid everywhere.
-        if data is not None and not data.dynamic_binarize:
-            vae.likelihood.check(data.x, f"the {data.split} split of {data.name!r}")
+    check_data(vae, train, valid, batch_size=batch_size)
 
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -191,6 +188,35 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
             for callback in callbacks:
                 callback(record, vae)
         return history
+
+
+def check_data(vae, *splits, batch_size: Optional[int] = None) -> None:
+    """One-line errors for data the model cannot take (empty, not floating-point, the
+    wrong number of features, outside the likelihood's support), and for a batch size
+    larger than the first split, before anything is trained or written."""
+    for data in splits:
+        if data is not None:
+            _check_split(vae, data)
+    train = splits[0]
+    if batch_size is not None and batch_size > len(train):
+        raise ValueError(f"--batch-size {batch_size} is larger than the {train.split} split "
+                         f"of {train.name!r} ({len(train)} points)")
+
+
+def _check_split(vae, data) -> None:
+    what = f"the {data.split} split of {data.name!r}"
+    if len(data) == 0:
+        raise ValueError(f"{what} is empty")
+    if not data.x.is_floating_point():
+        raise ValueError(f"{what} has dtype {data.x.dtype}; the model needs floating-point "
+                         f"data (convert it with x.float())")
+    x_dim = getattr(vae, "x_dim", None)
+    if data.x.dim() != 2 or (x_dim is not None and data.x.shape[1] != x_dim):
+        raise ValueError(f"{what} has points of shape {tuple(data.x.shape[1:])}; the model "
+                         f"takes x_dim = {x_dim} features per point")
+    # Dynamically binarized data reach the model as {0, 1} draws, valid everywhere.
+    if not data.dynamic_binarize:
+        vae.likelihood.check(data.x, what)
 
 
 @contextlib.contextmanager

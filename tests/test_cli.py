@@ -60,6 +60,14 @@ def test_train_on_digits_end_to_end(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--lr", "-1"], "--lr must be > 0, got -1.0"),
     (["--skip-nonfinite", "-1"], "--skip-nonfinite must be >= 0, got -1"),
+    (["--z-dim", "0"], "--z-dim must be > 0, got 0"),
+    (["--prior", "vamp", "--components", "0"], "--components must be > 0, got 0"),
+    (["--limit", "0"], "--limit must be > 0, got 0"),
+    (["--beta", "-1"], "beta and warmup_epochs must be >= 0, got -1.0"),
+    (["--batch-size", "5000"],
+     "--batch-size 5000 is larger than the train split of 'digits' (1297 points)"),
+    (["--no-binarize"], "likelihood 'bernoulli' needs x in {0, 1} but the train split of "
+                        "'digits' has other values"),
     (["--hidden", "0"], "--hidden: sizes must be >= 1"),
     (["--device", "tpu:7"], "--device: 'tpu:7' is not a device"),
     (["--dataset", "mnist", "--data-dir", "{tmp}/empty", "--no-download"],

@@ -274,7 +274,7 @@ def test_freeze_model_trains_only_the_new_guide():
     vae = VAE(12, 3, hidden=(8,), prior="vamp", prior_options={"components": 4})
     fit(vae, data, epochs=1, batch_size=16, progress=False)
     with pytest.raises(ValueError, match="prior is built on the guide's encoder"):
-        fit(vae, data, epochs=1, progress=False, freeze_model=True)
+        fit(vae, data, epochs=1, batch_size=16, progress=False, freeze_model=True)
     model_before = {k: v.clone() for k, v in vae.state_dict().items()}
     vae.swap_guide(FullRankNormalEncoder(12, 3, hidden=(8,)))
     guide_before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
@@ -322,3 +322,20 @@ def test_checkpoint_write_is_flushed_to_disk_and_leftovers_are_ignored(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(),
                                                  other.state_dict().values()))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.k1ll3d.tmp"]
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.zeros(0, 64), "the train split of 'toy' is empty"),
+    (torch.randint(0, 2, (50, 64)), "has dtype torch.int64; the model needs floating-point"),
+    (torch.bernoulli(torch.full((50, 32), 0.5)),
+     r"has points of shape \(32,\); the model takes x_dim = 64"),
+    (torch.full((50, 64), float("nan")), "needs x in {0, 1}"),
+])
+def test_data_the_model_cannot_take_is_one_line_before_training(x, message):
+    vae = VAE(64, 4, (16,))
+    before = _params(vae)
+    with pytest.raises(ValueError, match=message) as e:
+        fit(vae, TensorDataset(x, "toy", "train", (8, 8)), epochs=1, batch_size=8,
+            progress=False)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(p, before[k]) for k, p in _params(vae).items())
