@@ -224,6 +224,9 @@ def _load_idx_family(name, data_dir, download):
     def part(stem):
         images = read_idx(raw[f"{stem}-images-idx3-ubyte"], 2051, str(folder / stem))
         labels = read_idx(raw[f"{stem}-labels-idx1-ubyte"], 2049, str(folder / stem))
+        if len(images) != len(labels):
+            raise ValueError(f"{folder / stem}-*: {len(images)} images but {len(labels)} "
+                             f"labels")
         return _gray(images), torch.from_numpy(labels.astype(np.int64))
 
     (x, y), (xt, yt) = part("train"), part("t10k")

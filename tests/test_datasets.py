@@ -99,6 +99,22 @@ def test_truncated_gz_names_the_file(fake_mnist):
         datasets.fetch("mnist", root)
 
 
+def test_image_and_label_counts_must_agree(fake_mnist, monkeypatch):
+    """Files that each pass their checksum but do not belong together."""
+    root, _, payload = fake_mnist
+    folder = root / "mnist"
+    folder.mkdir(parents=True)
+    for name, raw in payload.items():
+        (folder / name).write_bytes(raw)
+    short = _idx_bytes(np.zeros(11), 2049)  # 11 labels for 12 images
+    (folder / "train-labels-idx1-ubyte").write_bytes(short)
+    files = dict(SOURCES["mnist"]["files"], **{
+        "train-labels-idx1-ubyte": hashlib.md5(short).hexdigest()})
+    monkeypatch.setitem(SOURCES, "mnist", dict(SOURCES["mnist"], files=files))
+    with pytest.raises(ValueError, match="train-\\*: 12 images but 11 labels"):
+        load("mnist", root, download=False)
+
+
 def test_plain_uncompressed_copy_is_accepted(fake_mnist):
     root, _, payload = fake_mnist
     folder = root / "mnist"
