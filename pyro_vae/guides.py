@@ -115,7 +115,7 @@ class FullRankNormalEncoder(DiagonalNormalEncoder):
                  act: str = "relu", arch: str = "mlp", scale: Optional[str] = None,
                  min_scale: float = 1e-4):
         super().__init__(x_dim, z_dim, hidden, act, arch, scale, min_scale)
-        self.offdiag = nn.Linear(_features_in(self.net), z_dim * (z_dim - 1) // 2)
+        self.offdiag = nn.Linear(self.net[-1].in_features, z_dim * (z_dim - 1) // 2)
         nn.init.zeros_(self.offdiag.weight)
         nn.init.zeros_(self.offdiag.bias)
         self.register_buffer("rows", torch.tril_indices(z_dim, z_dim, -1)[0], False)
@@ -185,10 +185,6 @@ def posterior_mean(q: dist.Distribution, samples: int = 256) -> torch.Tensor:
         return q.mean
     except NotImplementedError:
         return q.sample((samples,)).mean(0)
-
-
-def _features_in(net: nn.Sequential) -> int:
-    return net[-1].in_features
 
 
 def _features(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

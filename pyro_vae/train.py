@@ -123,11 +123,12 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     pyro.set_rng_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     objective = make_elbo(loss, num_particles)
-    guide_only = _guide_only(vae, next(train.batches(2, False))) if freeze_model else None
+    probe = next(train.batches(2, False))  # two points to trace the model and guide on
+    guide_only = _guide_only(vae, probe) if freeze_model else None
     with guide_only or contextlib.nullcontext(vae.model) as model:
         svi = SVI(model, vae.guide, make_optimizer(optimizer, lr, clip_norm), objective)
         with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic: never raise here
-            warn_if_monte_carlo_kl(loss, vae.model, vae.guide, next(train.batches(2, False)))
+            warn_if_monte_carlo_kl(loss, vae.model, vae.guide, probe)
         # The IWAE bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
         num_data = len(train) if scales_with_data_size(loss) else None
         valid_loss = plain_elbo_loss(loss)
