@@ -12,11 +12,11 @@ from .guides import GUIDES, DiagonalNormalEncoder, FullRankNormalEncoder, IAFEnc
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood
 from .models import MODELS, VAE, HierarchicalVAE
 from .priors import PRIORS, LearnedNormal, Mixture, MixtureOfGaussians, StandardNormal, VampPrior
-from .runs import TrainConfig, load_run, train_run
+from .runs import TrainConfig, load_run, resume_run, train_run
 from .train import fit, load_checkpoint, read_checkpoint, save_checkpoint
 
 __all__ = [
-    "VAE", "HierarchicalVAE", "MODELS", "fit", "elbo", "train_run", "load_run", "TrainConfig",
+    "VAE", "HierarchicalVAE", "MODELS", "fit", "elbo", "train_run", "resume_run", "load_run", "TrainConfig",
     "save_checkpoint", "load_checkpoint", "read_checkpoint",
     "PRIORS", "StandardNormal", "LearnedNormal", "MixtureOfGaussians", "VampPrior", "Mixture",
     "GUIDES", "DiagonalNormalEncoder", "FullRankNormalEncoder", "IAFEncoder",

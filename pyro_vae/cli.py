@@ -9,10 +9,11 @@ import dataclasses
 import logging
 import sys
 import typing
+from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .runs import TrainConfig, evaluate_run, train_run
+from .runs import TrainConfig, evaluate_run, read_config, resume_run, train_run
 
 
 def _field_type(name: str):
@@ -23,11 +24,14 @@ def _field_type(name: str):
     return tuple if typing.get_origin(hint) is tuple else hint
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """One option per ``TrainConfig`` field; ``defaults=False``: absent options stay out
+    of the parsed namespace (to tell which were given)."""
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f.name)
-        kw = dict(default=f.default, help=f.metadata["help"], dest=f.name)
+        kw = dict(default=f.default if defaults else argparse.SUPPRESS,
+                  help=f.metadata["help"], dest=f.name)
         if f.metadata.get("derived"):  # recorded in config.json, not chosen by hand
             kw["help"] = argparse.SUPPRESS
         if f.metadata.get("choices"):
@@ -38,17 +42,30 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=int, nargs="+", metavar="N", **kw)
         else:
             parser.add_argument(flag, type=kind, **kw)
-        if kw["default"] is not None and kind is not bool and not f.metadata.get("derived"):
+        if defaults and f.default is not None and kind is not bool and not f.metadata.get(
+                "derived"):
             parser._actions[-1].help += " (default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (the full usage is a screen long; --help shows it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="pyro-vae", description="Variational autoencoders in Pyro.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a VAE and write a run folder")
-    _add_config_options(train)
+    _add_config_options(train, defaults)
+    train.add_argument("--resume", metavar="RUN",
+                       help="continue the run in folder RUN from its last checkpoint, with "
+                            "its settings; only --epochs, --lr, --clip-norm, "
+                            "--skip-nonfinite, --checkpoint-every, --device, --data-dir and "
+                            "--download may change")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     evaluate = sub.add_parser(
@@ -78,11 +95,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args["command"] == "train":
         quiet = args.pop("quiet")
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        config = TrainConfig(**{k: v for k, v in args.items() if k in fields})
-        if isinstance(config.hidden, list):
-            config.hidden = tuple(config.hidden)
         try:
-            summary = train_run(config, progress=not quiet)
+            if args["resume"]:
+                # Only the options given on the command line count as changes.
+                given = vars(build_parser(defaults=False).parse_args(argv))
+                changes = {k: v for k, v in given.items() if k in fields}
+                if "out" in changes and Path(changes["out"]).resolve() != Path(
+                        args["resume"]).resolve():
+                    raise ValueError(f"--out {changes['out']}: a resumed run stays in "
+                                     f"its folder {args['resume']}")
+                out = args["resume"]
+                summary = resume_run(out, changes, progress=not quiet)
+                config = read_config(Path(out) / "config.json")
+            else:
+                config = TrainConfig(**{k: v for k, v in args.items() if k in fields})
+                if isinstance(config.hidden, list):
+                    config.hidden = tuple(config.hidden)
+                summary = train_run(config, progress=not quiet)
         except (ValueError, OSError, RuntimeError) as e:
             parser.exit(2, f"pyro-vae: error: {e}\n")
         print(f"run folder: {config.out}")

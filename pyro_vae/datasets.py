@@ -94,12 +94,19 @@ class TensorDataset:
         return dataclasses.replace(self, x=self.x[:n], labels=labels)
 
     def batches(self, batch_size: int, shuffle: bool = True,
-                generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
-        """Minibatches of x on the data's device; the last one may be smaller."""
+                generator: Optional[torch.Generator] = None,
+                order: Optional[torch.Tensor] = None,
+                start: int = 0) -> Iterator[torch.Tensor]:
+        """Minibatches of x on the data's device; the last one may be smaller.
+
+        ``order``: visit the points in this permutation (default: a fresh one drawn from
+        ``generator`` when ``shuffle``, else the stored order); ``start``: skip the first
+        ``start`` batches (to continue an epoch that was interrupted).
+        """
         n = len(self.x)
-        order = (torch.randperm(n, device=self.device, generator=generator) if shuffle
-                 else None)
-        for i in range(0, n, batch_size):
+        if order is None and shuffle:
+            order = torch.randperm(n, device=self.device, generator=generator)
+        for i in range(start * batch_size, n, batch_size):
             xb = self.x[i:i + batch_size] if order is None else self.x[order[i:i + batch_size]]
             if self.dynamic_binarize:
                 xb = torch.bernoulli(xb, generator=generator)
@@ -222,8 +229,9 @@ def _load_idx_family(name, data_dir, download):
     folder = data_root(data_dir) / SOURCES[name]["folder"]
 
     def part(stem):
-        images = read_idx(raw[f"{stem}-images-idx3-ubyte"], 2051, str(folder / stem))
-        labels = read_idx(raw[f"{stem}-labels-idx1-ubyte"], 2049, str(folder / stem))
+        images, labels = f"{stem}-images-idx3-ubyte", f"{stem}-labels-idx1-ubyte"
+        images = read_idx(raw[images], 2051, str(folder / images))
+        labels = read_idx(raw[labels], 2049, str(folder / labels))
         if len(images) != len(labels):
             raise ValueError(f"{folder / stem}-*: {len(images)} images but {len(labels)} "
                              f"labels")

@@ -31,6 +31,9 @@ class BernoulliLikelihood(nn.Module):
         return BernoulliLogits(logits)
 
     def check(self, x: torch.Tensor, what: str = "data") -> None:
+        if not torch.all(torch.isfinite(x)):
+            raise ValueError(f"likelihood 'bernoulli' needs x in {{0, 1}}; {what} has NaN "
+                             f"or inf")
         bad = x[(x != 0) & (x != 1)]
         if len(bad):
             raise ValueError(

@@ -1,8 +1,9 @@
 """Run folders: one flat ``TrainConfig`` in, a folder of results out, and back again.
 
 A run folder holds ``config.json`` (every setting), ``metrics.jsonl`` (one JSON object per
-epoch), ``checkpoint.pt`` (weights only), ``summary.json`` (test ELBO, timings) and the
-figures ``samples.png``, ``reconstructions.png``, ``elbo.png``.
+epoch), ``checkpoint.pt`` (the weights, and everything needed to resume exactly),
+``summary.json`` (test ELBO, timings) and the figures ``samples.png``,
+``reconstructions.png``, ``elbo.png``.
 """
 
 import dataclasses
@@ -92,6 +93,8 @@ class TrainConfig:
     clip_norm: float = _opt(10.0, "gradient norm bound of clipped_adam")
     skip_nonfinite: int = _opt(0, "skip up to K steps whose loss or gradient is not "
                                   "finite (each is logged), instead of stopping")
+    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: after each epoch "
+                                    "only)")
     seed: int = _opt(0, "random seed")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
 
@@ -109,8 +112,9 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} must be > 0, got {value}")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise ValueError(f"--hidden: sizes must be >= 1, got {list(self.hidden)}")
-        if not self.skip_nonfinite >= 0:
-            raise ValueError(f"--skip-nonfinite must be >= 0, got {self.skip_nonfinite}")
+        for name in ("skip_nonfinite", "checkpoint_every"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not self.flow_steps >= 1:
             raise ValueError(f"--flow-steps must be >= 1, got {self.flow_steps}")
         for flag in ("freeze_model", "fresh_guide"):
@@ -225,6 +229,11 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), binary=False)
 
 
+def _write_lines(path: Path, records) -> None:
+    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records),
+                 binary=False)
+
+
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
              "samples.png", "reconstructions.png", "elbo.png")
 
@@ -237,6 +246,14 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for f in existing:
         os.remove(out / f)
+    _remove_leftovers(out)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary files of writes cut short by a killed process (see ``atomic_write``)."""
+    for f in RUN_FILES:
+        for tmp in out.glob(f + ".*.tmp"):
+            tmp.unlink()
 
 
 def _load_start(vae, state: dict, path: Path) -> None:
@@ -258,24 +275,102 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
         config, start = from_source(config)
     config = config.resolved()
     device = resolve_device(config.device)
-    train, valid, test = load_data(config)
+    data = load_data(config)
     pyro.set_rng_seed(config.seed)  # the initial weights too are a function of --seed
-    vae = build_vae(config, train.x.shape[1], train)
+    vae = build_vae(config, data[0].x.shape[1], data[0])
     if start is not None:
         _load_start(vae, start, Path(config.init_from) / "checkpoint.pt")
-    check_data(vae, train, valid, test, batch_size=config.batch_size)
+    check_data(vae, *data, batch_size=config.batch_size)
     out = Path(config.out)
     # Everything that can fail on bad input has been checked: only now touch the folder.
     _prepare_out(out, config.overwrite)
     _write_json(out / "config.json", dataclasses.asdict(config))
+    return _train_and_report(config, vae, data, device, progress)
 
-    metrics_file = open(out / "metrics.jsonl", "w")
+
+# What --resume may change; any other difference from the run's config.json is refused.
+RESUMABLE_CHANGES = ("epochs", "lr", "clip_norm", "skip_nonfinite", "checkpoint_every",
+                     "device", "data_dir", "download", "out", "overwrite")
+GUIDE_SETTINGS = ("guide", "flow_steps", "prior_guide", "prior_flow_steps")
+
+
+def resume_config(run_dir, changes: Optional[dict] = None) -> TrainConfig:
+    """The config of the run in ``run_dir`` with ``changes`` (option name -> value, e.g.
+    the options given on the command line beside ``--resume``) applied. A change outside
+    ``RESUMABLE_CHANGES`` is a one-line error naming the option: a resumed run keeps its
+    model and what it was trained on."""
+    run_dir = Path(run_dir)
+    saved = read_config(run_dir / "config.json")
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in (changes or {}).items()}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, value in changes.items():
+        if name not in names:
+            raise ValueError(f"--resume: unknown setting {name!r}")
+        now = getattr(dataclasses.replace(saved, **{name: value}).resolved(), name)
+        if name in RESUMABLE_CHANGES or now == getattr(saved, name):
+            continue
+        what = ("changes the model" if name in MODEL_SETTINGS + GUIDE_SETTINGS
+                else "changes what the run trains")
+        raise ValueError(f"--resume {run_dir}: --{_flag(name)} {_show(value)} differs from "
+                         f"the run's {_show(getattr(saved, name))} and {what}; start a new "
+                         f"run (--init-from {run_dir} keeps its weights)")
+    changes = {k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}
+    config = dataclasses.replace(saved, **{**changes, "out": str(run_dir)})
+    config.validate()
+    return config
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True) -> dict:
+    """Continue the run in ``run_dir`` from its checkpoint (``pyro-vae train --resume``):
+    on the CPU a run killed at any point and resumed ends bitwise where the uninterrupted
+    run would. ``changes``: see ``resume_config`` (e.g. ``{"epochs": 50}`` to train on)."""
+    config = resume_config(run_dir, changes)
+    out = Path(config.out)
+    if not (out / "checkpoint.pt").exists():
+        raise ValueError(f"--resume {out}: no checkpoint.pt (the run stopped before its "
+                         f"first checkpoint); start it again with --overwrite")
+    state = read_checkpoint(out / "checkpoint.pt")
+    training = state.get("training")
+    if not isinstance(training, dict):
+        raise ValueError(f"{out / 'checkpoint.pt'}: holds weights only, no training state "
+                         f"to resume from")
+    done = len(training["history"])
+    if done >= config.epochs:
+        raise ValueError(f"--resume {out}: the run has finished its {done} epochs; give "
+                         f"--epochs more than {done} to train on")
+    device = resolve_device(config.device)
+    data = load_data(config)
+    vae = build_vae(config, data[0].x.shape[1], data[0])
+    load_checkpoint(out / "checkpoint.pt", vae, state=state)
+    check_data(vae, *data, batch_size=config.batch_size)
+    _remove_leftovers(out)
+    _write_json(out / "config.json", dataclasses.asdict(config))
+    return _train_and_report(config, vae, data, device, progress, resume=training)
+
+
+def _train_and_report(config: TrainConfig, vae, data, device, progress: bool,
+                      resume: Optional[dict] = None) -> dict:
+    """Train (from the start, or from ``resume``) into ``config.out``: checkpoints and
+    metrics as it goes, then the summary and figures."""
+    out = Path(config.out)
+    train, valid, test = data
+    history = resume["history"] if resume is not None else []
+    # metrics.jsonl restarts from the checkpoint's history: an epoch logged after the
+    # checkpoint was taken is trained again, and logged once.
+    _write_lines(out / "metrics.jsonl", history)
+    metrics_file = open(out / "metrics.jsonl", "a")
 
     def record_epoch(record, vae):
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
-        save_checkpoint(out / "checkpoint.pt", vae, epoch=record["epoch"],
-                        x_dim=train.x.shape[1])
+
+    def checkpoint(training):
+        save_checkpoint(out / "checkpoint.pt", vae, epoch=len(training["history"]),
+                        x_dim=train.x.shape[1], training=training)
 
     with metrics_file:
         history = fit(vae, train, valid, epochs=config.epochs, loss=config.loss,
@@ -284,7 +379,8 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
                       lr=config.lr, optimizer=config.optimizer, clip_norm=config.clip_norm,
                       seed=config.seed, device=device, callbacks=[record_epoch],
                       progress=progress, freeze_model=config.freeze_model,
-                      skip_nonfinite=config.skip_nonfinite)
+                      skip_nonfinite=config.skip_nonfinite, checkpoint=checkpoint,
+                      checkpoint_every=config.checkpoint_every, resume=resume)
 
     test = test.to(device)
     # The plain ELBO (beta = 1) for every run; the IWAE bound too where it was trained.

@@ -1,15 +1,19 @@
 """fit(): the SVI loop, epoch callbacks, and safe checkpoints."""
 
 import contextlib
+import copy
+import dataclasses
 import logging
 import math
 import os
+import random
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -79,7 +83,8 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         optimizer: str = "adam", clip_norm: float = 10.0, seed: int = 0,
         device=None, callbacks: Sequence[Callback] = (), progress: bool = True,
         validate: bool = True, freeze_model: bool = False,
-        skip_nonfinite: int = 0) -> List[Dict]:
+        skip_nonfinite: int = 0, checkpoint: Optional[Callable[[Dict], None]] = None,
+        checkpoint_every: int = 0, resume: Optional[Dict] = None) -> List[Dict]:
     """Train ``vae`` on ``train`` with ``pyro.infer.SVI`` and return the per-epoch history.
 
     Each step estimates the objective of the whole training set from one minibatch (the
@@ -93,7 +98,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     is appended to the history and passed to every ``callback(record, vae)``. Values are
     per data point, in nats: ``train_elbo`` is the training objective (the beta-weighted
     ELBO, or the IWAE bound) averaged over the epoch's minibatches; ``valid_elbo`` is the
-    plain ELBO (beta = 1) of ``valid``; ``seconds`` excludes validation.
+    plain ELBO (beta = 1) of ``valid``; ``seconds`` excludes validation and checkpoints.
 
     ``device``: move the model and data there; by default the model's device is used.
     ``validate``: check distribution arguments and supports on the first step.
@@ -105,11 +110,23 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     the prior stay as they are (to fit a new guide to a trained model, see
     ``VAE.swap_guide``; a prior built on the guide's own encoder would move, and is
     refused).
+
+    Checkpoints and exact resume: ``checkpoint(state)`` is called with the training state
+    (everything but ``vae``'s weights: optimizer state, position in the run, the epoch's
+    data order, the random number generators, the history so far; plain tensors and
+    containers) before the first step, after every epoch, every ``checkpoint_every``
+    steps, and before ``TrainingDiverged`` is raised (the state before the failed step:
+    resuming retries that batch with fresh noise). ``fit(..., resume=state)`` with
+    ``vae`` holding the weights saved with ``state`` continues exactly where it was taken:
+    on the CPU the result is bitwise that of the uninterrupted run. ``lr`` and
+    ``clip_norm`` given on resume replace the saved ones.
+
     Clears Pyro's parameter store first: PyroModule registers parameters by name, and a
     stale entry from an earlier model of the same shape would be optimized instead.
     """
-    if skip_nonfinite < 0:
-        raise ValueError(f"skip_nonfinite must be >= 0, got {skip_nonfinite}")
+    if skip_nonfinite < 0 or checkpoint_every < 0:
+        raise ValueError(f"skip_nonfinite and checkpoint_every must be >= 0, got "
+                         f"{skip_nonfinite}, {checkpoint_every}")
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
     check_objective(loss, beta, warmup_epochs)
@@ -118,6 +135,12 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     train = train.to(device)
     valid = valid.to(device) if valid is not None else None
     check_data(vae, train, valid, batch_size=batch_size)
+    n = len(train)
+    steps = math.ceil(n / batch_size)
+    pos = _Position(num_data=n, batch_size=batch_size)
+    if resume is not None:
+        pos = _Position.restore(resume["position"], n, batch_size)
+        pos.order = pos.order.to(device) if pos.order is not None else None
 
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -130,23 +153,36 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic: never raise here
             warn_if_monte_carlo_kl(loss, vae.model, vae.guide, probe)
         # The IWAE bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
-        num_data = len(train) if scales_with_data_size(loss) else None
+        num_data = n if scales_with_data_size(loss) else None
         valid_loss = plain_elbo_loss(loss)
 
-        n = len(train)
-        steps = math.ceil(n / batch_size)
         history = []
-        skipped = 0  # non-finite steps skipped so far
+        if resume is not None:  # after all set-up that draws random numbers
+            history = [dict(r) for r in resume["history"]]
+            svi.optim.set_state(_with_hyperparameters(resume["optimizer"], lr, clip_norm))
+            set_rng_state(resume["rng"], generator)
+
+        def save():
+            if checkpoint is not None:
+                checkpoint({"position": pos.state(), "history": history,
+                            "optimizer": svi.optim.get_state(),
+                            "rng": get_rng_state(generator)})
+
+        if resume is None:
+            save()
         vae.train()
-        for epoch in range(1, epochs + 1):
+        while pos.epoch <= epochs:
+            epoch = pos.epoch
             beta_e = beta_at(epoch, beta, warmup_epochs)
-            start = time.perf_counter()
-            total = 0.0  # -objective summed over the epoch's data points
-            seen = 0
-            bar = tqdm(train.batches(batch_size, generator=generator), total=steps,
-                       desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False,
-                       dynamic_ncols=True)
-            for step, xb in enumerate(bar):
+            if pos.order is None:
+                pos.order = torch.randperm(n, device=device, generator=generator)
+            clock = time.perf_counter()
+            bar = tqdm(train.batches(batch_size, order=pos.order, start=pos.step,
+                                     generator=generator),
+                       total=steps, initial=pos.step, desc=f"epoch {epoch}/{epochs}",
+                       disable=not progress, leave=False, dynamic_ncols=True)
+            for xb in bar:
+                step = pos.step  # steps of this epoch done before this one
                 try:
                     # Distribution checks run on the very first step, where a model or guide
                     # bug shows, and are then switched off: they cost ~15% of a step.
@@ -162,25 +198,35 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                     batch_loss = math.nan
                 if bad is not None:
                     where = f"epoch {epoch}, step {step + 1}"
-                    if skipped < skip_nonfinite:
-                        skipped += 1
+                    if pos.skipped < skip_nonfinite:
+                        pos.skipped += 1
+                        pos.step += 1
                         logger.warning("non-finite %s at %s: step skipped, no parameter "
-                                       "changed (%d of %d allowed)", bad, where, skipped,
+                                       "changed (%d of %d allowed)", bad, where, pos.skipped,
                                        skip_nonfinite)
                         continue
+                    bar.close()
+                    pos.seconds += time.perf_counter() - clock
+                    save()  # nothing changed: the state before this step
                     raise TrainingDiverged(
                         f"non-finite {bad} (loss {batch_loss}) at {where}; this step changed "
                         f"no parameter; lower --lr, use --optimizer clipped_adam, or allow "
                         f"a few with --skip-nonfinite")
+                pos.step += 1
                 # -ELBO of the batch: the step's loss estimates it for the whole set if scaled.
-                total += batch_loss * len(xb) / n if num_data else batch_loss
-                seen += len(xb)
+                pos.total += batch_loss * len(xb) / n if num_data else batch_loss
+                pos.seen += len(xb)
                 if step % 10 == 0:
-                    bar.set_postfix(elbo=f"{-total / seen:.2f}")
+                    bar.set_postfix(elbo=f"{-pos.total / pos.seen:.2f}")
+                done = (epoch - 1) * steps + pos.step
+                if checkpoint_every and done % checkpoint_every == 0 and pos.step < steps:
+                    pos.seconds += time.perf_counter() - clock
+                    save()
+                    clock = time.perf_counter()
             bar.close()
-            train_seconds = time.perf_counter() - start
-            record = {"epoch": epoch, "beta": beta_e, "train_elbo": -total / max(seen, 1),
-                      "valid_elbo": None, "seconds": train_seconds}
+            record = {"epoch": epoch, "beta": beta_e,
+                      "train_elbo": -pos.total / max(pos.seen, 1), "valid_elbo": None,
+                      "seconds": pos.seconds + time.perf_counter() - clock}
             if valid is not None:
                 record["valid_elbo"] = evaluate_elbo(vae, valid, valid_loss, num_particles)
             history.append(record)
@@ -188,7 +234,89 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                 tqdm.write(_format(record))
             for callback in callbacks:
                 callback(record, vae)
+            pos = _Position(num_data=n, batch_size=batch_size, epoch=epoch + 1,
+                            skipped=pos.skipped)
+            save()
         return history
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where a run stands: ``step`` steps of epoch ``epoch`` done, visiting the data in
+    ``order``; the epoch's running totals; non-finite steps skipped so far."""
+
+    num_data: int
+    batch_size: int
+    epoch: int = 1
+    step: int = 0
+    order: Optional[torch.Tensor] = None
+    total: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
+
+    def state(self) -> Dict:
+        state = dataclasses.asdict(self)
+        if self.order is not None:
+            state["order"] = self.order.cpu()
+        return state
+
+    @classmethod
+    def restore(cls, state: Dict, num_data: int, batch_size: int) -> "_Position":
+        if (state["num_data"], state["batch_size"]) != (num_data, batch_size):
+            raise ValueError(f"resume: the state was saved training on {state['num_data']} "
+                             f"points in batches of {state['batch_size']}, not {num_data} "
+                             f"in batches of {batch_size}")
+        return cls(**state)
+
+
+def _with_hyperparameters(optim_state: Dict, lr: float, clip_norm: float) -> Dict:
+    """Saved per-parameter optimizer states, with the learning rate (and clipping bound)
+    of this call: a resumed run may lower them."""
+    state = copy.deepcopy(optim_state)
+    for param_state in state.values():
+        for group in param_state["param_groups"]:
+            group["lr"] = lr
+            if "clip_norm" in group:
+                group["clip_norm"] = clip_norm
+    return state
+
+
+def get_rng_state(generator: torch.Generator) -> Dict:
+    """Every random number generator training draws from, as tensors and plain values:
+    torch's (CPU, and CUDA where initialized), Python's, NumPy's, and ``generator`` (the
+    data order and dynamic binarization)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "generator": generator.get_state(), "generator_device": generator.device.type}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict, generator: torch.Generator) -> None:
+    """Restore what ``get_rng_state`` saved. Across devices (a CPU run resumed on a GPU or
+    back) the device streams cannot carry over: they restart, and a warning says so."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    if state["generator_device"] == generator.device.type:
+        generator.set_state(state["generator"])
+    else:
+        logger.warning("resumed on %s, saved on %s: the data-order stream restarts from "
+                       "the seed, so this run is not bitwise the uninterrupted one",
+                       generator.device.type, state["generator_device"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            logger.warning("saved with %d CUDA devices, resumed with %d: CUDA random "
+                           "streams restart", len(cuda), torch.cuda.device_count())
 
 
 def check_data(vae, *splits, batch_size: Optional[int] = None) -> None:

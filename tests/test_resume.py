@@ -1,0 +1,130 @@
+"""Exact resume: SIGKILL at any point, ``pyro-vae train --resume``, bitwise the same run."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from pyro_vae import TrainConfig, VAE, fit, read_checkpoint, resume_run, save_checkpoint, train_run
+from pyro_vae.datasets import load
+from pyro_vae.runs import read_config, resume_config
+from pyro_vae.train import TrainingDiverged
+
+import kill_resume
+from test_train import _FaultAtStep
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    kill_resume.train_uninterrupted(out, data_root)
+    return out
+
+
+@pytest.mark.parametrize("kill_at, mode, resumed_from", [
+    # Before step 10: the last checkpoint is the one after step 8 (epoch 2, 2 steps in).
+    (10, "step", (2, 2)),
+    # Half-way through writing the step-16 checkpoint: the step-12 one (the end of
+    # epoch 2) is intact and the torn temporary file is ignored.
+    (13, "write", (3, 0)),
+])
+def test_killed_run_resumes_bitwise(tmp_path, reference, data_root, kill_at, mode,
+                                    resumed_from):
+    out = tmp_path / "run"
+    left = kill_resume.kill_and_resume(out, kill_at, mode, data_root)
+    assert (left["position"]["epoch"], left["position"]["step"]) == resumed_from
+    assert len(left["tmp_files"]) == (mode == "write")
+    assert kill_resume.differences(reference, out) == []
+    assert not list(out.glob("*.tmp"))  # the resumed run cleared the torn write
+
+
+def _quick(tmp_path, name, **kw):
+    return TrainConfig(**{**dict(dataset="digits", epochs=2, z_dim=4, hidden=(16,),
+                                 out=str(tmp_path / name)), **kw})
+
+
+def _final(out):
+    state = read_checkpoint(out / "checkpoint.pt")
+    metrics = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+               for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return state, metrics
+
+
+def test_resume_trains_on_exactly_as_a_longer_run_and_takes_a_new_lr(tmp_path):
+    train_run(_quick(tmp_path, "short", epochs=2), progress=False)
+    resume_run(tmp_path / "short", {"epochs": 3}, progress=False)
+    train_run(_quick(tmp_path, "long", epochs=3), progress=False)
+    (a, ma), (b, mb) = _final(tmp_path / "short"), _final(tmp_path / "long")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert ma == mb and len(ma) == 3
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["epochs"] == 3
+
+    # A lower learning rate on resume replaces the saved one in the optimizer state.
+    train_run(_quick(tmp_path, "slow", epochs=2), progress=False)
+    resume_run(tmp_path / "slow", {"epochs": 3, "lr": 1e-4}, progress=False)
+    slow = read_checkpoint(tmp_path / "slow" / "checkpoint.pt")
+    groups = [g for s in slow["training"]["optimizer"].values() for g in s["param_groups"]]
+    assert {g["lr"] for g in groups} == {1e-4}
+    assert not torch.equal(slow["model"]["decoder.0.weight"], b["model"]["decoder.0.weight"])
+
+
+def test_same_seed_twice_is_bitwise_and_another_seed_differs(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train_run(_quick(tmp_path, name, seed=seed, checkpoint_every=3), progress=False)
+    (a, ma), (b, mb), (c, mc) = (_final(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert ma == mb
+    assert not any(torch.equal(a["model"][k], c["model"][k]) for k in a["model"]
+                   if k.endswith("weight"))
+    assert all(x["train_elbo"] != y["train_elbo"] for x, y in zip(ma, mc))
+
+
+def test_a_nonfinite_step_leaves_a_checkpoint_of_the_state_before_it(tmp_path):
+    """NaN loss injected at step 5 of epoch 2: the run stops naming that step, and the
+    checkpoint on disk holds finite parameters equal to those before the step; resuming
+    from it (the fault gone) retries that batch and trains on."""
+    train, _, _ = load("digits")
+    steps = -(-len(train) // 64)
+    head = _FaultAtStep(64, at=steps + 5)
+    vae = VAE(64, 4, (16,), likelihood=head)
+    head.owner.append(vae)
+    path = tmp_path / "checkpoint.pt"
+
+    def checkpoint(training):
+        save_checkpoint(path, vae, training=training)
+
+    with pytest.raises(TrainingDiverged, match="at epoch 2, step 5;"):
+        fit(vae, train, epochs=3, batch_size=64, progress=False, checkpoint=checkpoint)
+    saved = read_checkpoint(path)
+    assert saved["model"].keys() == head.before.keys()
+    assert all(torch.equal(saved["model"][k], v) for k, v in head.before.items())
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+    position = saved["training"]["position"]
+    assert (position["epoch"], position["step"]) == (2, 4)
+
+    head.at = -1  # the fault is gone
+    vae.load_state_dict(saved["model"])
+    history = fit(vae, train, epochs=3, batch_size=64, progress=False,
+                  resume=saved["training"])
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+
+
+def test_resume_state_for_other_data_is_refused(tmp_path):
+    train, _, _ = load("digits")
+    states = []
+    fit(VAE(64, 4, (16,)), train, epochs=1, batch_size=64, progress=False,
+        checkpoint=states.append)
+    with pytest.raises(ValueError, match="saved training on 1297 points in batches of 64, "
+                                         "not 1297 in batches of 32"):
+        fit(VAE(64, 4, (16,)), train, epochs=2, batch_size=32, progress=False,
+            resume=states[-1])
+
+
+def test_resume_config_keeps_the_runs_settings(tmp_path):
+    train_run(_quick(tmp_path, "run", epochs=1), progress=False)
+    saved = read_config(tmp_path / "run" / "config.json")
+    # Options equal to the run's own are no change; --epochs is one that may change.
+    got = resume_config(tmp_path / "run", {"epochs": 5, "z_dim": 4, "hidden": [16]})
+    assert got == dataclasses.replace(saved, epochs=5)
