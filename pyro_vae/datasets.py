@@ -221,7 +221,8 @@ def read_amat(raw: bytes, source: str = "amat data", dim: int = 784) -> np.ndarr
 
 
 def _gray(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(arr.reshape(len(arr), -1).astype(np.float32) / 255.0)
+    flat = arr.reshape(len(arr), int(np.prod(arr.shape[1:])))  # also with no images
+    return torch.from_numpy(flat.astype(np.float32) / 255.0)
 
 
 def _load_idx_family(name, data_dir, download):

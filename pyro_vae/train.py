@@ -124,9 +124,10 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     Clears Pyro's parameter store first: PyroModule registers parameters by name, and a
     stale entry from an earlier model of the same shape would be optimized instead.
     """
-    if skip_nonfinite < 0 or checkpoint_every < 0:
-        raise ValueError(f"skip_nonfinite and checkpoint_every must be >= 0, got "
-                         f"{skip_nonfinite}, {checkpoint_every}")
+    for name, value in (("skip_nonfinite", skip_nonfinite),
+                        ("checkpoint_every", checkpoint_every)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
     check_objective(loss, beta, warmup_epochs)

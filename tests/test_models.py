@@ -5,7 +5,6 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-import pyro
 import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO

@@ -6,11 +6,10 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-import pyro
 import pyro.distributions as dist
 from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_vae import VAE, HierarchicalVAE, GaussianLikelihood, fit, objectives
+from pyro_vae import VAE, HierarchicalVAE, fit, objectives
 from pyro_vae.datasets import TensorDataset
 from pyro_vae.objectives import beta_at, make_elbo, warn_if_monte_carlo_kl
 

@@ -6,7 +6,6 @@ import pickle
 import pytest
 import torch
 
-import pyro
 
 from pyro_vae import VAE, elbo, fit, load_checkpoint, read_checkpoint, save_checkpoint
 from pyro_vae.datasets import TensorDataset, load

@@ -1,0 +1,236 @@
+"""Every kind of bad input, in one table: a one-line error that names the file, option or
+value, and nothing written or removed anywhere (the run folder is not even created).
+
+Items 1-14 are the kinds of bad input a user can hand in; rows marked "+" are further
+cases of the same kind.
+"""
+
+import gzip
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae import VAE, TrainConfig, cli, fit, train_run
+from pyro_vae.datasets import SOURCES, TensorDataset
+from pyro_vae.likelihoods import GaussianLikelihood
+
+
+def _idx(arr: np.ndarray, magic: int) -> bytes:
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def _payload(n_train=12, n_labels=None):
+    rng = np.random.default_rng(0)
+    return {
+        "train-images-idx3-ubyte": _idx(rng.integers(0, 256, (n_train, 28, 28)), 2051),
+        "train-labels-idx1-ubyte": _idx(rng.integers(0, 10, n_labels or n_train), 2049),
+        "t10k-images-idx3-ubyte": _idx(rng.integers(0, 256, (4, 28, 28)), 2051),
+        "t10k-labels-idx1-ubyte": _idx(rng.integers(0, 10, 4), 2049),
+    }
+
+
+def mnist_files(tmp: Path, monkeypatch, registered=None, written=None, gz_cut=None):
+    """A tiny 'mnist' folder under tmp/data: ``written`` file contents (gzipped), checked
+    against the md5s of ``registered`` (default: what is written); ``gz_cut``: truncate
+    that .gz file to half its size."""
+    written = written or _payload()
+    registered = registered or written
+    folder = tmp / "data" / "mnist"
+    folder.mkdir(parents=True)
+    for name, raw in written.items():
+        data = gzip.compress(raw, mtime=0)
+        (folder / (name + ".gz")).write_bytes(data[:len(data) // 2] if name == gz_cut else data)
+    monkeypatch.setitem(SOURCES, "mnist", dict(SOURCES["mnist"], files={
+        k: hashlib.md5(v).hexdigest() for k, v in registered.items()}))
+
+
+def _wrong_md5(tmp, monkeypatch):
+    written = _payload()
+    raw = bytearray(written["train-labels-idx1-ubyte"])
+    raw[-1] ^= 1
+    mnist_files(tmp, monkeypatch, _payload(), dict(written, **{
+        "train-labels-idx1-ubyte": bytes(raw)}))
+
+
+def _truncated_idx(tmp, monkeypatch):
+    written = _payload()
+    written["train-images-idx3-ubyte"] = written["train-images-idx3-ubyte"][:-100]
+    mnist_files(tmp, monkeypatch, written=written)
+
+
+def _wrong_magic(tmp, monkeypatch):
+    written = _payload()
+    written["train-labels-idx1-ubyte"] = b"\x00\x00\x08\x03" + written[
+        "train-labels-idx1-ubyte"][4:]
+    mnist_files(tmp, monkeypatch, written=written)
+
+
+def _trained_run(tmp, monkeypatch):
+    train_run(TrainConfig(dataset="digits", epochs=1, z_dim=4, hidden=(16,),
+                          out=str(tmp / "run")), progress=False)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _crafted_checkpoint(tmp, monkeypatch):
+    """A run whose checkpoint.pt would create tmp/exploited when unpickled."""
+    _trained_run(tmp, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save({"format": "pyro_vae.checkpoint/1", "model": _Exploit(tmp / "exploited")},
+                   tmp / "run" / "checkpoint.pt")
+
+
+def _api(x, likelihood=None):
+    """fit() on data ``x`` of 64 features: the checks the CLI runs, for data handed in
+    through the Python API."""
+    def call(tmp):
+        fit(VAE(64, 4, (16,), likelihood=likelihood or "bernoulli"),
+            TensorDataset(x, "mine", "train", (8, 8)), epochs=1, batch_size=8, progress=False)
+    return call
+
+
+class Case(NamedTuple):
+    item: str
+    what: str
+    args: object  # pyro-vae arguments ({tmp} is the test's folder), or call(tmp)
+    message: str
+    setup: Optional[Callable] = None
+
+
+MNIST = ["--dataset", "mnist", "--data-dir", "{tmp}/data", "--no-download"]
+DIGITS = ["--dataset", "digits", "--epochs", "1"]
+CASES: Sequence[Case] = [
+    Case("1", "data file with the wrong md5", MNIST,
+         "data/mnist/train-labels-idx1-ubyte.gz: md5 of the content is", _wrong_md5),
+    Case("2", "truncated gz", MNIST,
+         "data/mnist/train-images-idx3-ubyte.gz: truncated or corrupt",
+         lambda tmp, mp: mnist_files(tmp, mp, gz_cut="train-images-idx3-ubyte")),
+    Case("3", "truncated IDX", MNIST,
+         "data/mnist/train-images-idx3-ubyte: IDX header says [12, 28, 28] but the payload "
+         "has 9308 bytes", _truncated_idx),
+    Case("4", "wrong IDX magic", MNIST,
+         "data/mnist/train-labels-idx1-ubyte: IDX magic number is 2051, expected 2049",
+         _wrong_magic),
+    Case("5", "image and label counts differ", MNIST,
+         "data/mnist/train-*: 12 images but 11 labels",
+         lambda tmp, mp: mnist_files(tmp, mp, written=_payload(n_labels=11))),
+    Case("6", "empty data set", MNIST, "the train split of 'mnist' is empty",
+         lambda tmp, mp: mnist_files(tmp, mp, written=_payload(n_train=0))),
+    Case("6+", "empty split", MNIST, "the valid split of 'mnist' is empty",
+         lambda tmp, mp: mnist_files(tmp, mp)),  # 12 images: no validation split
+    Case("7", "NaN in data", _api(torch.full((50, 64), float("nan"))),
+         "the train split of 'mine' has NaN or inf"),
+    Case("7+", "inf in data (gaussian)", _api(torch.full((50, 64), float("inf")),
+                                              GaussianLikelihood(64)),
+         "likelihood 'gaussian' needs finite x; the train split of 'mine' has NaN or inf"),
+    Case("8", "gray values for a Bernoulli likelihood", DIGITS + ["--no-binarize"],
+         "likelihood 'bernoulli' needs x in {0, 1} but the train split of 'digits' has "
+         "other values (e.g. 0.0625); binarize it (--binarize"),
+    Case("9", "integer data", _api(torch.randint(0, 2, (50, 64))),
+         "the train split of 'mine' has dtype torch.int64; the model needs floating-point "
+         "data (convert it with x.float())"),
+    Case("10", "input dimension not the model's", _api(torch.zeros(50, 32)),
+         "the train split of 'mine' has points of shape (32,); the model takes x_dim = 64"),
+    Case("11", "unknown --prior", DIGITS + ["--prior", "flat"],
+         "unknown prior 'flat'; choose one of ['learned_normal', 'mog', 'normal', 'vamp']"),
+    Case("11+", "unknown --guide", DIGITS + ["--guide", "exact"],
+         "unknown guide 'exact'; choose one of ['diagonal', 'fullrank', 'iaf']"),
+    Case("11+", "unknown --loss", DIGITS + ["--loss", "kl"],
+         "argument --loss: invalid choice: 'kl' (choose from 'trace', 'meanfield', 'iwae')"),
+    Case("11+", "unknown --dataset", ["--dataset", "cifar"],
+         "argument --dataset: invalid choice: 'cifar' (choose from 'digits', 'mnist', "
+         "'fashion-mnist', 'binarized-mnist')"),
+    Case("12", "z-dim <= 0", DIGITS + ["--z-dim", "0"], "--z-dim must be > 0, got 0"),
+    Case("12+", "batch size > data set", DIGITS + ["--batch-size", "5000"],
+         "--batch-size 5000 is larger than the train split of 'digits' (1297 points)"),
+    Case("12+", "K pseudo-inputs <= 0", DIGITS + ["--prior", "vamp", "--components", "0"],
+         "--components must be > 0, got 0"),
+    Case("12+", "beta < 0", DIGITS + ["--beta", "-1"],
+         "beta and warmup_epochs must be >= 0, got -1.0"),
+    Case("12+", "particles < 1", DIGITS + ["--particles", "0"],
+         "--particles must be > 0, got 0"),
+    Case("12+", "--limit 0", DIGITS + ["--limit", "0"], "--limit must be > 0, got 0"),
+    Case("12+", "--lr < 0", DIGITS + ["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    Case("12+", "--hidden 0", DIGITS + ["--hidden", "0"], "--hidden: sizes must be >= 1"),
+    Case("12+", "--skip-nonfinite < 0", DIGITS + ["--skip-nonfinite", "-1"],
+         "--skip-nonfinite must be >= 0, got -1"),
+    Case("12+", "--checkpoint-every < 0", DIGITS + ["--checkpoint-every", "-2"],
+         "--checkpoint-every must be >= 0, got -2"),
+    Case("12+", "no such device", DIGITS + ["--device", "tpu:7"],
+         "--device: 'tpu:7' is not a device"),
+    Case("12+", "missing data files, downloads off", ["--dataset", "mnist", "--data-dir",
+                                                      "{tmp}/nothing", "--no-download"],
+         "nothing/mnist lacks train-images-idx3-ubyte.gz"),
+    Case("13", "--resume with another model", ["--resume", "{tmp}/run", "--z-dim", "5"],
+         "--resume {tmp}/run: --z-dim 5 differs from the run's 4 and changes the model",
+         _trained_run),
+    Case("13+", "--resume with another prior", ["--resume", "{tmp}/run", "--prior", "vamp"],
+         "--prior vamp differs from the run's normal and changes the model", _trained_run),
+    Case("13+", "--resume with another batch size",
+         ["--resume", "{tmp}/run", "--batch-size", "64", "--epochs", "2"],
+         "--batch-size 64 differs from the run's 128 and changes what the run trains",
+         _trained_run),
+    Case("13+", "--resume into another folder",
+         ["--resume", "{tmp}/run", "--out", "{tmp}/copy", "--epochs", "2"],
+         "--out {tmp}/copy: a resumed run stays in its folder {tmp}/run", _trained_run),
+    Case("13+", "--resume of a folder without a run", ["--resume", "{tmp}/nowhere"],
+         "{tmp}/nowhere/config.json: no such file; is this a pyro_vae run folder?"),
+    Case("13+", "--resume of a checkpoint crafted to run code",
+         ["--resume", "{tmp}/run", "--epochs", "2"],
+         "{tmp}/run/checkpoint.pt: not a readable pyro_vae checkpoint (UnpicklingError",
+         _crafted_checkpoint),  # and tmp/exploited is not created: the tree is unchanged
+    Case("13+", "--resume of a finished run", ["--resume", "{tmp}/run"],
+         "the run has finished its 1 epochs; give --epochs more than 1", _trained_run),
+    Case("14", "output folder holds a run", DIGITS + ["--z-dim", "8"],
+         "--out {tmp}/run already holds a run (config.json, metrics.jsonl, checkpoint.pt, "
+         "summary.json, samples.png, reconstructions.png, elbo.png); pass --overwrite",
+         _trained_run),
+]
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.item} {c.what}" for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    if case.setup is not None:
+        case.setup(tmp_path, monkeypatch)
+    before = _tree(tmp_path)
+    message = case.message.replace("{tmp}", str(tmp_path))
+    if callable(case.args):
+        with pytest.raises(ValueError) as e:
+            case.args(tmp_path)
+        error = str(e.value)
+    else:
+        argv = ["train", *(a.replace("{tmp}", str(tmp_path)) for a in case.args), "--quiet"]
+        if "--resume" not in case.args:
+            argv += ["--out", str(tmp_path / "run")]
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(("pyro-vae: error: ", "pyro-vae train: error: "))
+    assert message in error
+    assert "\n" not in error
+    assert _tree(tmp_path) == before  # nothing written, nothing removed
+
+
+def test_the_table_covers_every_kind_of_bad_input():
+    assert {c.item.rstrip("+") for c in CASES} == {str(i) for i in range(1, 15)}
