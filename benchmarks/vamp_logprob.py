@@ -21,7 +21,6 @@ from pyro.infer import SVI
 
 import pyro_vae as pv
 from pyro_vae.objectives import make_elbo
-from pyro_vae.train import make_optimizer
 
 
 class VampMixtureSameFamily(pv.VampPrior):
@@ -37,7 +36,7 @@ def time_steps(prior_cls, x, steps, device):
     prior = prior_cls(40, 784, components=500)
     vae = pv.VAE(784, 40, (300, 300), arch="gated", prior=prior).to(device)
     pyro.clear_param_store()
-    svi = SVI(vae.model, vae.guide, make_optimizer("adam", 1e-3), make_elbo("meanfield"))
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), make_elbo("meanfield"))
     with pyro.validation_enabled(False):
         for _ in range(5):
             svi.step(x, num_data=50000)

@@ -1,4 +1,5 @@
-"""fit(): the SVI loop, epoch callbacks, and safe checkpoints."""
+"""fit(): the training loop (Pyro's ELBO, one PyTorch optimizer), epoch callbacks, safe
+checkpoints and exact resume."""
 
 import contextlib
 import copy
@@ -19,9 +20,8 @@ from tqdm.auto import tqdm
 
 import pyro
 from pyro import poutine
-from pyro.infer import SVI
-from pyro.infer.util import torch_item, zero_grads
-from pyro.optim import Adam, ClippedAdam
+from pyro.infer.util import torch_item
+from pyro.optim.clipped_adam import ClippedAdam
 
 from .evaluation import elbo as evaluate_elbo
 from .objectives import (beta_at, check_objective, make_elbo, plain_elbo_loss,
@@ -39,41 +39,74 @@ class TrainingDiverged(RuntimeError):
     """The loss or a gradient became NaN or infinite."""
 
 
-def _guarded_step(svi: SVI, *args, **kwargs) -> Tuple[float, Optional[str]]:
-    """``svi.step`` (same body as Pyro's), except that when the loss or a gradient is not
-    finite no parameter is updated. Returns the loss and None, or the loss and the name
-    of the first non-finite quantity ("loss" or "gradient of decoder.0.weight")."""
-    with poutine.trace(param_only=True) as capture:
-        loss = torch_item(svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs))
-    sites = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
-    params = set(sites.values())
-    bad = None
-    if not math.isfinite(loss):
-        bad = "loss"
-    else:
-        grads = [p.grad for p in params if p.grad is not None]
-        # One reduction and one host sync for all gradients; names only on failure.
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            bad = next((f"gradient of {name.replace('$$$', '.')}"
-                        for name, p in sites.items()
-                        if p.grad is not None and not torch.isfinite(p.grad).all()), None)
-    if bad is None:
-        svi.optim(params)
-    zero_grads(params)
-    return loss, bad
+class _Step:
+    """One training step: Pyro's ELBO gives the loss and its gradients; one PyTorch
+    optimizer updates every trained parameter, unless the loss or a gradient is not
+    finite, in which case nothing changes.
 
-
-def make_optimizer(name: str = "adam", lr: float = 1e-3, clip_norm: float = 10.0):
-    """Pyro's ``Adam`` or ``ClippedAdam`` (gradient norm clipped to ``clip_norm``).
-
-    ``Adam`` uses PyTorch's fused kernel: Pyro keeps one optimizer per parameter tensor,
-    and the fused update cuts that per-call overhead (about 3 ms of a 14 ms step on the
-    784-400-50 MNIST network on a 2-core CPU; see benchmarks/train_speed.py).
+    This is ``SVI.step`` with two changes. Pyro's ``PyroOptim`` keeps one optimizer per
+    parameter tensor and traces the step to find them; here the parameters are found
+    once, and a single fused Adam updates them all (``make_optimizer``). The loss is the
+    ELBO's ``differentiable_loss`` (what Pyro's ``ELBOModule`` calls), or for the IWAE
+    bound, which has none in Pyro, its ``loss_and_grads``.
     """
+
+    def __init__(self, model, guide, objective, params: Dict[str, torch.nn.Parameter],
+                 optimizer: torch.optim.Optimizer):
+        self.model, self.guide, self.objective = model, guide, objective
+        self.params, self.optimizer = params, optimizer
+        self.differentiable = hasattr(objective, "differentiable_loss")
+
+    def __call__(self, *args, **kwargs) -> Tuple[float, Optional[str]]:
+        """Returns the loss and None, or the loss and the first non-finite quantity
+        ("loss" or "gradient of decoder.0.weight")."""
+        if self.differentiable:
+            loss = self.objective.differentiable_loss(self.model, self.guide, *args, **kwargs)
+            loss.backward()
+            loss = loss.item()
+        else:
+            loss = torch_item(self.objective.loss_and_grads(self.model, self.guide, *args,
+                                                            **kwargs))
+        bad = None
+        if not math.isfinite(loss):
+            bad = "loss"
+        else:
+            grads = [p.grad for p in self.params.values() if p.grad is not None]
+            # One reduction and one host sync for all gradients; names only on failure.
+            if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+                bad = next(f"gradient of {name}" for name, p in self.params.items()
+                           if p.grad is not None and not torch.isfinite(p.grad).all())
+        if bad is None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, bad
+
+
+def trained_parameters(vae, model, guide, x: torch.Tensor) -> Dict[str, torch.nn.Parameter]:
+    """The parameters that ``model`` and ``guide`` register with Pyro on data ``x`` (the
+    ``param`` sites of their traces), by name in ``vae``, in ``vae``'s order."""
+    with poutine.trace(param_only=True) as capture, torch.no_grad(), \
+            pyro.validation_enabled(False):
+        guide_trace = poutine.trace(guide).get_trace(x)
+        poutine.replay(model, trace=guide_trace)(x)
+    seen = {id(_unconstrained(site["value"])) for site in capture.trace.nodes.values()}
+    named = {name: p for name, p in vae.named_parameters() if id(p) in seen}
+    if len(named) != len(seen):
+        raise ValueError("the model or guide has Pyro parameters outside the module "
+                         "(pyro.param); fit trains module parameters only")
+    return named
+
+
+def make_optimizer(name: str, params, lr: float = 1e-3,
+                   clip_norm: float = 10.0) -> torch.optim.Optimizer:
+    """One optimizer over ``params``: PyTorch's ``Adam`` (fused kernel), or Pyro's
+    ``ClippedAdam`` (each gradient clipped to ``clip_norm`` elementwise, as
+    ``pyro.optim.ClippedAdam`` does)."""
+    params = list(params)
     if name == "adam":
-        return Adam({"lr": lr, "fused": True})
+        return torch.optim.Adam(params, lr=lr, fused=True)
     if name == "clipped_adam":
-        return ClippedAdam({"lr": lr, "clip_norm": clip_norm})
+        return ClippedAdam(params, lr=lr, clip_norm=clip_norm)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
 
 
@@ -85,7 +118,9 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         validate: bool = True, freeze_model: bool = False,
         skip_nonfinite: int = 0, checkpoint: Optional[Callable[[Dict], None]] = None,
         checkpoint_every: int = 0, resume: Optional[Dict] = None) -> List[Dict]:
-    """Train ``vae`` on ``train`` with ``pyro.infer.SVI`` and return the per-epoch history.
+    """Train ``vae`` on ``train`` by stochastic variational inference and return the
+    per-epoch history: each step is ``pyro.infer.SVI``'s (Pyro's ELBO for the loss and
+    its gradients) with one PyTorch optimizer for all parameters (see ``_Step``).
 
     Each step estimates the objective of the whole training set from one minibatch (the
     ``"data"`` plate scales it by N / B) and takes one optimizer step. ``loss`` is
@@ -150,7 +185,9 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     probe = next(train.batches(2, False))  # two points to trace the model and guide on
     guide_only = _guide_only(vae, probe) if freeze_model else None
     with guide_only or contextlib.nullcontext(vae.model) as model:
-        svi = SVI(model, vae.guide, make_optimizer(optimizer, lr, clip_norm), objective)
+        params = trained_parameters(vae, model, vae.guide, probe)
+        step_fn = _Step(model, vae.guide, objective, params,
+                        make_optimizer(optimizer, params.values(), lr, clip_norm))
         with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic: never raise here
             warn_if_monte_carlo_kl(loss, vae.model, vae.guide, probe)
         # The IWAE bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
@@ -160,13 +197,14 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         history = []
         if resume is not None:  # after all set-up that draws random numbers
             history = [dict(r) for r in resume["history"]]
-            svi.optim.set_state(_with_hyperparameters(resume["optimizer"], lr, clip_norm))
+            _load_optimizer_state(step_fn, resume["optimizer"], lr, clip_norm)
             set_rng_state(resume["rng"], generator)
 
         def save():
             if checkpoint is not None:
                 checkpoint({"position": pos.state(), "history": history,
-                            "optimizer": svi.optim.get_state(),
+                            "optimizer": {"parameters": list(params),
+                                          "state": step_fn.optimizer.state_dict()},
                             "rng": get_rng_state(generator)})
 
         if resume is None:
@@ -188,8 +226,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                     # Distribution checks run on the very first step, where a model or guide
                     # bug shows, and are then switched off: they cost ~15% of a step.
                     with pyro.validation_enabled(validate and epoch == 1 and step == 0):
-                        batch_loss, bad = _guarded_step(svi, xb, num_data=num_data,
-                                                        beta=beta_e)
+                        batch_loss, bad = step_fn(xb, num_data=num_data, beta=beta_e)
                 except ValueError:
                     # With validation on, NaN weights fail a distribution's argument check.
                     bad = next((f"parameter {name}" for name, p in vae.named_parameters()
@@ -271,16 +308,18 @@ class _Position:
         return cls(**state)
 
 
-def _with_hyperparameters(optim_state: Dict, lr: float, clip_norm: float) -> Dict:
-    """Saved per-parameter optimizer states, with the learning rate (and clipping bound)
-    of this call: a resumed run may lower them."""
-    state = copy.deepcopy(optim_state)
-    for param_state in state.values():
-        for group in param_state["param_groups"]:
-            group["lr"] = lr
-            if "clip_norm" in group:
-                group["clip_norm"] = clip_norm
-    return state
+def _load_optimizer_state(step: _Step, saved: Dict, lr: float, clip_norm: float) -> None:
+    """Load a saved optimizer state, with the learning rate (and clipping bound) of this
+    call: a resumed run may lower them."""
+    if saved["parameters"] != list(step.params):
+        raise ValueError("resume: the saved optimizer state is for other parameters "
+                         f"({len(saved['parameters'])} saved, {len(step.params)} now)")
+    state = copy.deepcopy(saved["state"])
+    for group in state["param_groups"]:
+        group["lr"] = lr
+        if "clip_norm" in group:
+            group["clip_norm"] = clip_norm
+    step.optimizer.load_state_dict(state)
 
 
 def get_rng_state(generator: torch.Generator) -> Dict:
@@ -450,3 +489,8 @@ def load_checkpoint(path, vae, map_location="cpu", state: Optional[Dict] = None)
         reason = str(e).splitlines()[0]
         raise ValueError(f"{path}: does not fit this model: {reason}") from None
     return {k: v for k, v in state.items() if k not in ("format", "model")}
+
+
+def _unconstrained(value: torch.Tensor) -> torch.Tensor:
+    """The leaf tensor behind a ``param`` site's value."""
+    return value.unconstrained() if hasattr(value, "unconstrained") else value

@@ -40,7 +40,7 @@ def _child(out: str, kill_at: int, mode: str, data_dir: str) -> None:
     from pyro_vae import cli, train
 
     calls, kill_at = 0, int(kill_at)
-    guarded_step, save = train._guarded_step, torch.save
+    step_call, save = train._Step.__call__, torch.save
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -50,7 +50,7 @@ def _child(out: str, kill_at: int, mode: str, data_dir: str) -> None:
         calls += 1
         if mode == "step" and calls == kill_at:
             die()
-        return guarded_step(*args, **kwargs)
+        return step_call(*args, **kwargs)
 
     def half_save(obj, f):
         if mode == "write" and calls >= kill_at:
@@ -62,7 +62,7 @@ def _child(out: str, kill_at: int, mode: str, data_dir: str) -> None:
             die()
         save(obj, f)
 
-    train._guarded_step, torch.save = step, half_save
+    train._Step.__call__, torch.save = step, half_save
     cli.main(["train", *TRAIN_ARGS, "--data-dir", data_dir, "--out", out])
 
 
@@ -98,11 +98,11 @@ def differences(a: Path, b: Path) -> list:
     cb = torch.load(b / "checkpoint.pt", weights_only=True)
     diff = [k for k in ca["model"] if not torch.equal(ca["model"][k], cb["model"][k])]
     oa, ob = ca["training"]["optimizer"], cb["training"]["optimizer"]
-    if oa.keys() != ob.keys():
+    if oa["parameters"] != ob["parameters"]:
         diff.append("optimizer parameters")
-    for name in oa.keys() & ob.keys():
-        for key, value in oa[name]["state"][0].items():
-            if not torch.equal(value, ob[name]["state"][0][key]):
+    for i, name in enumerate(oa["parameters"]):
+        for key, value in oa["state"]["state"][i].items():
+            if not torch.equal(value, ob["state"]["state"][i][key]):
                 diff.append(f"optimizer {name} {key}")
 
     def metrics(run):

@@ -229,16 +229,20 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 def test_clipped_adam_is_pyros_and_trains():
     train, valid, _ = _digits()
+    from pyro.optim.clipped_adam import ClippedAdam
     from pyro_vae.train import make_optimizer
 
-    opt = make_optimizer("clipped_adam", lr=1e-3, clip_norm=0.5)
-    assert opt.pt_optim_constructor.__name__ == "ClippedAdam"
-    assert opt.pt_optim_args == {"lr": 1e-3, "clip_norm": 0.5}
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = make_optimizer("clipped_adam", [w], lr=1e-3, clip_norm=0.5)
+    assert isinstance(opt, ClippedAdam) and opt.defaults["clip_norm"] == 0.5
+    w.grad = torch.tensor([100.0, -100.0, 0.25])
+    opt.step()  # Adam's first step moves each coordinate by lr * sign(clipped gradient)
+    assert torch.allclose(w, torch.tensor([-1e-3, 1e-3, -1e-3]), atol=1e-6)
     history = fit(VAE(64, 4, (16,)), train, valid, epochs=3, optimizer="clipped_adam",
                   clip_norm=1.0, lr=3e-3, progress=False)
     assert history[-1]["valid_elbo"] > history[0]["valid_elbo"]
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
-        make_optimizer("sgd")
+        make_optimizer("sgd", [w])
 
 
 def test_vectorized_particles_train_with_both_losses():
