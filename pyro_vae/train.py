@@ -72,10 +72,12 @@ class _Step:
             bad = "loss"
         else:
             grads = [p.grad for p in self.params.values() if p.grad is not None]
-            # One reduction and one host sync for all gradients; names only on failure.
-            if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-                bad = next(f"gradient of {name}" for name, p in self.params.items()
-                           if p.grad is not None and not torch.isfinite(p.grad).all())
+            # One sum per gradient and one host sync: a NaN or an infinity anywhere makes
+            # the total non-finite (a sum overflows far later than a norm's squares; if
+            # it does, no gradient is named and the step goes ahead).
+            if grads and not torch.isfinite(torch.stack([g.sum().float() for g in grads]).sum()):
+                bad = next((f"gradient of {name}" for name, p in self.params.items()
+                            if p.grad is not None and not torch.isfinite(p.grad).all()), None)
         if bad is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
