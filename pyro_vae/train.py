@@ -99,6 +99,11 @@ def trained_parameters(vae, model, guide, x: torch.Tensor) -> Dict[str, torch.nn
     return named
 
 
+def _unconstrained(value: torch.Tensor) -> torch.Tensor:
+    """The leaf tensor behind a ``param`` site's value."""
+    return value.unconstrained() if hasattr(value, "unconstrained") else value
+
+
 def make_optimizer(name: str, params, lr: float = 1e-3,
                    clip_norm: float = 10.0) -> torch.optim.Optimizer:
     """One optimizer over ``params``: PyTorch's ``Adam`` (fused kernel), or Pyro's
@@ -492,7 +497,3 @@ def load_checkpoint(path, vae, map_location="cpu", state: Optional[Dict] = None)
         raise ValueError(f"{path}: does not fit this model: {reason}") from None
     return {k: v for k, v in state.items() if k not in ("format", "model")}
 
-
-def _unconstrained(value: torch.Tensor) -> torch.Tensor:
-    """The leaf tensor behind a ``param`` site's value."""
-    return value.unconstrained() if hasattr(value, "unconstrained") else value
