@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
+from . import __version__, distributed
 from .runs import TrainConfig, evaluate_run, read_config, resume_run, train_run
 
 
@@ -114,6 +114,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 summary = train_run(config, progress=not quiet)
         except (ValueError, OSError, RuntimeError) as e:
             parser.exit(2, f"pyro-vae: error: {e}\n")
+        finally:
+            distributed.teardown()
+        if not summary:  # not process 0 of a torchrun
+            return 0
         print(f"run folder: {config.out}")
         if "test_iwae" in summary:
             print(f"test IWAE bound (K = {config.particles}): {summary['test_iwae']:.4f} "

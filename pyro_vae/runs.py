@@ -6,6 +6,7 @@ epoch), ``checkpoint.pt`` (the weights, and everything needed to resume exactly)
 ``reconstructions.png``, ``elbo.png``.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 
 import pyro
 
-from . import datasets, plots
+from . import datasets, distributed, plots
 from .evaluation import active_units, elbo_surgery, log_likelihood
 from .evaluation import elbo as evaluate_elbo
 from .likelihoods import LIKELIHOODS, GaussianLikelihood
@@ -274,7 +275,7 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
             raise ValueError(f"--out {config.out} is the --init-from run; write elsewhere")
         config, start = from_source(config)
     config = config.resolved()
-    device = resolve_device(config.device)
+    device = distributed.setup(resolve_device(config.device))
     data = load_data(config)
     pyro.set_rng_seed(config.seed)  # the initial weights too are a function of --seed
     vae = build_vae(config, data[0].x.shape[1], data[0])
@@ -282,9 +283,11 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
         _load_start(vae, start, Path(config.init_from) / "checkpoint.pt")
     check_data(vae, *data, batch_size=config.batch_size)
     out = Path(config.out)
-    # Everything that can fail on bad input has been checked: only now touch the folder.
-    _prepare_out(out, config.overwrite)
-    _write_json(out / "config.json", dataclasses.asdict(config))
+    # Everything that can fail on bad input has been checked: only now touch the folder
+    # (process 0 does, of several under torchrun).
+    if distributed.is_main():
+        _prepare_out(out, config.overwrite)
+        _write_json(out / "config.json", dataclasses.asdict(config))
     return _train_and_report(config, vae, data, device, progress)
 
 
@@ -342,27 +345,31 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True) -
     if done >= config.epochs:
         raise ValueError(f"--resume {out}: the run has finished its {done} epochs; give "
                          f"--epochs more than {done} to train on")
-    device = resolve_device(config.device)
+    device = distributed.setup(resolve_device(config.device))
     data = load_data(config)
     vae = build_vae(config, data[0].x.shape[1], data[0])
     load_checkpoint(out / "checkpoint.pt", vae, state=state)
     check_data(vae, *data, batch_size=config.batch_size)
-    _remove_leftovers(out)
-    _write_json(out / "config.json", dataclasses.asdict(config))
+    if distributed.is_main():
+        _remove_leftovers(out)
+        _write_json(out / "config.json", dataclasses.asdict(config))
     return _train_and_report(config, vae, data, device, progress, resume=training)
 
 
 def _train_and_report(config: TrainConfig, vae, data, device, progress: bool,
                       resume: Optional[dict] = None) -> dict:
     """Train (from the start, or from ``resume``) into ``config.out``: checkpoints and
-    metrics as it goes, then the summary and figures."""
+    metrics as it goes, then the summary and figures. Of several processes, all train
+    and process 0 alone writes (the others return an empty summary)."""
     out = Path(config.out)
     train, valid, test = data
     history = resume["history"] if resume is not None else []
-    # metrics.jsonl restarts from the checkpoint's history: an epoch logged after the
-    # checkpoint was taken is trained again, and logged once.
-    _write_lines(out / "metrics.jsonl", history)
-    metrics_file = open(out / "metrics.jsonl", "a")
+    main = distributed.is_main()
+    if main:
+        # metrics.jsonl restarts from the checkpoint's history: an epoch logged after the
+        # checkpoint was taken is trained again, and logged once.
+        _write_lines(out / "metrics.jsonl", history)
+    metrics_file = open(out / "metrics.jsonl", "a") if main else contextlib.nullcontext()
 
     def record_epoch(record, vae):
         metrics_file.write(json.dumps(record) + "\n")
@@ -381,6 +388,8 @@ def _train_and_report(config: TrainConfig, vae, data, device, progress: bool,
                       progress=progress, freeze_model=config.freeze_model,
                       skip_nonfinite=config.skip_nonfinite, checkpoint=checkpoint,
                       checkpoint_every=config.checkpoint_every, resume=resume)
+    if not main:
+        return {}
 
     test = test.to(device)
     # The plain ELBO (beta = 1) for every run; the IWAE bound too where it was trained.

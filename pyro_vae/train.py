@@ -23,6 +23,7 @@ from pyro import poutine
 from pyro.infer.util import torch_item
 from pyro.optim.clipped_adam import ClippedAdam
 
+from .distributed import World
 from .evaluation import elbo as evaluate_elbo
 from .objectives import (beta_at, check_objective, make_elbo, plain_elbo_loss,
                          scales_with_data_size, warn_if_monte_carlo_kl)
@@ -39,6 +40,23 @@ class TrainingDiverged(RuntimeError):
     """The loss or a gradient became NaN or infinite."""
 
 
+class _Loss(torch.nn.Module):
+    """Pyro's ELBO as a module: ``forward`` returns its ``differentiable_loss`` (what
+    Pyro's ``ELBOModule`` does), so that ``DistributedDataParallel`` can wrap it. The
+    networks are used without ``param`` sites (``VAE.unregistered``) where the model
+    offers it: the parameters were found once, by ``trained_parameters``."""
+
+    def __init__(self, vae, model, guide, objective):
+        super().__init__()
+        self.vae = vae
+        self.model, self.guide, self.objective = model, guide, objective
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        unregistered = getattr(self.vae, "unregistered", contextlib.nullcontext)
+        with unregistered():
+            return self.objective.differentiable_loss(self.model, self.guide, *args, **kwargs)
+
+
 class _Step:
     """One training step: Pyro's ELBO gives the loss and its gradients; one PyTorch
     optimizer updates every trained parameter, unless the loss or a gradient is not
@@ -47,41 +65,69 @@ class _Step:
     This is ``SVI.step`` with two changes. Pyro's ``PyroOptim`` keeps one optimizer per
     parameter tensor and traces the step to find them; here the parameters are found
     once, and a single fused Adam updates them all (``make_optimizer``). The loss is the
-    ELBO's ``differentiable_loss`` (what Pyro's ``ELBOModule`` calls), or for the IWAE
-    bound, which has none in Pyro, its ``loss_and_grads``.
+    ELBO's ``differentiable_loss`` (``_Loss``, under ``DistributedDataParallel`` when
+    several processes train), or for the IWAE bound, which has none in Pyro, its
+    ``loss_and_grads``.
+
+    The finite check never waits for the device unless asked (``check``): the fused Adam
+    kernel skips the update on the device itself when told the step was not finite.
     """
 
-    def __init__(self, model, guide, objective, params: Dict[str, torch.nn.Parameter],
-                 optimizer: torch.optim.Optimizer):
+    def __init__(self, vae, model, guide, objective, params: Dict[str, torch.nn.Parameter],
+                 optimizer: torch.optim.Optimizer, world: World):
         self.model, self.guide, self.objective = model, guide, objective
-        self.params, self.optimizer = params, optimizer
+        self.params, self.optimizer, self.world = params, optimizer, world
         self.differentiable = hasattr(objective, "differentiable_loss")
-
-    def __call__(self, *args, **kwargs) -> Tuple[float, Optional[str]]:
-        """Returns the loss and None, or the loss and the first non-finite quantity
-        ("loss" or "gradient of decoder.0.weight")."""
         if self.differentiable:
-            loss = self.objective.differentiable_loss(self.model, self.guide, *args, **kwargs)
+            self.loss = _Loss(vae, model, guide, objective)
+            if world.size > 1:
+                untrained = {id(p) for p in params.values()}
+                self.loss = world.wrap(self.loss, ignore=[
+                    "vae." + name for name, p in vae.named_parameters()
+                    if id(p) not in untrained])
+        self.device_skip = (isinstance(optimizer, torch.optim.Adam)
+                            and bool(optimizer.defaults.get("fused")))
+
+    def __call__(self, x: torch.Tensor, weight: float = 1.0, check: bool = True, **kwargs
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[str]]:
+        """Returns the loss (times ``weight``) and whether it and every gradient were
+        finite, both as tensors on the device; and, if the step was checked on the host
+        (``check``, or an optimizer that cannot skip on the device), the first
+        non-finite quantity ("loss", "gradient of decoder.0.weight") or None."""
+        if self.differentiable:
+            loss = self.loss(x, **kwargs)
+            if weight != 1:
+                loss = loss * weight
             loss.backward()
-            loss = loss.item()
+            loss = loss.detach()
         else:
-            loss = torch_item(self.objective.loss_and_grads(self.model, self.guide, *args,
+            loss = torch_item(self.objective.loss_and_grads(self.model, self.guide, x,
                                                             **kwargs))
+            loss = torch.tensor(loss, device=x.device)
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        # One sum per gradient: a NaN or an infinity anywhere makes the total non-finite
+        # (so does a sum beyond the float range, which a norm's squares reach far sooner).
+        finite = torch.isfinite(torch.stack([loss.float()] + [g.sum().float() for g in grads])
+                                .sum())
+        finite = self.world.all_true(finite)  # every process takes the same decision
         bad = None
-        if not math.isfinite(loss):
-            bad = "loss"
+        if check or not self.device_skip:
+            if not finite:  # waits for the device
+                bad = "loss" if not torch.isfinite(loss) else next(
+                    (f"gradient of {name}" for name, p in self.params.items()
+                     if p.grad is not None and not torch.isfinite(p.grad).all()),
+                    "sum of the gradients" if self.world.size == 1 else
+                    "loss of another process")
+            else:
+                self.optimizer.step()
         else:
-            grads = [p.grad for p in self.params.values() if p.grad is not None]
-            # One sum per gradient and one host sync: a NaN or an infinity anywhere makes
-            # the total non-finite (a sum overflows far later than a norm's squares; if
-            # it does, no gradient is named and the step goes ahead).
-            if grads and not torch.isfinite(torch.stack([g.sum().float() for g in grads]).sum()):
-                bad = next((f"gradient of {name}" for name, p in self.params.items()
-                            if p.grad is not None and not torch.isfinite(p.grad).all()), None)
-        if bad is None:
-            self.optimizer.step()
+            self.optimizer.found_inf = (~finite).float()  # read by the fused Adam kernel
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, bad
+        return loss, finite, bad
 
 
 def trained_parameters(vae, model, guide, x: torch.Tensor) -> Dict[str, torch.nn.Parameter]:
@@ -124,7 +170,8 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         device=None, callbacks: Sequence[Callback] = (), progress: bool = True,
         validate: bool = True, freeze_model: bool = False,
         skip_nonfinite: int = 0, checkpoint: Optional[Callable[[Dict], None]] = None,
-        checkpoint_every: int = 0, resume: Optional[Dict] = None) -> List[Dict]:
+        checkpoint_every: int = 0, resume: Optional[Dict] = None,
+        check_every: Optional[int] = None) -> List[Dict]:
     """Train ``vae`` on ``train`` by stochastic variational inference and return the
     per-epoch history: each step is ``pyro.infer.SVI``'s (Pyro's ELBO for the loss and
     its gradients) with one PyTorch optimizer for all parameters (see ``_Step``).
@@ -143,11 +190,15 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     plain ELBO (beta = 1) of ``valid``; ``seconds`` excludes validation and checkpoints.
 
     ``device``: move the model and data there; by default the model's device is used.
+    The whole data set is held on the device, and a step never waits for it except to
+    check for non-finite values: every ``check_every`` steps (default: every step on the
+    CPU, where checking costs nothing; every 50 on a GPU).
     ``validate``: check distribution arguments and supports on the first step.
-    Every step checks the loss and the gradients before the update: a non-finite value
-    changes no parameter and stops training with ``TrainingDiverged`` naming the epoch,
-    the step and the quantity; ``skip_nonfinite`` such steps are skipped (and logged)
-    first. Skipped steps do not count in ``train_elbo``.
+    A step whose loss or gradient is not finite changes no parameter (with the default
+    ``adam`` the fused kernel skips it on the device). At the next check, training stops
+    with ``TrainingDiverged`` naming the epoch, the step and, when checked at that step,
+    the quantity; ``skip_nonfinite`` such steps are skipped (and logged) first. Skipped
+    steps do not count in ``train_elbo``.
     ``freeze_model``: train the guide's parameters only; the decoder, the likelihood and
     the prior stay as they are (to fit a new guide to a trained model, see
     ``VAE.swap_guide``; a prior built on the guide's own encoder would move, and is
@@ -157,11 +208,19 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     (everything but ``vae``'s weights: optimizer state, position in the run, the epoch's
     data order, the random number generators, the history so far; plain tensors and
     containers) before the first step, after every epoch, every ``checkpoint_every``
-    steps, and before ``TrainingDiverged`` is raised (the state before the failed step:
-    resuming retries that batch with fresh noise). ``fit(..., resume=state)`` with
-    ``vae`` holding the weights saved with ``state`` continues exactly where it was taken:
-    on the CPU the result is bitwise that of the uninterrupted run. ``lr`` and
-    ``clip_norm`` given on resume replace the saved ones.
+    steps, and before ``TrainingDiverged`` is raised (when the failed step was the last
+    one taken, the state before it: resuming retries that batch with fresh noise).
+    ``fit(..., resume=state)`` with ``vae`` holding the weights saved with ``state``
+    continues exactly where it was taken: on the CPU the result is bitwise that of the
+    uninterrupted run. ``lr`` and ``clip_norm`` given on resume replace the saved ones.
+
+    Several processes (``torch.distributed`` initialized, e.g. by ``torchrun``; see
+    ``pyro_vae.distributed``): each trains on its shard of every global batch of
+    ``batch_size`` points under ``DistributedDataParallel``, and the result is that of
+    one process with the same batches. Process ``r`` draws its noise from ``seed + r``.
+    Process 0 alone validates, calls ``callbacks`` and ``checkpoint``, and shows
+    progress. The IWAE bound is not supported there (Pyro computes its gradients
+    outside a module's forward).
 
     Clears Pyro's parameter store first: PyroModule registers parameters by name, and a
     stale entry from an earlier model of the same shape would be optimized instead.
@@ -170,49 +229,99 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                         ("checkpoint_every", checkpoint_every)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
+    if epochs < 0 or batch_size < 1 or (check_every is not None and check_every < 1):
+        raise ValueError(f"need epochs >= 0, batch_size >= 1 and check_every >= 1, got "
+                         f"{epochs}, {batch_size}, {check_every}")
     check_objective(loss, beta, warmup_epochs)
     device = torch.device(device) if device is not None else _module_device(vae)
+    world = World.current(device)
     vae.to(device)
     train = train.to(device)
     valid = valid.to(device) if valid is not None else None
     check_data(vae, train, valid, batch_size=batch_size)
     n = len(train)
     steps = math.ceil(n / batch_size)
+    if world.size > 1:
+        _check_distributed(loss, n, batch_size, world)
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 50
     pos = _Position(num_data=n, batch_size=batch_size)
     if resume is not None:
         pos = _Position.restore(resume["position"], n, batch_size)
         pos.order = pos.order.to(device) if pos.order is not None else None
 
     pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    pyro.set_rng_seed(seed + world.rank)  # the model's noise: independent per process
+    generator = torch.Generator(device=device).manual_seed(seed)  # the data: shared
     objective = make_elbo(loss, num_particles)
     probe = next(train.batches(2, False))  # two points to trace the model and guide on
     guide_only = _guide_only(vae, probe) if freeze_model else None
     with guide_only or contextlib.nullcontext(vae.model) as model:
         params = trained_parameters(vae, model, vae.guide, probe)
-        step_fn = _Step(model, vae.guide, objective, params,
-                        make_optimizer(optimizer, params.values(), lr, clip_norm))
-        with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic: never raise here
-            warn_if_monte_carlo_kl(loss, vae.model, vae.guide, probe)
+        step_fn = _Step(vae, model, vae.guide, objective, params,
+                        make_optimizer(optimizer, params.values(), lr, clip_norm), world)
+        if world.main:
+            with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic only
+                warn_if_monte_carlo_kl(loss, vae.model, vae.guide, probe)
         # The IWAE bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
         num_data = n if scales_with_data_size(loss) else None
         valid_loss = plain_elbo_loss(loss)
+        progress = progress and world.main
 
         history = []
         if resume is not None:  # after all set-up that draws random numbers
             history = [dict(r) for r in resume["history"]]
             _load_optimizer_state(step_fn, resume["optimizer"], lr, clip_norm)
-            set_rng_state(resume["rng"], generator)
+            set_rng_state(resume["rng"], generator, world)
 
         def save():
-            if checkpoint is not None:
+            rng = get_rng_state(generator, world)  # every process takes part
+            if checkpoint is not None and world.main:
                 checkpoint({"position": pos.state(), "history": history,
                             "optimizer": {"parameters": list(params),
                                           "state": step_fn.optimizer.state_dict()},
-                            "rng": get_rng_state(generator)})
+                            "rng": rng})
+
+        # Steps since the last check: (step, points, loss, finite, quantity or None).
+        pending = []
+
+        def settle(bar=None):
+            """Read the pending steps' losses and finite flags (one wait for the device),
+            add them to the epoch's totals, and deal with non-finite steps."""
+            if not pending:
+                return
+            losses = world.sum(torch.stack([p[2].double() for p in pending])) / world.size
+            flags = torch.stack([p[3] for p in pending]).tolist()
+            taken, last = list(pending), pending[-1][0]
+            pending.clear()
+            for (step, size, _, _, bad), batch_loss, ok in zip(taken, losses.tolist(), flags):
+                if ok:
+                    # -ELBO of the batch: the step's loss estimates it for the whole set
+                    # if scaled.
+                    pos.total += batch_loss * size / n if num_data else batch_loss
+                    pos.seen += size
+                    continue
+                where = f"epoch {pos.epoch}, step {step + 1}"
+                bad = bad or ("loss or a gradient (steps are checked every "
+                              f"{check_every}; found at step {last + 1})")
+                if pos.skipped < skip_nonfinite:
+                    pos.skipped += 1
+                    logger.warning("non-finite %s at %s: step skipped, no parameter "
+                                   "changed (%d of %d allowed)", bad, where, pos.skipped,
+                                   skip_nonfinite)
+                    continue
+                if bar is not None:
+                    bar.close()
+                pos.seconds += time.perf_counter() - clock
+                if step == last:  # nothing ran after it: resuming retries this batch
+                    pos.step = step
+                save()
+                raise TrainingDiverged(
+                    f"non-finite {bad} (loss {batch_loss}) at {where}; this step changed "
+                    f"no parameter; lower --lr, use --optimizer clipped_adam, or allow "
+                    f"a few with --skip-nonfinite")
+            if bar is not None and progress:
+                bar.set_postfix(elbo=f"{-pos.total / max(pos.seen, 1):.2f}", refresh=False)
 
         if resume is None:
             save()
@@ -229,60 +338,63 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                        disable=not progress, leave=False, dynamic_ncols=True)
             for xb in bar:
                 step = pos.step  # steps of this epoch done before this one
+                x = world.shard(xb)
+                # The loss averaged over processes must be the global batch's (N / B).
+                weight = world.size * len(x) / len(xb)
+                done = (epoch - 1) * steps + step + 1
+                due = checkpoint_every and done % checkpoint_every == 0 and step + 1 < steps
+                check = due or (step + 1) % check_every == 0 or step + 1 == steps
                 try:
                     # Distribution checks run on the very first step, where a model or guide
                     # bug shows, and are then switched off: they cost ~15% of a step.
                     with pyro.validation_enabled(validate and epoch == 1 and step == 0):
-                        batch_loss, bad = step_fn(xb, num_data=num_data, beta=beta_e)
+                        pending.append((step, len(xb)) + step_fn(
+                            x, weight, check, num_data=num_data, beta=beta_e))
                 except ValueError:
                     # With validation on, NaN weights fail a distribution's argument check.
                     bad = next((f"parameter {name}" for name, p in vae.named_parameters()
                                 if not torch.isfinite(p).all()), None)
                     if bad is None:
                         raise
-                    batch_loss = math.nan
-                if bad is not None:
-                    where = f"epoch {epoch}, step {step + 1}"
-                    if pos.skipped < skip_nonfinite:
-                        pos.skipped += 1
-                        pos.step += 1
-                        logger.warning("non-finite %s at %s: step skipped, no parameter "
-                                       "changed (%d of %d allowed)", bad, where, pos.skipped,
-                                       skip_nonfinite)
-                        continue
-                    bar.close()
-                    pos.seconds += time.perf_counter() - clock
-                    save()  # nothing changed: the state before this step
-                    raise TrainingDiverged(
-                        f"non-finite {bad} (loss {batch_loss}) at {where}; this step changed "
-                        f"no parameter; lower --lr, use --optimizer clipped_adam, or allow "
-                        f"a few with --skip-nonfinite")
+                    step_fn.optimizer.zero_grad(set_to_none=True)
+                    pending.append((step, len(xb), torch.tensor(math.nan, device=device),
+                                    torch.tensor(False, device=device), bad))
                 pos.step += 1
-                # -ELBO of the batch: the step's loss estimates it for the whole set if scaled.
-                pos.total += batch_loss * len(xb) / n if num_data else batch_loss
-                pos.seen += len(xb)
-                if step % 10 == 0:
-                    bar.set_postfix(elbo=f"{-pos.total / pos.seen:.2f}")
-                done = (epoch - 1) * steps + pos.step
-                if checkpoint_every and done % checkpoint_every == 0 and pos.step < steps:
+                if check or pending[-1][4] is not None:
+                    settle(bar)
+                if due:
                     pos.seconds += time.perf_counter() - clock
                     save()
                     clock = time.perf_counter()
             bar.close()
+            settle()
             record = {"epoch": epoch, "beta": beta_e,
                       "train_elbo": -pos.total / max(pos.seen, 1), "valid_elbo": None,
                       "seconds": pos.seconds + time.perf_counter() - clock}
-            if valid is not None:
-                record["valid_elbo"] = evaluate_elbo(vae, valid, valid_loss, num_particles)
+            if world.main:
+                if valid is not None:
+                    record["valid_elbo"] = evaluate_elbo(vae, valid, valid_loss,
+                                                         num_particles)
+                if progress:
+                    tqdm.write(_format(record))
+                for callback in callbacks:
+                    callback(record, vae)
             history.append(record)
-            if progress:
-                tqdm.write(_format(record))
-            for callback in callbacks:
-                callback(record, vae)
             pos = _Position(num_data=n, batch_size=batch_size, epoch=epoch + 1,
                             skipped=pos.skipped)
             save()
         return history
+
+
+def _check_distributed(loss: str, n: int, batch_size: int, world: World) -> None:
+    if loss == "iwae":
+        raise ValueError("loss 'iwae' cannot train on several processes (Pyro computes "
+                         "its gradients outside a module's forward); use one process")
+    smallest = min(batch_size, n - (math.ceil(n / batch_size) - 1) * batch_size)
+    if smallest < world.size:
+        raise ValueError(f"--batch-size {batch_size}: a batch of {smallest} points cannot "
+                         f"be shared by {world.size} processes (the last batch of {n} "
+                         f"points); choose a batch size that leaves at least {world.size}")
 
 
 @dataclasses.dataclass
@@ -329,10 +441,11 @@ def _load_optimizer_state(step: _Step, saved: Dict, lr: float, clip_norm: float)
     step.optimizer.load_state_dict(state)
 
 
-def get_rng_state(generator: torch.Generator) -> Dict:
+def get_rng_state(generator: torch.Generator, world: Optional[World] = None) -> Dict:
     """Every random number generator training draws from, as tensors and plain values:
     torch's (CPU, and CUDA where initialized), Python's, NumPy's, and ``generator`` (the
-    data order and dynamic binarization)."""
+    data order and dynamic binarization). With several processes, each one's torch
+    streams are gathered too (``"ranks"``); all must call this."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -340,12 +453,19 @@ def get_rng_state(generator: torch.Generator) -> Dict:
              "generator": generator.get_state(), "generator_device": generator.device.type}
     if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if world is not None and world.size > 1:
+        streams = {"torch": world.gather(torch.get_rng_state())}
+        if world.device.type == "cuda":
+            streams["cuda"] = world.gather(torch.cuda.get_rng_state(world.device))
+        state["ranks"] = [{k: v[r] for k, v in streams.items()} for r in range(world.size)]
     return state
 
 
-def set_rng_state(state: Dict, generator: torch.Generator) -> None:
+def set_rng_state(state: Dict, generator: torch.Generator,
+                  world: Optional[World] = None) -> None:
     """Restore what ``get_rng_state`` saved. Across devices (a CPU run resumed on a GPU or
-    back) the device streams cannot carry over: they restart, and a warning says so."""
+    back), or with another number of processes, the device streams (or the processes'
+    own) cannot carry over: they restart, and a warning says so."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np_state = state["numpy"]
@@ -364,6 +484,18 @@ def set_rng_state(state: Dict, generator: torch.Generator) -> None:
         else:
             logger.warning("saved with %d CUDA devices, resumed with %d: CUDA random "
                            "streams restart", len(cuda), torch.cuda.device_count())
+    world = world or World()
+    ranks = state.get("ranks", [None])
+    if len(ranks) != world.size:
+        if world.main:
+            logger.warning("saved by %d processes, resumed by %d: the processes' noise "
+                           "streams restart", len(ranks), world.size)
+        if world.rank > 0:  # a stream of its own, drawn from the restored one
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,))) + world.rank)
+    elif world.size > 1:
+        torch.set_rng_state(ranks[world.rank]["torch"])
+        if "cuda" in ranks[world.rank] and world.device.type == "cuda":
+            torch.cuda.set_rng_state(ranks[world.rank]["cuda"], world.device)
 
 
 def check_data(vae, *splits, batch_size: Optional[int] = None) -> None:
