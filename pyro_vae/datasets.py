@@ -107,7 +107,8 @@ class TensorDataset:
         if order is None and shuffle:
             order = torch.randperm(n, device=self.device, generator=generator)
         for i in range(start * batch_size, n, batch_size):
-            xb = self.x[i:i + batch_size] if order is None else self.x[order[i:i + batch_size]]
+            xb = (self.x[i:i + batch_size] if order is None  # index_select: no device sync
+                  else self.x.index_select(0, order[i:i + batch_size]))
             if self.dynamic_binarize:
                 xb = torch.bernoulli(xb, generator=generator)
             yield xb

@@ -294,6 +294,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
             flags = torch.stack([p[3] for p in pending]).tolist()
             taken, last = list(pending), pending[-1][0]
             pending.clear()
+            failed = None  # the first non-finite step beyond those allowed
             for (step, size, _, _, bad), batch_loss, ok in zip(taken, losses.tolist(), flags):
                 if ok:
                     # -ELBO of the batch: the step's loss estimates it for the whole set
@@ -304,12 +305,15 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                 where = f"epoch {pos.epoch}, step {step + 1}"
                 bad = bad or ("loss or a gradient (steps are checked every "
                               f"{check_every}; found at step {last + 1})")
-                if pos.skipped < skip_nonfinite:
+                if failed is None and pos.skipped < skip_nonfinite:
                     pos.skipped += 1
                     logger.warning("non-finite %s at %s: step skipped, no parameter "
                                    "changed (%d of %d allowed)", bad, where, pos.skipped,
                                    skip_nonfinite)
-                    continue
+                elif failed is None:
+                    failed = (step, bad, batch_loss, where)
+            if failed is not None:
+                step, bad, batch_loss, where = failed
                 if bar is not None:
                     bar.close()
                 pos.seconds += time.perf_counter() - clock

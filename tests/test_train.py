@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 
+import pyro
 
 from pyro_vae import VAE, elbo, fit, load_checkpoint, read_checkpoint, save_checkpoint
 from pyro_vae.datasets import TensorDataset, load
@@ -152,6 +153,88 @@ def test_nonfinite_step_stops_training_and_changes_nothing(gradient, quantity):
     assert head.before is not None and after.keys() == head.before.keys()
     assert all(torch.equal(after[k], v) for k, v in head.before.items())
     assert all(torch.isfinite(v).all() for v in after.values())
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unchecked_steps_skip_a_nonfinite_update_on_the_device(device, caplog):
+    """Checked every 4 steps, a NaN gradient at step 3 is skipped by the fused Adam
+    kernel itself (no wait for the device) and found at step 4: the run ends with the
+    parameters and optimizer state of a run that checked every step."""
+    train, _, _ = _digits()
+    runs = []
+    for check_every in (1, 4):
+        head = _FaultAtStep(64, at=3, gradient=True)
+        torch.manual_seed(0)
+        vae = VAE(64, 4, (16,), likelihood=head)
+        head.owner.append(vae)
+        with caplog.at_level("WARNING", logger="pyro_vae"):
+            history = fit(vae, train, epochs=2, batch_size=64, progress=False,
+                          skip_nonfinite=1, device=device, check_every=check_every)
+        runs.append((vae.cpu().state_dict(), history))
+    (a, history_a), (b, history_b) = runs
+    if device == "cpu":  # the same kernels: bitwise
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    assert [r["train_elbo"] for r in history_a] == pytest.approx(
+        [r["train_elbo"] for r in history_b], rel=1e-6)
+    skipped = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    assert skipped[0].startswith("non-finite gradient of ")
+    assert skipped[1] == ("non-finite loss or a gradient (steps are checked every 4; found "
+                          "at step 4) at epoch 1, step 3: step skipped, no parameter changed "
+                          "(1 of 1 allowed)")
+
+
+def test_unchecked_nonfinite_step_stops_training_at_the_next_check():
+    train, _, _ = _digits()
+    head = _FaultAtStep(64, at=2)
+    vae = VAE(64, 4, (16,), likelihood=head)
+    head.owner.append(vae)
+    saved = []
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss or a gradient \(steps are "
+                       r"checked every 5; found at step 5\) \(loss nan\) at epoch 1, step 2;"):
+        fit(vae, train, epochs=1, batch_size=64, progress=False, check_every=5,
+            checkpoint=saved.append)
+    position = saved[-1]["position"]
+    assert (position["epoch"], position["step"], position["seen"]) == (1, 5, 4 * 64)
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+    assert not all(torch.equal(p, head.before[k]) for k, p in vae.state_dict().items())
+
+
+@requires_cuda
+def test_a_training_step_on_cuda_never_waits_for_the_device():
+    """The package's part of a step (batches, finite check, fused Adam with its on-device
+    skip, zero_grad) makes no host-device synchronization, with a loss that makes none
+    either (Pyro's ELBOs call .item() on the loss themselves)."""
+    from pyro_vae.distributed import World
+    from pyro_vae.train import _Step, make_optimizer
+
+    class Objective:
+        def differentiable_loss(self, model, guide, x, **kwargs):
+            loc = vae.encoder(x).base_dist.loc
+            return -vae.decode(loc).log_prob(x).sum() + (loc ** 2).sum()
+
+    train, _, _ = _digits()
+    train = train.to("cuda")
+    vae = VAE(64, 4, (16,)).cuda()
+    params = dict(vae.named_parameters())
+    step = _Step(vae, vae.model, vae.guide, Objective(), params,
+                 make_optimizer("adam", params.values()), World(device=torch.device("cuda")))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    order = torch.randperm(len(train), device="cuda", generator=generator)
+    batches = train.batches(64, order=order, generator=generator)
+    step(next(batches), check=False)  # first-call set-up (optimizer state) may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pyro.validation_enabled(False):  # argument checks do wait, by design
+            results = [step(x, check=False) for x in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(bool(finite) for _, finite, _ in results)
 
 
 def test_skip_nonfinite_tolerates_and_logs_each_skipped_step(caplog):
