@@ -81,10 +81,10 @@ class _Step:
         if self.differentiable:
             self.loss = _Loss(vae, model, guide, objective)
             if world.size > 1:
-                untrained = {id(p) for p in params.values()}
+                trained = {id(p) for p in params.values()}
                 self.loss = world.wrap(self.loss, ignore=[
                     "vae." + name for name, p in vae.named_parameters()
-                    if id(p) not in untrained])
+                    if id(p) not in trained])
         self.device_skip = (isinstance(optimizer, torch.optim.Adam)
                             and bool(optimizer.defaults.get("fused")))
 
