@@ -21,7 +21,8 @@ def image_grid(images: torch.Tensor, image_shape: Tuple[int, int], ncols: int) -
     return grid
 
 
-def _save_grid(grid, path, title):
+def save_grid(grid, path, title: str) -> None:
+    """Write an ``image_grid`` to ``path`` in gray levels, with ``title``."""
     fig, ax = plt.subplots(figsize=(grid.shape[1] / 25 + 1, grid.shape[0] / 25 + 1))
     ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title, fontsize=9)
@@ -34,7 +35,7 @@ def plot_samples(vae, image_shape, path, n: int = 64) -> None:
     """Means of p(x|z) for z drawn from the prior."""
     images = vae.sample(n)
     ncols = int(n ** 0.5)
-    _save_grid(image_grid(images, image_shape, ncols), path,
+    save_grid(image_grid(images, image_shape, ncols), path,
                "mean of p(x|z), z ~ p(z)")
 
 
@@ -45,7 +46,7 @@ def plot_reconstructions(vae, x: torch.Tensor, image_shape, path) -> None:
     rows = []
     for i in range(0, len(x), ncols):
         rows += [x[i:i + ncols], recon[i:i + ncols]]
-    _save_grid(image_grid(torch.cat(rows), image_shape, ncols), path,
+    save_grid(image_grid(torch.cat(rows), image_shape, ncols), path,
                "data (odd rows) and reconstructions (even rows)")
 
 
