@@ -59,3 +59,36 @@ def save_images(images: torch.Tensor, path, title: str, ncols: int = 10,
 def save_figure(fig, path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+PRIOR_MODELS = {  # name -> prior and its options (tutorials 4 and 5)
+    "standard normal": ("normal", {}),
+    "mixture of Gaussians": ("mog", {"components": 10}),
+    "VampPrior": ("vamp", {"components": 500}),
+}
+
+
+def prior_models(args, train, valid, folder=None) -> dict:
+    """The three VAEs of tutorials 4 and 5: one network (784-300-40 MLP), three priors,
+    the same initial weights, data and epochs. Loaded from ``folder`` where tutorial 4
+    saved them, else trained (and saved to ``args.out``)."""
+    models = {}
+    for name, (prior, options) in PRIOR_MODELS.items():
+        if args.smoke and prior == "vamp":
+            options = {"components": 50}
+        torch.manual_seed(0)
+        vae = pv.VAE(784, 40, (300,), prior=prior, prior_options=options).to(args.device)
+        file_name = prior + ".pt"
+        saved = Path(folder) / file_name if folder else None
+        if saved is not None and saved.exists():
+            pv.load_checkpoint(saved, vae, map_location=args.device)
+            print(f"{name}: loaded {saved}")
+        else:
+            history = pv.fit(vae, train, valid, epochs=args.epochs, lr=1e-3,
+                             progress=False)
+            print(f"{name}: valid ELBO {history[-1]['valid_elbo']:.2f} after "
+                  f"{args.epochs} epochs ({history[-1]['seconds']:.1f} s per epoch)")
+            pv.save_checkpoint(args.out / file_name, vae)
+        vae.eval()
+        models[name] = vae
+    return models
