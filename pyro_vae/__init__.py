@@ -1,7 +1,8 @@
 """Variational autoencoders written the Pyro way.
 
 The generative model p(x, z) is a Pyro ``model``, the amortized encoder q(z|x) a Pyro
-``guide``; ``pyro.infer.SVI`` trains both. See README.md for a tour.
+``guide``; Pyro's ELBOs give the loss and its gradients (``fit``). See README.md for a
+tour, and tutorials/ for lessons.
 """
 
 __version__ = "0.1.0"
