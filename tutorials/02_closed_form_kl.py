@@ -24,7 +24,10 @@ What to look at
   identical draw by draw.
 - ``gradient_variance.png``: the variance per encoder parameter tensor, both objectives.
 - ``training_curves.png``: the validation ELBO of two models trained from the same
-  start with each objective.
+  start with each objective. The closed-form KL leads in the first epochs; later the
+  curves meet: with 784 pixels against 20 latent dimensions, most of the gradient's
+  noise comes from the reconstruction term, which both estimate the same way. The gain
+  grows where the KL term's share grows (more latent dimensions, fewer observed ones).
 """
 
 import matplotlib.pyplot as plt
