@@ -23,8 +23,9 @@ What to look at
 - The table: for each beta, distortion, rate, the ELBO (beta = 1) and the active units.
   Rate falls and distortion rises with beta; the ELBO is best near beta = 1.
 - ``rate_distortion.png``: the trade-off curve, one point per beta.
-- ``kl_per_dim.png``: KL per latent dimension at beta 1 and 4: at beta 4 fewer dimensions
-  carry information.
+- ``kl_per_dim.png``: KL per latent dimension at beta 1 and 4: at beta 4 every dimension
+  carries less, and unevenly; at the largest beta some collapse to the prior entirely
+  (the active units drop in the table).
 - ``traversals_beta1.png``, ``traversals_beta4.png``: rows are the latent dimensions (most
   informative first), columns move that one dimension from -3 to 3 around the code of one
   test image. Inactive rows do not change.
