@@ -32,7 +32,10 @@ What to look at
   against the Gaussian guide, so ``TraceMeanField_ELBO`` uses a one-sample Monte Carlo
   KL (pyro_vae says so once).
 - ``cvae_samples.png``: row d holds samples z ~ p(z) decoded with label d: each row is
-  one digit, in varied styles.
+  one digit, each column one style. A column of odd shapes is a draw from the
+  Student-t's heavy tails, a code far outside those the encoder gives to real images.
+  The code is kept small (4 dimensions): with room to spare, z would carry the digit's
+  identity too, and the decoder would learn to ignore the label.
 - ``style_transfer.png``: the codes of a few test images (left column) decoded with
   every label: the style (slant, thickness) stays, the digit changes.
 - ``model.png``: Pyro's drawing of the model (``pyro.render_model``) when the graphviz
@@ -54,7 +57,7 @@ from _common import mnist, options, save_images
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 args = options(__doc__, "tutorial06", epochs=10)
-X, Y, Z = 784, 10, 10
+X, Y, Z = 784, 10, 4
 
 
 # --- 1. A prior of our own: heavier tails than N(0, I). Registered by name.

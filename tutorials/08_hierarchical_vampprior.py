@@ -13,8 +13,10 @@ Tomczak & Welling (2018) stack two latent layers, z2 on top:
     guide:  z2 ~ q(z2 | x),   z1 ~ q(z1 | x, z2)
 
 The ELBO has a term per layer, E_q[log p(x | z1, z2)] - KL(q(z2|x) || p(z2)) -
-E_q[KL(q(z1|x,z2) || p(z1|z2))]; a single-layer VAE easily lets its code collapse
-to the prior, and the upper layer with a data-driven prior keeps more of it in use.
+E_q[KL(q(z1|x,z2) || p(z1|z2))]. The lower layer gives the model a learned,
+non-Gaussian prior on z1 (a mixture over z2), on top of the VampPrior's on z2; the paper
+reports 2.4 nats of log-likelihood gained over one layer on MNIST, after hundreds of
+epochs.
 ``pv.HierarchicalVAE`` is the model; its ``model`` and ``guide`` are ordinary Pyro
 programs with two sample sites.
 
@@ -22,7 +24,8 @@ What to look at
 ---------------
 - The table: the two-layer model against a one-layer VAE with the same VampPrior, the
   same networks per layer, data and epochs: test ELBO and log p(x) (mean +- standard
-  error), active units of the top layer.
+  error), active units of the top layer. After a few epochs the two are close; the
+  second layer's gain grows with training (``--epochs 100`` and more).
 - ``samples_hvae.png``, ``samples_vae.png``: samples from each; ``pseudo_inputs.png``.
 """
 
