@@ -24,7 +24,11 @@ What to look at
   should be best, the standard normal worst.
 - ``pseudo_inputs.png``: the first 50 learned pseudo-inputs: they have become digit-like
   images, since they must be inputs whose posteriors cover the data's.
-- ``samples_*.png``: 100 samples from each model.
+- ``samples_*.png``: 100 samples from each model. The standard normal's and the
+  mixture's include more shapes that are no digit: their prior puts mass where the
+  encoder puts no code (the "holes" between the aggregate posterior's clusters), and the
+  decoder has never learned what to draw there. The VampPrior's samples come from
+  codes of the kind the encoder uses.
 The three trained models are saved in ``--out`` (``normal.pt``, ``mog.pt``, ``vamp.pt``)
 for tutorial 5.
 """
