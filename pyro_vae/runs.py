@@ -26,7 +26,7 @@ from .models import MODELS, build, resolve
 from .nn import ACTIVATIONS, ARCHS
 from .objectives import LOSSES, check_objective, plain_elbo_loss
 from .priors import PRIORS
-from .train import (OPTIMIZERS, atomic_write, check_data, fit, load_checkpoint,
+from .train import (OPTIMIZERS, atomic_write, best_epoch, check_data, fit, load_checkpoint,
                     read_checkpoint, save_checkpoint)
 
 
@@ -94,6 +94,9 @@ class TrainConfig:
     clip_norm: float = _opt(10.0, "gradient norm bound of clipped_adam")
     skip_nonfinite: int = _opt(0, "skip up to K steps whose loss or gradient is not "
                                   "finite (each is logged), instead of stopping")
+    early_stopping: int = _opt(0, "stop after N epochs without a better validation ELBO; "
+                                  "best.pt keeps the best epoch's model, which the "
+                                  "summary, figures and evaluate use (0: off)")
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: after each epoch "
                                     "only)")
     seed: int = _opt(0, "random seed")
@@ -113,7 +116,7 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)} must be > 0, got {value}")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise ValueError(f"--hidden: sizes must be >= 1, got {list(self.hidden)}")
-        for name in ("skip_nonfinite", "checkpoint_every"):
+        for name in ("skip_nonfinite", "checkpoint_every", "early_stopping"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not self.flow_steps >= 1:
@@ -235,7 +238,8 @@ def _write_lines(path: Path, records) -> None:
                  binary=False)
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
+# Every file a run folder may hold (best.pt: runs with --early-stopping).
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "summary.json",
              "samples.png", "reconstructions.png", "elbo.png")
 
 
@@ -292,7 +296,8 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
 
 
 # What --resume may change; any other difference from the run's config.json is refused.
-RESUMABLE_CHANGES = ("epochs", "lr", "clip_norm", "skip_nonfinite", "checkpoint_every",
+RESUMABLE_CHANGES = ("epochs", "early_stopping", "lr", "clip_norm", "skip_nonfinite",
+                     "checkpoint_every",
                      "device", "data_dir", "download", "out", "overwrite")
 GUIDE_SETTINGS = ("guide", "flow_steps", "prior_guide", "prior_flow_steps")
 
@@ -342,6 +347,11 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True) -
         raise ValueError(f"{out / 'checkpoint.pt'}: holds weights only, no training state "
                          f"to resume from")
     done = len(training["history"])
+    if config.early_stopping and done - best_epoch(training["history"]) >= config.early_stopping:
+        raise ValueError(f"--resume {out}: the run stopped early after {done} epochs (no "
+                         f"better validation ELBO since epoch "
+                         f"{best_epoch(training['history'])}); give a larger "
+                         f"--early-stopping to train on")
     if done >= config.epochs:
         raise ValueError(f"--resume {out}: the run has finished its {done} epochs; give "
                          f"--epochs more than {done} to train on")
@@ -379,17 +389,28 @@ def _train_and_report(config: TrainConfig, vae, data, device, progress: bool,
         save_checkpoint(out / "checkpoint.pt", vae, epoch=len(training["history"]),
                         x_dim=train.x.shape[1], training=training)
 
+    seen = list(history)
+
+    def keep_best(record, vae):
+        seen.append(record)
+        if config.early_stopping and best_epoch(seen) == record["epoch"]:
+            save_checkpoint(out / "best.pt", vae, epoch=record["epoch"],
+                            x_dim=train.x.shape[1], valid_elbo=record["valid_elbo"])
+
     with metrics_file:
         history = fit(vae, train, valid, epochs=config.epochs, loss=config.loss,
                       num_particles=config.particles, beta=config.beta,
                       warmup_epochs=config.warmup_epochs, batch_size=config.batch_size,
                       lr=config.lr, optimizer=config.optimizer, clip_norm=config.clip_norm,
-                      seed=config.seed, device=device, callbacks=[record_epoch],
+                      seed=config.seed, device=device, callbacks=[record_epoch, keep_best],
                       progress=progress, freeze_model=config.freeze_model,
                       skip_nonfinite=config.skip_nonfinite, checkpoint=checkpoint,
-                      checkpoint_every=config.checkpoint_every, resume=resume)
+                      checkpoint_every=config.checkpoint_every, resume=resume,
+                      early_stopping=config.early_stopping)
     if not main:
         return {}
+    if config.early_stopping:  # the summary and figures are the best epoch's model's
+        load_checkpoint(out / "best.pt", vae, map_location=device)
 
     test = test.to(device)
     # The plain ELBO (beta = 1) for every run; the IWAE bound too where it was trained.
@@ -398,6 +419,8 @@ def _train_and_report(config: TrainConfig, vae, data, device, progress: bool,
                                    seed=config.seed),
         "num_test": len(test),
         "epochs": config.epochs,
+        "epochs_trained": len(history),
+        "best_epoch": best_epoch(history),
         "seconds_per_epoch": sum(r["seconds"] for r in history) / max(len(history), 1),
         "device": str(device),
         "torch": torch.__version__,
@@ -440,10 +463,11 @@ def read_config(path) -> TrainConfig:
 
 
 def load_run(run_dir, device="cpu") -> Tuple[torch.nn.Module, TrainConfig]:
-    """The trained model and the config of a run folder, on ``device``."""
+    """The trained model and the config of a run folder, on ``device``: the best epoch's
+    (``best.pt``) for a run with ``--early-stopping``, else the last one's."""
     run_dir = Path(run_dir)
     config = read_config(run_dir / "config.json")
-    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt_path = run_dir / ("best.pt" if config.early_stopping else "checkpoint.pt")
     state = read_checkpoint(ckpt_path)
     # x_dim is stored in the checkpoint, so the data need not be loaded to rebuild the net.
     if not isinstance(state.get("x_dim"), int):

@@ -171,7 +171,7 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
         validate: bool = True, freeze_model: bool = False,
         skip_nonfinite: int = 0, checkpoint: Optional[Callable[[Dict], None]] = None,
         checkpoint_every: int = 0, resume: Optional[Dict] = None,
-        check_every: Optional[int] = None) -> List[Dict]:
+        check_every: Optional[int] = None, early_stopping: int = 0) -> List[Dict]:
     """Train ``vae`` on ``train`` by stochastic variational inference and return the
     per-epoch history: each step is ``pyro.infer.SVI``'s (Pyro's ELBO for the loss and
     its gradients) with one PyTorch optimizer for all parameters (see ``_Step``).
@@ -214,6 +214,10 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     continues exactly where it was taken: on the CPU the result is bitwise that of the
     uninterrupted run. ``lr`` and ``clip_norm`` given on resume replace the saved ones.
 
+    ``early_stopping`` P: stop after P epochs in a row without a better ``valid_elbo``
+    than the best so far (a function of the history, so it resumes too); the history
+    then ends there, and its best epoch is the one to keep (``best_epoch(history)``).
+
     Several processes (``torch.distributed`` initialized, e.g. by ``torchrun``; see
     ``pyro_vae.distributed``): each trains on its shard of every global batch of
     ``batch_size`` points under ``DistributedDataParallel``, and the result is that of
@@ -226,7 +230,8 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
     stale entry from an earlier model of the same shape would be optimized instead.
     """
     for name, value in (("skip_nonfinite", skip_nonfinite),
-                        ("checkpoint_every", checkpoint_every)):
+                        ("checkpoint_every", checkpoint_every),
+                        ("early_stopping", early_stopping)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if epochs < 0 or batch_size < 1 or (check_every is not None and check_every < 1):
@@ -387,7 +392,25 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
             pos = _Position(num_data=n, batch_size=batch_size, epoch=epoch + 1,
                             skipped=pos.skipped)
             save()
+            if early_stopping and valid is not None:
+                # Process 0 alone validated: its decision is everyone's.
+                stale = len(history) - best_epoch(history) if world.main else 0
+                stop = world.sum(torch.tensor([float(stale >= early_stopping)],
+                                              device=device)).item() > 0
+                if stop:
+                    if progress:
+                        tqdm.write(f"early stopping: no better validation ELBO in "
+                                   f"{early_stopping} epochs; best epoch "
+                                   f"{best_epoch(history)}")
+                    break
         return history
+
+
+def best_epoch(history: Sequence[Dict]) -> int:
+    """The epoch (1-based) of the best ``valid_elbo`` in ``history`` (the first, on a
+    tie); 0 when no epoch was validated."""
+    scored = [(r["valid_elbo"], -r["epoch"]) for r in history if r.get("valid_elbo") is not None]
+    return -max(scored)[1] if scored else 0
 
 
 def _check_distributed(loss: str, n: int, batch_size: int, world: World) -> None:

@@ -29,7 +29,7 @@ def test_train_on_digits_end_to_end(tmp_path):
     r = run_cli("train", "--dataset", "digits", "--epochs", "3", "--z-dim", "8",
                 "--hidden", "64", "32", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == sorted(RUN_FILES)
+    assert sorted(os.listdir(out)) == sorted(f for f in RUN_FILES if f != "best.pt")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert all({"epoch", "train_elbo", "valid_elbo", "seconds"} <= set(m) for m in metrics)
@@ -231,3 +231,21 @@ def test_guide_options_bad_input(tmp_path, args, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert _digests(base) == before and not (tmp_path / "out").exists()
+
+
+def test_early_stopping_keeps_the_best_epoch_for_summary_and_evaluation(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--dataset", "digits", "--epochs", "40", "--lr", "3e-2", "--early-stopping",
+               "2", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = max(metrics, key=lambda m: m["valid_elbo"])
+    assert summary["best_epoch"] == best["epoch"]
+    assert summary["epochs_trained"] == len(metrics) == best["epoch"] + 2
+    saved = torch.load(out / "best.pt", weights_only=True)
+    assert saved["epoch"] == best["epoch"] and saved["valid_elbo"] == best["valid_elbo"]
+    vae, _ = load_run(out)
+    assert all(torch.equal(v, saved["model"][k]) for k, v in vae.state_dict().items())
+    again = run_cli("train", "--resume", str(out), "--quiet")
+    assert again.returncode == 2 and "stopped early" in again.stderr

@@ -11,7 +11,7 @@ import pyro
 from pyro_vae import VAE, elbo, fit, load_checkpoint, read_checkpoint, save_checkpoint
 from pyro_vae.datasets import TensorDataset, load
 from pyro_vae.likelihoods import BernoulliLikelihood
-from pyro_vae.train import TrainingDiverged
+from pyro_vae.train import TrainingDiverged, best_epoch
 
 from conftest import requires_cuda
 
@@ -425,3 +425,25 @@ def test_data_the_model_cannot_take_is_one_line_before_training(x, message):
             progress=False)
     assert "\n" not in str(e.value)
     assert all(torch.equal(p, before[k]) for k, p in _params(vae).items())
+
+
+def test_best_epoch_is_the_first_best_validated_one():
+    history = [{"epoch": 1, "valid_elbo": -90.0}, {"epoch": 2, "valid_elbo": None},
+               {"epoch": 3, "valid_elbo": -80.0}, {"epoch": 4, "valid_elbo": -80.0},
+               {"epoch": 5, "valid_elbo": -85.0}]
+    assert best_epoch(history) == 3
+    assert best_epoch([{"epoch": 1, "valid_elbo": None}]) == 0
+
+
+def test_early_stopping_ends_patience_epochs_after_the_best():
+    """With lr = 0 the model never changes: the validation ELBO is the same model's
+    estimate each epoch (fresh noise), and training must stop exactly 2 epochs after
+    the best of them."""
+    train, valid, _ = _digits()
+    vae = VAE(64, 4, (16,))
+    history = fit(vae, train, valid, epochs=30, lr=0.0, progress=False, early_stopping=2)
+    best = best_epoch(history)
+    assert len(history) == best + 2 < 30
+    assert all(r["valid_elbo"] < history[best - 1]["valid_elbo"] for r in history[best:])
+    with pytest.raises(ValueError, match="early_stopping must be >= 0"):
+        fit(vae, train, valid, epochs=1, progress=False, early_stopping=-1)
