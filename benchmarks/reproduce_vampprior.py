@@ -1,0 +1,137 @@
+"""Reproduce Table 2 of Tomczak & Welling (2018), "VAE with a VampPrior", on MNIST.
+
+Four configurations, each a run folder trained by the package's own ``train_run`` /
+``resume_run`` with the paper's protocol: the gated networks (300-300 hidden units,
+z = 40; z1 = z2 = 40 for the HVAE), K = 500 pseudo-inputs, Adam lr 5e-4, batches of 100,
+KL warm-up over 100 epochs, up to 2000 epochs with early stopping after 50 epochs without
+a better validation ELBO, and the best-validation model evaluated by importance sampling
+with 5000 samples on the whole test set.
+
+    # train every configuration for (at most) 20 more epochs, resuming where each stopped
+    python benchmarks/reproduce_vampprior.py train --data-dir path/to/data --epochs 20
+    # evaluate every run folder and print the table
+    python benchmarks/reproduce_vampprior.py evaluate --data-dir path/to/data
+
+``--dataset binarized-mnist`` (statically binarized, the paper's Table 2) or ``mnist``
+(dynamically binarized). ``--runs`` is the root of the run folders
+(``ROOT/DATASET/CONFIG``); run it again to go on training in pieces: each piece resumes
+exactly from the run's checkpoint. ``--warmup-epochs`` and ``--max-epochs`` change the
+protocol (a capped run with a shorter warm-up is a different protocol: say so).
+"""
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from pyro_vae.runs import (TrainConfig, evaluate_run, read_checkpoint, read_config,
+                           resume_run, train_run)
+
+CONFIGS = {  # name: (model, prior), the paper's figure (Table 2, test log-likelihood)
+    "vae-standard": ("vae", "normal", -88.56),
+    "vae-vampprior": ("vae", "vamp", -85.57),
+    "hvae-standard": ("hvae", "normal", -86.05),
+    "hvae-vampprior": ("hvae", "vamp", -83.19),
+}
+
+
+def protocol(name: str, args) -> TrainConfig:
+    model, prior, _ = CONFIGS[name]
+    return TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, out=str(run_dir(name, args)),
+        model=model, arch="gated", z_dim=40, hidden=(300, 300), prior=prior,
+        components=500 if prior == "vamp" else None, epochs=args.max_epochs,
+        batch_size=100, lr=5e-4, warmup_epochs=args.warmup_epochs,
+        early_stopping=args.patience, seed=args.seed, device=args.device, download=False)
+
+
+def run_dir(name: str, args) -> Path:
+    return Path(args.runs) / args.dataset / name
+
+
+def epochs_done(folder: Path) -> int:
+    if not (folder / "checkpoint.pt").exists():
+        return 0
+    return len(read_checkpoint(folder / "checkpoint.pt")["training"]["history"])
+
+
+def train(args) -> None:
+    for name in args.configs:
+        folder, config = run_dir(name, args), protocol(name, args)
+        done = epochs_done(folder)
+        target = min(done + args.epochs, args.max_epochs)
+        start = time.perf_counter()
+        if done == 0:
+            train_run(dataclasses.replace(config, epochs=target, overwrite=True),
+                      progress=not args.quiet)
+        else:
+            saved = read_config(folder / "config.json")
+            for field in ("warmup_epochs", "early_stopping", "lr", "batch_size", "model",
+                          "prior", "dataset"):
+                if getattr(saved, field) != getattr(config, field):
+                    raise SystemExit(f"{folder}: --{field.replace('_', '-')} is "
+                                     f"{getattr(saved, field)} there; it cannot change")
+            try:
+                resume_run(folder, {"epochs": target, "device": args.device,
+                                    "data_dir": args.data_dir}, progress=not args.quiet)
+            except ValueError as e:  # finished, or stopped early
+                print(f"{name}: {e}")
+                continue
+        print(f"{name}: epochs {done} -> {epochs_done(folder)} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def evaluate(args) -> None:
+    rows = []
+    for name in args.configs:
+        folder = run_dir(name, args)
+        if not (folder / "checkpoint.pt").exists():
+            print(f"{name}: no run in {folder}")
+            continue
+        history = [json.loads(line) for line in
+                   (folder / "metrics.jsonl").read_text().splitlines()]
+        result = evaluate_run(folder, samples=args.samples, limit=args.limit,
+                              device=args.device, progress=not args.quiet)
+        (folder / "reproduce.json").write_text(json.dumps(result, indent=2) + "\n")
+        best = max(history, key=lambda r: r["valid_elbo"])
+        seconds = sorted(r["seconds"] for r in history)[len(history) // 2]
+        rows.append((name, len(history), best["epoch"], result, CONFIGS[name][2], seconds))
+    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+               else platform.processor() or platform.machine())
+    print(f"\n{args.dataset}, {args.samples} importance samples, machine: {machine}")
+    print("| configuration | epochs trained (best) | test log-likelihood | paper | "
+          "s/epoch |\n|---|---|---|---|---|")
+    for name, epochs, best, r, paper, seconds in rows:
+        print(f"| {name} | {epochs} ({best}) | {r['log_likelihood']:.2f} ± "
+              f"{r['log_likelihood_stderr']:.2f} | {paper:.2f} | {seconds:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("train", "evaluate"))
+    parser.add_argument("--data-dir")
+    parser.add_argument("--dataset", default="binarized-mnist",
+                        choices=("binarized-mnist", "mnist"))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--runs", default="runs/reproduce", help="root of the run folders")
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="train: at most this many more epochs per configuration")
+    parser.add_argument("--max-epochs", type=int, default=2000)
+    parser.add_argument("--warmup-epochs", type=int, default=100)
+    parser.add_argument("--patience", type=int, default=50, help="early stopping")
+    parser.add_argument("--samples", type=int, default=5000, help="evaluate: S")
+    parser.add_argument("--limit", type=int, help="evaluate: the first N test points")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    (train if args.action == "train" else evaluate)(args)
+
+
+if __name__ == "__main__":
+    main()
