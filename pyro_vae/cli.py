@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__, distributed
-from .runs import TrainConfig, evaluate_run, read_config, resume_run, train_run
+from .runs import (RESUMABLE_CHANGES, TrainConfig, evaluate_run, read_config, resume_run,
+                   train_run)
 
 
 def _field_type(name: str):
@@ -63,9 +64,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     _add_config_options(train, defaults)
     train.add_argument("--resume", metavar="RUN",
                        help="continue the run in folder RUN from its last checkpoint, with "
-                            "its settings; only --epochs, --lr, --clip-norm, "
-                            "--skip-nonfinite, --checkpoint-every, --device, --data-dir and "
-                            "--download may change")
+                            "its settings; only " + ", ".join(
+                                "--" + name.replace("_", "-") for name in RESUMABLE_CHANGES
+                                if name not in ("out", "overwrite")) + " may change")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     evaluate = sub.add_parser(

@@ -27,7 +27,7 @@ from .nn import ACTIVATIONS, ARCHS
 from .objectives import LOSSES, check_objective, plain_elbo_loss
 from .priors import PRIORS
 from .train import (OPTIMIZERS, atomic_write, best_epoch, check_data, fit, load_checkpoint,
-                    read_checkpoint, save_checkpoint)
+                    read_checkpoint, save_checkpoint, stopped_early)
 
 
 def _opt(default, help, **kw):
@@ -347,7 +347,7 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True) -
         raise ValueError(f"{out / 'checkpoint.pt'}: holds weights only, no training state "
                          f"to resume from")
     done = len(training["history"])
-    if config.early_stopping and done - best_epoch(training["history"]) >= config.early_stopping:
+    if stopped_early(training["history"], config.early_stopping):
         raise ValueError(f"--resume {out}: the run stopped early after {done} epochs (no "
                          f"better validation ELBO since epoch "
                          f"{best_epoch(training['history'])}); give a larger "

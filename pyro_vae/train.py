@@ -394,9 +394,8 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
             save()
             if early_stopping and valid is not None:
                 # Process 0 alone validated: its decision is everyone's.
-                stale = len(history) - best_epoch(history) if world.main else 0
-                stop = world.sum(torch.tensor([float(stale >= early_stopping)],
-                                              device=device)).item() > 0
+                stale = world.main and stopped_early(history, early_stopping)
+                stop = world.sum(torch.tensor([float(stale)], device=device)).item() > 0
                 if stop:
                     if progress:
                         tqdm.write(f"early stopping: no better validation ELBO in "
@@ -404,6 +403,11 @@ def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
                                    f"{best_epoch(history)}")
                     break
         return history
+
+
+def stopped_early(history: Sequence[Dict], patience: int) -> bool:
+    """Whether ``patience`` epochs have passed since the best ``valid_elbo``."""
+    return bool(patience) and len(history) - best_epoch(history) >= patience
 
 
 def best_epoch(history: Sequence[Dict]) -> int:
