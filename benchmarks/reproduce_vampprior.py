@@ -17,17 +17,25 @@ with 5000 samples on the whole test set.
 (``ROOT/DATASET/CONFIG``); run it again to go on training in pieces: each piece resumes
 exactly from the run's checkpoint. ``--warmup-epochs`` and ``--max-epochs`` change the
 protocol (a capped run with a shorter warm-up is a different protocol: say so).
+
+``evaluate`` writes each run's ``eval.json`` (``pyro-vae evaluate``'s), the table, and
+``ROOT/DATASET/valid_curves.png``: the validation ELBO of every configuration against
+epoch, to see whether a capped run was still improving. The table's "valid gain" column
+says the same in one number: the best validation ELBO of the last 10 epochs minus the
+best before them (positive: still improving when it stopped).
 """
 
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from pyro_vae.plots import plt
 from pyro_vae.runs import (TrainConfig, evaluate_run, read_checkpoint, read_config,
                            resume_run, train_run)
 
@@ -46,7 +54,8 @@ def protocol(name: str, args) -> TrainConfig:
         model=model, arch="gated", z_dim=40, hidden=(300, 300), prior=prior,
         components=500 if prior == "vamp" else None, epochs=args.max_epochs,
         batch_size=100, lr=5e-4, warmup_epochs=args.warmup_epochs,
-        early_stopping=args.patience, seed=args.seed, device=args.device, download=False)
+        early_stopping=args.patience, seed=args.seed, device=args.device, download=False,
+        limit=args.train_limit)
 
 
 def run_dir(name: str, args) -> Path:
@@ -71,9 +80,10 @@ def train(args) -> None:
         else:
             saved = read_config(folder / "config.json")
             for field in ("warmup_epochs", "early_stopping", "lr", "batch_size", "model",
-                          "prior", "dataset"):
+                          "prior", "dataset", "limit"):
                 if getattr(saved, field) != getattr(config, field):
-                    raise SystemExit(f"{folder}: --{field.replace('_', '-')} is "
+                    option = "train-limit" if field == "limit" else field.replace("_", "-")
+                    raise SystemExit(f"{folder}: --{option} is "
                                      f"{getattr(saved, field)} there; it cannot change")
             try:
                 resume_run(folder, {"epochs": target, "device": args.device,
@@ -85,8 +95,53 @@ def train(args) -> None:
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 
 
+def machine(device: str) -> str:
+    """The GPU's name, or the CPU's model name and core count."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, CPU only"
+
+
+def valid_gain(history, last: int = 10):
+    """Best validation ELBO of the last ``last`` epochs minus the best before them (None
+    for a run of ``last`` epochs or fewer)."""
+    valid = [r["valid_elbo"] for r in history]
+    if len(valid) <= last:
+        return None
+    return max(valid[-last:]) - max(valid[:-last])
+
+
+def plot_curves(histories, path: Path, title: str) -> None:
+    """Validation ELBO against epoch, one line per configuration; the y-axis leaves out
+    the first quarter of the epochs (warm-up) so that the end of the curves is visible."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    low = []
+    for name, history in histories.items():
+        epochs = [r["epoch"] for r in history]
+        valid = [r["valid_elbo"] for r in history]
+        ax.plot(epochs, valid, label=name)
+        low += valid[len(valid) // 4:]
+    if low:
+        ax.set_ylim(min(low) - 1, max(low) + 1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation ELBO per data point (nats)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def evaluate(args) -> None:
-    rows = []
+    rows, histories = [], {}
     for name in args.configs:
         folder = run_dir(name, args)
         if not (folder / "checkpoint.pt").exists():
@@ -94,20 +149,28 @@ def evaluate(args) -> None:
             continue
         history = [json.loads(line) for line in
                    (folder / "metrics.jsonl").read_text().splitlines()]
+        histories[name] = history
         result = evaluate_run(folder, samples=args.samples, limit=args.limit,
                               device=args.device, progress=not args.quiet)
         (folder / "reproduce.json").write_text(json.dumps(result, indent=2) + "\n")
         best = max(history, key=lambda r: r["valid_elbo"])
         seconds = sorted(r["seconds"] for r in history)[len(history) // 2]
-        rows.append((name, len(history), best["epoch"], result, CONFIGS[name][2], seconds))
-    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-               else platform.processor() or platform.machine())
-    print(f"\n{args.dataset}, {args.samples} importance samples, machine: {machine}")
+        rows.append((name, len(history), best["epoch"], result, CONFIGS[name][2], seconds,
+                     valid_gain(history)))
+    if histories:
+        figure = Path(args.runs) / args.dataset / "valid_curves.png"
+        plot_curves(histories, figure, f"{args.dataset}: validation ELBO")
+        print(f"validation curves: {figure}")
+    print(f"\n{args.dataset}, {args.samples} importance samples, "
+          f"{rows[0][3]['num_points'] if rows else 0} test points, "
+          f"machine: {machine(args.device)}")
     print("| configuration | epochs trained (best) | test log-likelihood | paper | "
-          "s/epoch |\n|---|---|---|---|---|")
-    for name, epochs, best, r, paper, seconds in rows:
+          "test ELBO | valid gain, last 10 epochs | s/epoch |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, epochs, best, r, paper, seconds, gain in rows:
         print(f"| {name} | {epochs} ({best}) | {r['log_likelihood']:.2f} ± "
-              f"{r['log_likelihood_stderr']:.2f} | {paper:.2f} | {seconds:.1f} |")
+              f"{r['log_likelihood_stderr']:.2f} | {paper:.2f} | {r['test_elbo']:.2f} | "
+              f"{'n/a' if gain is None else f'{gain:+.2f}'} | {seconds:.1f} |")
 
 
 def main() -> None:
@@ -122,6 +185,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20,
                         help="train: at most this many more epochs per configuration")
     parser.add_argument("--max-epochs", type=int, default=2000)
+    parser.add_argument("--train-limit", type=int,
+                        help="train on the first N training points only (a quick check)")
     parser.add_argument("--warmup-epochs", type=int, default=100)
     parser.add_argument("--patience", type=int, default=50, help="early stopping")
     parser.add_argument("--samples", type=int, default=5000, help="evaluate: S")
