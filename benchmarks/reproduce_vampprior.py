@@ -37,7 +37,7 @@ import torch
 
 from pyro_vae.plots import plt
 from pyro_vae.runs import (TrainConfig, evaluate_run, read_checkpoint, read_config,
-                           resume_run, train_run)
+                           resolve_device, resume_run, train_run)
 
 CONFIGS = {  # name: (model, prior), the paper's figure (Table 2, test log-likelihood)
     "vae-standard": ("vae", "normal", -88.56),
@@ -97,8 +97,9 @@ def train(args) -> None:
 
 def machine(device: str) -> str:
     """The GPU's name, or the CPU's model name and core count."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
