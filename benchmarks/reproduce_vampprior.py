@@ -38,6 +38,7 @@ import torch
 from pyro_vae.plots import plt
 from pyro_vae.runs import (TrainConfig, evaluate_run, read_checkpoint, read_config,
                            resolve_device, resume_run, train_run)
+from pyro_vae.train import best_epoch
 
 CONFIGS = {  # name: (model, prior), the paper's figure (Table 2, test log-likelihood)
     "vae-standard": ("vae", "normal", -88.56),
@@ -153,11 +154,9 @@ def evaluate(args) -> None:
         histories[name] = history
         result = evaluate_run(folder, samples=args.samples, limit=args.limit,
                               device=args.device, progress=not args.quiet)
-        (folder / "reproduce.json").write_text(json.dumps(result, indent=2) + "\n")
-        best = max(history, key=lambda r: r["valid_elbo"])
         seconds = sorted(r["seconds"] for r in history)[len(history) // 2]
-        rows.append((name, len(history), best["epoch"], result, CONFIGS[name][2], seconds,
-                     valid_gain(history)))
+        rows.append((name, len(history), best_epoch(history), result, CONFIGS[name][2],
+                     seconds, valid_gain(history)))
     if histories:
         figure = Path(args.runs) / args.dataset / "valid_curves.png"
         plot_curves(histories, figure, f"{args.dataset}: validation ELBO")
