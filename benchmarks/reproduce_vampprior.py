@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.plots import plt
+from pyro_vae.plots import plt  # pyplot with the file-only (Agg) backend
 from pyro_vae.runs import (TrainConfig, evaluate_run, read_checkpoint, read_config,
                            resolve_device, resume_run, train_run)
 from pyro_vae.train import best_epoch

@@ -297,8 +297,7 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
 
 # What --resume may change; any other difference from the run's config.json is refused.
 RESUMABLE_CHANGES = ("epochs", "early_stopping", "lr", "clip_norm", "skip_nonfinite",
-                     "checkpoint_every",
-                     "device", "data_dir", "download", "out", "overwrite")
+                     "checkpoint_every", "device", "data_dir", "download", "out", "overwrite")
 GUIDE_SETTINGS = ("guide", "flow_steps", "prior_guide", "prior_flow_steps")
 
 
