@@ -65,7 +65,7 @@ def plain_epoch(vae, opt, train, batch_size, generator, paper_density=False) -> 
     matrix product and a logsumexp), so that the comparison measures what Pyro adds;
     ``paper_density``: the VampPrior paper's code instead (a B x K x D broadcast)."""
     n = len(train)
-    for x in train.batches(batch_size, generator=generator):
+    for (x,) in train.batches(batch_size, generator=generator):
         loc, scale = _q_params(vae.encoder, x)
         z = loc + scale * torch.randn_like(scale)
         log_lik = -F.binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
@@ -103,7 +103,7 @@ def run(name: str, train, valid, rounds: int, device, seed: int = 0,
     generator = torch.Generator(device=device).manual_seed(seed)  # fit's data stream
     plain_seconds = []
 
-    def plain_round(record, _):
+    def plain_round(record, history, model):
         _sync(device)
         start = time.perf_counter()
         plain_epoch(plain, opt, train, cfg["batch_size"], generator, paper_density)
@@ -111,7 +111,7 @@ def run(name: str, train, valid, rounds: int, device, seed: int = 0,
         plain_seconds.append(time.perf_counter() - start)
 
     history = pv.fit(package, train, epochs=rounds, batch_size=cfg["batch_size"],
-                     lr=cfg["lr"], seed=seed, device=device, callbacks=[plain_round],
+                     lr=cfg["lr"], seed=seed, device=device, hooks=[plain_round],
                      progress=False)
     package_seconds = [r["seconds"] for r in history]
     # Rounds after the first (which holds one-off costs: allocation, first-step checks).

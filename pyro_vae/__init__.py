@@ -7,20 +7,30 @@ tour, and tutorials/ for lessons.
 
 __version__ = "0.1.0"
 
-from . import datasets, evaluation, guides, likelihoods, nn, objectives, plots, priors
-from .evaluation import elbo
+from . import (checkpoints, contract, datasets, evaluation, guides, likelihoods, nn,
+               objectives, plots, priors, train)
+from .checkpoints import TrainState, load_checkpoint, read_checkpoint, save_checkpoint
+from .contract import LatentVariableModel, PyroModel
+from .evaluation import elbo, elbo_surgery, log_likelihood
 from .guides import GUIDES, DiagonalNormalEncoder, FullRankNormalEncoder, IAFEncoder
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood
 from .models import MODELS, VAE, HierarchicalVAE
 from .priors import PRIORS, LearnedNormal, Mixture, MixtureOfGaussians, StandardNormal, VampPrior
 from .runs import TrainConfig, load_run, resume_run, train_run
-from .train import fit, load_checkpoint, read_checkpoint, save_checkpoint
+from .objectives import scale_latents
+from .train import (Checkpointer, EarlyStopping, Hook, KeepBest, MetricsWriter, Options, Step,
+                    Trainer, TrainingDiverged, fit)
 
 __all__ = [
-    "VAE", "HierarchicalVAE", "MODELS", "fit", "elbo", "train_run", "resume_run", "load_run", "TrainConfig",
+    "VAE", "HierarchicalVAE", "MODELS", "PyroModel", "LatentVariableModel",
+    "fit", "Options", "Trainer", "Step", "TrainState", "TrainingDiverged", "scale_latents",
+    "Hook", "EarlyStopping", "KeepBest", "MetricsWriter", "Checkpointer",
+    "elbo", "log_likelihood", "elbo_surgery",
+    "train_run", "resume_run", "load_run", "TrainConfig",
     "save_checkpoint", "load_checkpoint", "read_checkpoint",
     "PRIORS", "StandardNormal", "LearnedNormal", "MixtureOfGaussians", "VampPrior", "Mixture",
     "GUIDES", "DiagonalNormalEncoder", "FullRankNormalEncoder", "IAFEncoder",
     "LIKELIHOODS", "BernoulliLikelihood", "GaussianLikelihood",
-    "datasets", "evaluation", "guides", "likelihoods", "nn", "objectives", "plots", "priors",
+    "checkpoints", "contract", "datasets", "evaluation", "guides", "likelihoods", "nn",
+    "objectives", "plots", "priors", "train",
 ]

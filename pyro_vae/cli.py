@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__, distributed
+from .errors import ArgumentError
 from .runs import (RESUMABLE_CHANGES, TrainConfig, evaluate_run, read_config, resume_run,
                    train_run)
 
@@ -89,6 +90,17 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+# Library arguments whose command-line option has another name.
+_FLAGS = {"num_particles": "particles"}
+
+
+def _as_flags(e: Exception) -> str:
+    """The error's text, naming a bad library argument by its command-line option."""
+    if isinstance(e, ArgumentError):
+        return e.named("--" + _FLAGS.get(e.argument, e.argument).replace("_", "-"))
+    return str(e)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
@@ -114,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     config.hidden = tuple(config.hidden)
                 summary = train_run(config, progress=not quiet)
         except (ValueError, OSError, RuntimeError) as e:
-            parser.exit(2, f"pyro-vae: error: {e}\n")
+            parser.exit(2, f"pyro-vae: error: {_as_flags(e)}\n")
         finally:
             distributed.teardown()
         if not summary:  # not process 0 of a torchrun

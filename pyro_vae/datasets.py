@@ -56,23 +56,34 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist")
 
 @dataclasses.dataclass
 class TensorDataset:
-    """A whole split as one ``(N, D)`` float tensor, batched by index permutation.
+    """A whole split as tensors with a shared first dimension, batched together by index
+    permutation: ``x`` (N, ...; (N, D) for the package's models) first, then ``extras`` (labels, a mask, ...). A minibatch is
+    the tuple ``(x_b, *extras_b)``, passed to the model as ``model(*batch)``.
 
-    ``dynamic_binarize``: each batch is a fresh draw ``Bernoulli(x)`` of the gray values
-    (Salakhutdinov & Murray 2008), as for training on gray MNIST.
+    ``dynamic_binarize``: each batch of x (and of x only) is a fresh draw ``Bernoulli(x)``
+    of the gray values (Salakhutdinov & Murray 2008), as for training on gray MNIST.
+    ``labels``: the points' classes where known (the built-in data sets keep them here,
+    not in the batches; ``with_labels`` puts them there).
     """
 
     x: torch.Tensor
-    name: str
-    split: str
-    image_shape: Tuple[int, ...]
+    name: str = "data"
+    split: str = "given"
+    image_shape: Optional[Tuple[int, ...]] = None
     dynamic_binarize: bool = False
     labels: Optional[torch.Tensor] = None
+    extras: Tuple[torch.Tensor, ...] = ()
 
     def __post_init__(self):
-        if self.x.dim() != 2:
-            raise ValueError(f"{self.name} {self.split}: x must be (N, D), got "
-                             f"{tuple(self.x.shape)}")
+        if self.x.dim() < 1:
+            raise ValueError(f"{self.name} {self.split}: x must have a first (data) "
+                             f"dimension, got a scalar")
+        self.extras = tuple(self.extras)
+        for i, t in enumerate(self.extras):
+            if not isinstance(t, torch.Tensor) or len(t) != len(self.x):
+                raise ValueError(f"{self.name} {self.split}: tensor {i + 1} has "
+                                 f"{len(t) if isinstance(t, torch.Tensor) else 'no'} rows, "
+                                 f"x has {len(self.x)}")
         if self.dynamic_binarize and not bool(((self.x >= 0) & (self.x <= 1)).all()):
             raise ValueError(f"{self.name} {self.split}: dynamic binarization needs "
                              f"values in [0, 1]")
@@ -81,23 +92,40 @@ class TensorDataset:
         return len(self.x)
 
     @property
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        """``(x, *extras)``: what a batch holds."""
+        return (self.x,) + self.extras
+
+    @property
     def device(self) -> torch.device:
         return self.x.device
 
-    def to(self, device) -> "TensorDataset":
-        labels = None if self.labels is None else self.labels.to(device)
-        return dataclasses.replace(self, x=self.x.to(device), labels=labels)
+    def _map(self, f) -> "TensorDataset":
+        labels = None if self.labels is None else f(self.labels)
+        return dataclasses.replace(self, x=f(self.x), labels=labels,
+                                   extras=tuple(f(t) for t in self.extras))
 
-    def subset(self, n: int) -> "TensorDataset":
+    def to(self, device) -> "TensorDataset":
+        return self._map(lambda t: t.to(device))
+
+    def subset(self, n: Optional[int]) -> "TensorDataset":
         """The first n points (all if n is None or larger)."""
-        labels = None if self.labels is None else self.labels[:n]
-        return dataclasses.replace(self, x=self.x[:n], labels=labels)
+        return self._map(lambda t: t[:n])
+
+    def with_labels(self, known: Optional[torch.Tensor] = None) -> "TensorDataset":
+        """This split with batches ``(x, y)``, or ``(x, y, known)`` given a boolean mask
+        of the points whose label may be used (a semi-supervised model observes y where
+        ``known`` and sums it out elsewhere)."""
+        if self.labels is None:
+            raise ValueError(f"{self.name} {self.split}: the data set has no labels")
+        extras = (self.labels,) if known is None else (self.labels, known.to(torch.bool))
+        return dataclasses.replace(self, extras=extras)
 
     def batches(self, batch_size: int, shuffle: bool = True,
                 generator: Optional[torch.Generator] = None,
                 order: Optional[torch.Tensor] = None,
-                start: int = 0) -> Iterator[torch.Tensor]:
-        """Minibatches of x on the data's device; the last one may be smaller.
+                start: int = 0) -> Iterator[Tuple[torch.Tensor, ...]]:
+        """Minibatches ``(x_b, *extras_b)`` on the data's device; the last may be smaller.
 
         ``order``: visit the points in this permutation (default: a fresh one drawn from
         ``generator`` when ``shuffle``, else the stored order); ``start``: skip the first
@@ -107,11 +135,32 @@ class TensorDataset:
         if order is None and shuffle:
             order = torch.randperm(n, device=self.device, generator=generator)
         for i in range(start * batch_size, n, batch_size):
-            xb = (self.x[i:i + batch_size] if order is None  # index_select: no device sync
-                  else self.x.index_select(0, order[i:i + batch_size]))
+            batch = tuple(t[i:i + batch_size] if order is None  # index_select: no sync
+                          else t.index_select(0, order[i:i + batch_size])
+                          for t in self.tensors)
             if self.dynamic_binarize:
-                xb = torch.bernoulli(xb, generator=generator)
-            yield xb
+                batch = (torch.bernoulli(batch[0], generator=generator),) + batch[1:]
+            yield batch
+
+    def support_view(self) -> Tuple[torch.Tensor, ...]:
+        """The tensors with x as the model may see it: a dynamically binarized x is
+        replaced by one possible draw (``ceil``), for support checks."""
+        x = self.x.ceil() if self.dynamic_binarize else self.x
+        return (x,) + self.extras
+
+
+def as_dataset(data, name: str = "data", split: str = "given") -> TensorDataset:
+    """``data`` as a ``TensorDataset``: one already, a tensor (N, D), or a tuple of
+    tensors with a shared first dimension (x first)."""
+    if isinstance(data, TensorDataset):
+        return data
+    if isinstance(data, torch.Tensor):
+        data = (data,)
+    if not (isinstance(data, (tuple, list)) and data
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        raise TypeError(f"{name}: expected a TensorDataset, a tensor or a tuple of "
+                        f"tensors, got {type(data).__name__}")
+    return TensorDataset(data[0], name, split, extras=tuple(data[1:]))
 
 
 def data_root(data_dir=None) -> Path:

@@ -15,53 +15,91 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .objectives import make_elbo
+from .datasets import as_dataset
+from .objectives import Loss, kl_weight, make_elbo
 from .guides import posterior_mean
 from .priors import Mixture, logsumexp
 
 
+@contextlib.contextmanager
+def seeded(seed: Optional[int], device=None):
+    """Draw from a stream seeded with ``seed`` inside the block and leave the caller's
+    random state as it was (``torch.random.fork_rng``); ``seed=None``: the global stream,
+    untouched."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device or "cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _evaluating(model):
+    """``model.eval()`` inside the block, the caller's mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
-def elbo(vae, data, loss: str = "meanfield", num_particles: int = 1,
-         batch_size: int = 1000, seed: Optional[int] = None, beta: float = 1.0) -> float:
-    """The ELBO per data point (nats), averaged over ``data`` (a ``TensorDataset``).
+def elbo(model, data, loss: Loss = "meanfield", num_particles: int = 1,
+         batch_size: int = 1000, seed: Optional[int] = None, beta: float = 1.0,
+         beta_sites=None) -> float:
+    """The ELBO per data point (nats), averaged over ``data`` (a ``TensorDataset``, a
+    tensor or a tuple of tensors), for any model/guide pair (``pyro_vae.contract``).
 
     Computed by Pyro's ELBO ``.loss`` under ``no_grad`` (what ``SVI.evaluate_loss`` does),
-    never by ``SVI.step``, so no parameter moves. ``seed`` fixes the Monte Carlo draws.
-    ``loss="iwae"`` gives the IWAE bound with ``num_particles`` samples. ``beta`` weights
-    the KL term: ``beta=0`` gives the reconstruction term E_q[log p(x|z)] alone.
+    never by ``SVI.step``, so no parameter moves. ``loss``: a name or an ELBO object
+    (``"iwae"`` gives the IWAE bound with ``num_particles`` samples). ``seed`` fixes the
+    Monte Carlo draws without touching the caller's random state. ``beta`` weights the
+    latent sites (``beta_sites``, default all): ``beta=0`` gives the reconstruction term
+    E_q[log p(x|z)] alone.
     """
-    if seed is not None:
-        pyro.set_rng_seed(seed)
+    data = as_dataset(data)
     objective = make_elbo(loss, num_particles)
-    was_training = vae.training
-    vae.eval()
     total = 0.0
-    try:
-        for xb in data.batches(batch_size, shuffle=False):
+    with _evaluating(model), seeded(seed, data.device), kl_weight(beta, beta_sites):
+        for batch in data.batches(batch_size, shuffle=False):
             # num_data=None: the loss is the plain sum over the batch.
-            total += objective.loss(vae.model, vae.guide, xb, beta=beta)
-    finally:
-        vae.train(was_training)
+            total += objective.loss(model.model, model.guide, *batch)
     return -total / len(data)
 
 
-def _log_weights(vae, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+def _log_weights(model, batch, num_samples: int, dim: int = -2) -> torch.Tensor:
     """log p(x, z_s) - log q(z_s | x) for z_s ~ q(z | x): shape (num_samples, B).
 
-    Runs the guide under a particle plate left of the "data" plate, replays the model on
-    its samples, and sums each site's unscaled log-density over its event: any model and
-    guide of the package (any prior, both layers of the HVAE, any guide family).
+    Runs the guide under a particle plate at ``dim`` (left of the model's plates), replays
+    the model on its samples, and sums each site's unscaled log-density. A latent site
+    the guide does not sample is drawn by the model from its own conditional, which is
+    then its proposal: its density cancels and is left out. So any model and guide (any
+    prior, both layers of the HVAE, any guide family, a discrete latent of the model).
     """
-    particles = pyro.plate("_eval_particles", num_samples, dim=-2)
-    guide_trace = poutine.trace(particles(vae.guide)).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(particles(vae.model), trace=guide_trace)
-                                ).get_trace(x)
+    particles = pyro.plate("_eval_particles", num_samples, dim=dim)
+    guide_trace = poutine.trace(particles(model.guide)).get_trace(*batch)
+    model_trace = poutine.trace(poutine.replay(particles(model.model), trace=guide_trace)
+                                ).get_trace(*batch)
     log_w = 0.0
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        for site in trace.nodes.values():
-            if site["type"] == "sample" and not site_is_subsample(site):
-                log_w = log_w + sign * site["fn"].log_prob(site["value"])
-    return log_w.expand(num_samples, len(x))
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if trace is model_trace and not site["is_observed"] and name not in guide_trace:
+                continue
+            log_w = log_w + sign * _sum_right(site["fn"].log_prob(site["value"]), dim)
+    return log_w.expand(num_samples, len(batch[0]))
+
+
+def _sum_right(log_p: torch.Tensor, dim: int) -> torch.Tensor:
+    """A site's log-density, shape (S, ..., B) right-aligned to ``-dim`` dimensions, summed
+    over the plates nested in the data plate (which Pyro puts at dim -1, the first entered)."""
+    while log_p.dim() < -dim:
+        log_p = log_p.unsqueeze(0)
+    return log_p.sum(dim=tuple(range(1, log_p.dim() - 1))) if log_p.dim() > 2 else log_p
 
 
 class _Fixed(nn.Module):
@@ -76,21 +114,25 @@ class _Fixed(nn.Module):
 
 
 @contextlib.contextmanager
-def _prior_computed_once(vae):
+def _prior_computed_once(model):
     """p(z) does not depend on x: compute it once for all chunks (the VampPrior's K
-    pseudo-inputs then go through the encoder once, not once per chunk)."""
-    prior = vae.prior
-    vae.prior = _Fixed(vae.p_z())
+    pseudo-inputs then go through the encoder once, not once per chunk). Models without
+    a ``prior`` module and ``p_z`` are left as they are."""
+    prior = getattr(model, "prior", None)
+    if not (isinstance(prior, nn.Module) and hasattr(model, "p_z")):
+        yield
+        return
+    model.prior = _Fixed(model.p_z())
     try:
         yield
     finally:
-        vae.prior = prior
+        model.prior = prior
 
 
 @torch.no_grad()
-def log_likelihood(vae, data, num_samples: int = 5000, chunk: int = 100,
+def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
                    batch_size: int = 40, seed: Optional[int] = 0,
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, max_plate_nesting: int = 1) -> torch.Tensor:
     """Importance-sampled log p(x) per data point (Burda et al. 2015, eq. 9):
 
         log p(x) ~= log (1/S) sum_s p(x, z_s) / q(z_s | x),   z_s ~ q(z | x),
@@ -98,33 +140,36 @@ def log_likelihood(vae, data, num_samples: int = 5000, chunk: int = 100,
     with S = ``num_samples`` (5000 as in the VampPrior paper), drawn ``chunk`` at a time
     for ``batch_size`` data points at a time and combined by ``logsumexp``. A lower bound
     in expectation (the IWAE bound with K = S) that tightens as S grows. Returns (N,).
+    Any model/guide pair whose sites of one point sit in the data plate, with at most
+    ``max_plate_nesting`` plates; ``seed`` leaves the caller's random state alone.
     Pyro's distribution checks are off here: the model was checked when it trained.
     """
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    was_training = vae.training
-    vae.eval()
+    data = as_dataset(data)
     out = []
     batches = data.batches(batch_size, shuffle=False)
     bar = tqdm(batches, total=-(-len(data) // batch_size), disable=not progress,
                desc="log p(x)", leave=False, dynamic_ncols=True)
-    try:
-        with pyro.validation_enabled(False), _prior_computed_once(vae):
-            for xb in bar:
-                parts = []
-                for start in range(0, num_samples, chunk):
-                    s = min(chunk, num_samples - start)
-                    parts.append(logsumexp(_log_weights(vae, xb, s), dim=0))
-                out.append(logsumexp(torch.stack(parts), dim=0)
-                           - math.log(num_samples))
-    finally:
-        vae.train(was_training)
+    dim = -1 - max_plate_nesting
+    with _evaluating(model), seeded(seed, data.device), pyro.validation_enabled(False), \
+            _prior_computed_once(model):
+        for batch in bar:
+            parts = []
+            for start in range(0, num_samples, chunk):
+                s = min(chunk, num_samples - start)
+                parts.append(logsumexp(_log_weights(model, batch, s, dim), dim=0))
+            out.append(logsumexp(torch.stack(parts), dim=0) - math.log(num_samples))
     return torch.cat(out)
 
 
-def _all_points(data) -> torch.Tensor:
-    """The whole split as one tensor, as the model sees it (binarized if dynamic)."""
-    return next(data.batches(len(data), shuffle=False))
+def _all_points(model, data, what: str) -> torch.Tensor:
+    """The whole split's x as the model sees it (binarized if dynamic); a one-line error
+    when the model lacks what ``what`` needs."""
+    missing = [m for m in ("encode", "decode", "p_z") if not hasattr(model, m)]
+    if missing:
+        raise ValueError(f"{what} needs the model's encode, decode and p_z (see "
+                         f"pyro_vae.contract); {type(model).__name__} has no "
+                         f"{', '.join(missing)}")
+    return next(as_dataset(data).batches(len(data), shuffle=False))[0]
 
 
 def _check_single_latent(vae, x: torch.Tensor) -> None:
@@ -151,12 +196,11 @@ def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0) -> dict:
     - log N is evaluated against all N posteriors, ``chunk`` rows at a time.
     I(n; z) = average KL - marginal KL, between 0 and log N. All in nats per data point.
     """
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    x = _all_points(data)
+    x = _all_points(vae, data, "ELBO surgery")
     _check_single_latent(vae, x)
     q = vae.encode(x)  # batch (N,)
-    z = q.sample()
+    with seeded(seed, x.device):
+        z = q.sample()
     prior = vae.p_z()
     log_px_z = vae.decode(z).log_prob(x)
     log_qz_x = q.log_prob(z)
@@ -183,7 +227,7 @@ def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0) -> dict:
 
 
 @torch.no_grad()
-def active_units(vae, data, threshold: float = 0.01) -> dict:
+def active_units(vae, data, threshold: float = 0.01, seed: Optional[int] = 0) -> dict:
     """Posterior-collapse diagnostics (Burda et al. 2015, section 5.2).
 
     Latent dimension u is active when Cov_x(E_q[z_u | x]) > ``threshold`` (E_q from 256
@@ -191,8 +235,10 @@ def active_units(vae, data, threshold: float = 0.01) -> dict:
     mean moves with the data. Also the average KL(q(z_u | x) || p(z_u)) per dimension when
     the prior and the guide are both diagonal Gaussians (else None).
     """
-    q = vae.encode(_all_points(data))
-    activity = posterior_mean(q).var(dim=0)
+    x = _all_points(vae, data, "active_units")
+    q = vae.encode(x)
+    with seeded(seed, x.device):
+        activity = posterior_mean(q).var(dim=0)
     kl_per_dim = None
     prior = vae.p_z()
     q_base, p_base = getattr(q, "base_dist", None), getattr(prior, "base_dist", None)

@@ -38,8 +38,9 @@ class BernoulliLikelihood(nn.Module):
         if len(bad):
             raise ValueError(
                 f"likelihood 'bernoulli' needs x in {{0, 1}} but {what} has other values "
-                f"(e.g. {bad[0].item():g}); binarize it (--binarize, or binarize=True in "
-                f"pyro_vae.datasets.load) or use the gaussian likelihood")
+                f"(e.g. {bad[0].item():g}); binarize it (binarize=True in "
+                f"pyro_vae.datasets.load, --binarize on the command line) or use the "
+                f"gaussian likelihood")
 
 
 class BernoulliLogits(TorchDistribution):

@@ -1,12 +1,11 @@
 """VAE models: one top-level PyroModule each, with ``model(x)`` and ``guide(x)``.
 
-Model and guide are methods of the same module, so every parameter has exactly one name
-in Pyro's parameter store. Child networks are plain ``nn.Module``s; PyroModule registers
-them (``pyro.module``) whenever ``model`` or ``guide`` touches them.
-
-Both take ``beta``, the weight of the KL term (beta-VAE, KL warm-up). It scales the latent
-sites in the model *and* the guide: ``TraceMeanField_ELBO`` reads the scale of the guide
-site for its closed-form KL, ``Trace_ELBO`` needs log p(z) and log q(z|x) scaled alike.
+Both follow the package's model contract (``pyro_vae.contract``): ``model(x=None,
+num_data=None)`` and ``guide(x, num_data=None)``, nothing more. Model and guide are methods
+of the same module, so every parameter has exactly one name in Pyro's parameter store.
+Child networks are plain ``nn.Module``s; PyroModule registers them (``pyro.module``)
+whenever ``model`` or ``guide`` touches them. The KL weight beta is not an argument: the
+trainer applies it to the latent sites of any model (``pyro_vae.objectives.scale_latents``).
 """
 
 import contextlib
@@ -19,7 +18,6 @@ from torch import nn
 
 import pyro
 import pyro.distributions as dist
-from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
 
 from .guides import GUIDES, DiagonalNormalEncoder, location
@@ -54,24 +52,24 @@ def build(part, registry: dict, kind: str, context: Dict, options: Optional[Dict
     options = dict(options or {})
     refused = [k for k in options if k not in params and not takes_all]
     if refused:
-        raise ValueError(f"{kind} {part!r} takes no option {', '.join(refused)}")
+        raise ValueError(f"{kind} {part!r} takes no option {', '.join(refused)}; it takes "
+                         f"{sorted(k for k in params if k not in context) or 'none'}")
     kwargs = {k: v for k, v in context.items() if k in params or takes_all}
     return cls(**kwargs, **options)
 
 
-def kl_weight(beta: float):
-    """Scale the sites inside by ``beta``; beta = 0 masks them out (``poutine.scale``
-    refuses 0)."""
-    if beta == 1:
-        return contextlib.nullcontext()
-    if beta == 0:
-        return poutine.mask(mask=False)
-    return poutine.scale(scale=beta)
+def _plate_size(x: Optional[torch.Tensor], num_data: Optional[int]) -> int:
+    if x is None and num_data is None:
+        raise ValueError("model(None) generates data: give num_data, the number of points")
+    return num_data or len(x)
 
 
 class _LatentModel(PyroModule):
     """What VAE and HierarchicalVAE share: the prior is built on an encoder, by default
     the guide's own (the VampPrior's components are the guide's posteriors)."""
+
+    #: The child modules that make the guide q(z | x) (see ``pyro_vae.contract``).
+    guide_modules = ("encoder",)
 
     def __getattr__(self, name: str):
         # Inside ``unregistered()`` a child network is returned as it is. Otherwise
@@ -102,17 +100,47 @@ class _LatentModel(PyroModule):
         return self.encoder if kept is None else kept
 
     def p_z(self) -> dist.Distribution:
-        """The prior p(z) (of the top layer for the HVAE)."""
-        return self.prior(self.prior_encoder)
+        """The prior p(z) (of the top layer for the HVAE). The encoder is handed to priors
+        that use it (``uses_encoder``, the VampPrior) only, so the model's trace shows no
+        encoder parameters under any other prior."""
+        uses = getattr(self.prior, "uses_encoder", False)
+        return self.prior(self.prior_encoder if uses else None)
 
     def swap_guide(self, encoder: nn.Module) -> None:
         """Replace the guide's encoder by ``encoder`` (any guide family with the same
         z_dim), keeping the model p(x, z) as it is: the old encoder stays, as
         ``kept_encoder``, what the prior is built on, so a VampPrior does not change.
         With ``fit(..., freeze_model=True)`` only the new guide then trains."""
+        _check_encoder(encoder, self.x_dim, self.z_dim)
         if "kept_encoder" not in self._modules:
             self.kept_encoder = self.encoder
         self.encoder = encoder
+
+    def check_data(self, x: torch.Tensor, *rest, what: str = "data") -> None:
+        """One-line errors for points of the wrong width or outside the likelihood's
+        support (see ``pyro_vae.contract``)."""
+        if not x.is_floating_point():
+            raise ValueError(f"{what} has dtype {x.dtype}; the model needs floating-point "
+                             f"data (convert it with x.float())")
+        if x.dim() != 2 or x.shape[1] != self.x_dim:
+            raise ValueError(f"{what} has points of shape {tuple(x.shape[1:])}; the model "
+                             f"takes x_dim = {self.x_dim} features per point")
+        self.likelihood.check(x, what)
+
+
+def _check_encoder(encoder: nn.Module, x_dim: int, z_dim: int) -> None:
+    """Refuse, in one line, a guide whose q(z | x) is not over ``z_dim`` dimensions."""
+    try:
+        with torch.no_grad():
+            device = next(encoder.parameters(), torch.zeros(())).device
+            shape = tuple(encoder(torch.zeros(2, x_dim, device=device)).event_shape)
+    except Exception as e:
+        raise ValueError(f"swap_guide: the encoder cannot take points of {x_dim} features "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         ) from None
+    if shape != (z_dim,):
+        raise ValueError(f"swap_guide: the encoder's q(z | x) has event shape {shape}; this "
+                         f"model's z has {z_dim} dimensions")
 
 
 class VAE(_LatentModel):
@@ -147,23 +175,21 @@ class VAE(_LatentModel):
                            prior_options)
 
     @pyro_method
-    def model(self, x: torch.Tensor, num_data: Optional[int] = None,
-              beta: float = 1.0) -> torch.Tensor:
+    def model(self, x: Optional[torch.Tensor] = None,
+              num_data: Optional[int] = None) -> torch.Tensor:
         """p(x, z). ``num_data`` is the full data set size N: the minibatch's log-density
-        is scaled by N / len(x), so the loss estimates the ELBO of the whole data set."""
-        with pyro.plate("data", num_data or len(x), subsample=x):
-            with kl_weight(beta):
-                z = pyro.sample("z", self.p_z())
+        is scaled by N / len(x), so the loss estimates the ELBO of the whole data set.
+        ``model(None, num_data=n)`` draws n points (``pyro.infer.Predictive``)."""
+        with pyro.plate("data", _plate_size(x, num_data), subsample=x):
+            z = pyro.sample("z", self.p_z())
             pyro.sample("x", self.decode(z), obs=x)
         return z
 
     @pyro_method
-    def guide(self, x: torch.Tensor, num_data: Optional[int] = None,
-              beta: float = 1.0) -> torch.Tensor:
+    def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
         """q(z | x), amortized by the encoder."""
         with pyro.plate("data", num_data or len(x), subsample=x):
-            with kl_weight(beta):
-                return pyro.sample("z", self.encoder(x))
+            return pyro.sample("z", self.encoder(x))
 
     def encode(self, x: torch.Tensor) -> dist.Distribution:
         """q(z | x): batch shape (B,), event shape (z_dim,)."""
@@ -207,7 +233,7 @@ class HierarchicalVAE(_LatentModel):
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim
         hidden = tuple(hidden)
-        conditional = dict(hidden=hidden, act=act, arch=arch)
+        conditional = self._conditional = dict(hidden=hidden, act=act, arch=arch)
         self.encoder = build(encoder, GUIDES, "guide", dict(                  # q(z2|x)
             x_dim=x_dim, z_dim=z_dim, flow_steps=flow_steps, **conditional))
         self.encoder_z1 = DiagonalNormalEncoder(x_dim + z_dim, z_dim, **conditional)
@@ -217,24 +243,31 @@ class HierarchicalVAE(_LatentModel):
         self.prior = build(prior, PRIORS, "prior", dict(z_dim=z_dim, x_dim=x_dim),
                            prior_options)
 
+    guide_modules = ("encoder", "encoder_z1")
+
     @pyro_method
-    def model(self, x: torch.Tensor, num_data: Optional[int] = None,
-              beta: float = 1.0) -> torch.Tensor:
-        with pyro.plate("data", num_data or len(x), subsample=x):
-            with kl_weight(beta):
-                z2 = pyro.sample("z2", self.p_z())
-                z1 = pyro.sample("z1", self.p_z1(z2))
+    def model(self, x: Optional[torch.Tensor] = None,
+              num_data: Optional[int] = None) -> torch.Tensor:
+        with pyro.plate("data", _plate_size(x, num_data), subsample=x):
+            z2 = pyro.sample("z2", self.p_z())
+            z1 = pyro.sample("z1", self.p_z1(z2))
             pyro.sample("x", self.decode(z1, z2), obs=x)
         return z1, z2
 
     @pyro_method
-    def guide(self, x: torch.Tensor, num_data: Optional[int] = None,
-              beta: float = 1.0) -> torch.Tensor:
+    def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
         with pyro.plate("data", num_data or len(x), subsample=x):
-            with kl_weight(beta):
-                z2 = pyro.sample("z2", self.encoder(x))
-                z1 = pyro.sample("z1", self.encode_z1(x, z2))
+            z2 = pyro.sample("z2", self.encoder(x))
+            z1 = pyro.sample("z1", self.encode_z1(x, z2))
         return z1, z2
+
+    def swap_guide(self, encoder: nn.Module) -> None:
+        """As ``VAE.swap_guide`` for q(z2 | x); q(z1 | x, z2), the rest of the guide,
+        starts afresh too."""
+        super().swap_guide(encoder)
+        old = self.encoder_z1
+        self.encoder_z1 = DiagonalNormalEncoder(old.x_dim, old.z_dim, **self._conditional
+                                                ).to(next(old.parameters()).device)
 
     def encode(self, x: torch.Tensor) -> dist.Distribution:
         """q(z2 | x), the top layer."""

@@ -1,4 +1,6 @@
-"""Which ELBO: the objective handed to ``pyro.infer.SVI``, and the KL weight beta.
+"""Which ELBO, and the KL weight beta.
+
+``loss`` is a name or any ``pyro.infer.ELBO`` object:
 
 - ``"trace"``: ``Trace_ELBO``, Monte Carlo estimate of E_q[log p(x, z) - log q(z|x)].
 - ``"meanfield"``: ``TraceMeanField_ELBO``, E_q[log p(x|z)] - KL(q(z|x) || p(z)) with the
@@ -7,22 +9,30 @@
   one-sample Monte Carlo KL; ``warn_if_monte_carlo_kl`` logs that once per pair.
 - ``"iwae"``: ``RenyiELBO(alpha=0)``, the importance-weighted bound of Burda et al. (2015),
   log (1/K) sum_k p(x, z_k) / q(z_k|x) per data point, z_k ~ q(z|x), K = num_particles.
-  Pyro takes the log-mean-exp of the *scaled* site log-densities, so under a data plate
-  scaled by N / B it would compute log mean exp(s w) instead of s log mean exp(w): the IWAE
-  loss must be evaluated unscaled (``scales_with_data_size("iwae")`` is False).
+- an ELBO object: ``TraceEnum_ELBO(max_plate_nesting=1)`` for discrete latents summed out
+  by enumeration, ``TraceGraph_ELBO``, ``RenyiELBO(alpha=0.5)``, a subclass of your own.
 
-Particles are vectorized: the model and guide must broadcast over a leading sample
-dimension left of the ``"data"`` plate, which the models of this package do.
+Pyro's ``RenyiELBO`` takes the log-mean-exp of the *scaled* site log-densities, so under a
+data plate scaled by N / B it would compute log mean exp(s w) instead of s log mean exp(w):
+any ``RenyiELBO`` runs unscaled (``scales_with_data_size``).
+
+Beta weights every latent (unobserved) sample site of the model *and* the guide
+(``scale_latents``, a Pyro handler the trainer applies, so a model needs no ``beta``
+argument): ``TraceMeanField_ELBO`` reads the guide site's scale for its closed-form KL,
+``Trace_ELBO`` needs log p(z) and log q(z|x) scaled alike.
 """
 
+import contextlib
 import logging
+from typing import Collection, Optional, Union
 
 from torch.distributions import kl_divergence
 
 from pyro import poutine
 from pyro.distributions.torch_distribution import ExpandedDistribution
-from pyro.poutine.util import site_is_subsample
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 
 logger = logging.getLogger("pyro_vae")
 
@@ -32,15 +42,25 @@ LOSSES = {
     "iwae": RenyiELBO,
 }
 
+Loss = Union[str, ELBO]
+
 _warned = set()
 
 
-def make_elbo(loss: str = "meanfield", num_particles: int = 1) -> ELBO:
-    """The ELBO named ``loss`` (a key of ``LOSSES``) with vectorized particles."""
+def make_elbo(loss: Loss = "meanfield", num_particles: int = 1) -> ELBO:
+    """The ELBO named ``loss`` (a key of ``LOSSES``) with ``num_particles`` vectorized
+    particles, or ``loss`` itself if it is an ELBO object (then ``num_particles`` must be
+    1: the object carries its own)."""
+    if isinstance(loss, ELBO):
+        if num_particles != 1:
+            raise ValueError(f"num_particles={num_particles} with an ELBO object: set "
+                             f"num_particles on the object instead")
+        return loss
     try:
         cls = LOSSES[loss]
-    except KeyError:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or pass "
+                         f"a pyro.infer.ELBO object") from None
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
     kwargs = dict(alpha=0.0) if cls is RenyiELBO else {}
@@ -48,23 +68,37 @@ def make_elbo(loss: str = "meanfield", num_particles: int = 1) -> ELBO:
                max_plate_nesting=1, **kwargs)
 
 
-def scales_with_data_size(loss: str) -> bool:
-    """Whether the loss may run under the data plate's N / B scale (not the IWAE bound)."""
-    return loss != "iwae"
+def scales_with_data_size(objective: Loss) -> bool:
+    """Whether the objective (an ELBO or its name) may run under the data plate's N / B
+    scale: not a ``RenyiELBO`` (the IWAE bound among them), whose log-mean-exp does not
+    commute with the scale."""
+    return not isinstance(make_elbo(objective), RenyiELBO)
 
 
-def plain_elbo_loss(loss: str) -> str:
-    """The loss that estimates the plain ELBO for a run trained with ``loss``."""
-    return "trace" if loss == "iwae" else loss
+def is_plain_elbo(objective: ELBO) -> bool:
+    """Whether the objective's value is the ELBO (not a Renyi bound)."""
+    return scales_with_data_size(objective)
 
 
-def check_objective(loss: str, beta: float = 1.0, warmup_epochs: int = 0) -> None:
+def plain_elbo(objective: ELBO) -> ELBO:
+    """An ELBO estimator for a run trained with ``objective``: the objective itself, or
+    for a Renyi bound ``Trace_ELBO`` with the same particles and plates."""
+    if is_plain_elbo(objective):
+        return objective
+    return Trace_ELBO(num_particles=objective.num_particles,
+                      vectorize_particles=objective.vectorize_particles,
+                      max_plate_nesting=objective.max_plate_nesting)
+
+
+def check_objective(objective: ELBO, beta: float = 1.0, warmup_epochs: int = 0) -> None:
     """Raise ValueError for a combination that means nothing."""
-    if beta < 0 or warmup_epochs < 0:
-        raise ValueError(f"beta and warmup_epochs must be >= 0, got {beta}, {warmup_epochs}")
-    if loss == "iwae" and (beta != 1 or warmup_epochs):
-        raise ValueError("beta and warm-up weight the KL term of the ELBO; the IWAE bound "
-                         "has none: use loss trace or meanfield with them")
+    if not beta >= 0 or not warmup_epochs >= 0 or beta == float("inf"):
+        raise ValueError(f"beta and warmup_epochs must be finite and >= 0, got {beta}, "
+                         f"{warmup_epochs}")
+    if not is_plain_elbo(objective) and (beta != 1 or warmup_epochs):
+        name = "IWAE" if objective.alpha == 0 else f"Renyi (alpha {objective.alpha})"
+        raise ValueError(f"beta and warm-up weight the KL term of the ELBO; the {name} "
+                         f"bound has none: use loss trace or meanfield with them")
 
 
 def beta_at(epoch: int, beta: float = 1.0, warmup_epochs: int = 0) -> float:
@@ -73,6 +107,47 @@ def beta_at(epoch: int, beta: float = 1.0, warmup_epochs: int = 0) -> float:
     if warmup_epochs <= 0:
         return beta
     return beta * min(1.0, (epoch - 1) / warmup_epochs)
+
+
+def is_latent(site: dict) -> bool:
+    """A sample site that is neither observed nor a plate's subsample index."""
+    return (site["type"] == "sample" and not site["is_observed"]
+            and not site_is_subsample(site))
+
+
+class scale_latents(Messenger):
+    """Multiply the log-density of latent sample sites by ``beta``, in the model and the
+    guide alike (beta-VAE, KL warm-up): with ``sites``, only those named. ``beta = 0``
+    masks them out (``poutine.scale`` refuses 0).
+
+    An enumerated site (``infer={"enumerate": ...}``) is summed out, not weighted: it is
+    refused unless ``sites`` leaves it out.
+
+        with scale_latents(4.0):
+            loss = Trace_ELBO().differentiable_loss(model, guide, x)
+    """
+
+    def __init__(self, beta: float, sites: Optional[Collection[str]] = None):
+        super().__init__()
+        self.beta = beta
+        self.sites = None if sites is None else frozenset(sites)
+
+    def _process_message(self, msg: dict) -> None:
+        if not is_latent(msg) or (self.sites is not None and msg["name"] not in self.sites):
+            return
+        if msg["infer"].get("enumerate"):
+            raise ValueError(f"beta weights latent site {msg['name']!r}, which is "
+                             f"enumerated (summed out, no KL term to weight); name the "
+                             f"sites to weight with beta_sites")
+        if self.beta == 0:
+            msg["mask"] = False if msg["mask"] is None else msg["mask"] & False
+        else:
+            msg["scale"] = self.beta * msg["scale"]
+
+
+def kl_weight(beta: float, sites: Optional[Collection[str]] = None):
+    """``scale_latents(beta, sites)``, or no handler at all when beta is 1."""
+    return contextlib.nullcontext() if beta == 1 else scale_latents(beta, sites)
 
 
 def has_closed_form_kl(q, p) -> bool:
@@ -84,19 +159,18 @@ def has_closed_form_kl(q, p) -> bool:
         return False
 
 
-def warn_if_monte_carlo_kl(loss: str, model, guide, *args, **kwargs) -> list:
-    """Log once per (guide, prior) pair of distribution types where ``loss="meanfield"``
-    falls back to a Monte Carlo KL. Runs the guide and model once on ``args``; returns
-    the names of the latent sites that fall back."""
-    if loss != "meanfield":
+def warn_if_monte_carlo_kl(objective: Loss, model, guide, *args, **kwargs) -> list:
+    """Log once per (guide, prior) pair of distribution types where a
+    ``TraceMeanField_ELBO`` (``"meanfield"``) falls back to a Monte Carlo KL. Runs the guide
+    and model once on ``args``; returns the names of the latent sites that fall back."""
+    if not (objective == "meanfield" or isinstance(objective, TraceMeanField_ELBO)):
         return []
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
         *args, **kwargs)
     fallbacks = []
     for name, site in model_trace.nodes.items():
-        if (site["type"] != "sample" or site["is_observed"] or site_is_subsample(site)
-                or name not in guide_trace):
+        if not is_latent(site) or name not in guide_trace:
             continue
         q, p = guide_trace.nodes[name]["fn"], site["fn"]
         if has_closed_form_kl(q, p):

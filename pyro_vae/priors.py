@@ -222,6 +222,8 @@ class VampPrior(nn.Module):
     ``learn_weights``: learned mixture weights instead of uniform ones.
     """
 
+    uses_encoder = True  # the model hands it the encoder: p(z) is built on q(z | u)
+
     def __init__(self, z_dim: int, x_dim: int, components: int = 500,
                  pseudo_init: str = "normal", learn_weights: bool = False,
                  data: Optional[torch.Tensor] = None, init_mean: float = 0.05,

@@ -24,10 +24,11 @@ from .likelihoods import LIKELIHOODS, GaussianLikelihood
 from .guides import GUIDES
 from .models import MODELS, build, resolve
 from .nn import ACTIVATIONS, ARCHS
-from .objectives import LOSSES, check_objective, plain_elbo_loss
+from .objectives import LOSSES, check_objective, make_elbo, plain_elbo
 from .priors import PRIORS
-from .train import (OPTIMIZERS, atomic_write, best_epoch, check_data, fit, load_checkpoint,
-                    read_checkpoint, save_checkpoint, stopped_early)
+from .checkpoints import atomic_write, load_checkpoint, read_checkpoint
+from .train import (OPTIMIZERS, Checkpointer, KeepBest, MetricsWriter, Options, best_epoch,
+                    check_data, fit, stopped_early)
 
 
 def _opt(default, help, **kw):
@@ -124,7 +125,7 @@ class TrainConfig:
         for flag in ("freeze_model", "fresh_guide"):
             if getattr(self, flag) and not self.init_from:
                 raise ValueError(f"--{_flag(flag)} needs --init-from RUN (a trained model)")
-        check_objective(self.loss, self.beta, self.warmup_epochs)
+        check_objective(make_elbo(self.loss, self.particles), self.beta, self.warmup_epochs)
         resolve(self.prior, PRIORS, "prior")
         resolve(self.guide, GUIDES, "guide")
         resolve_device(self.device)
@@ -207,17 +208,24 @@ def from_source(config: TrainConfig) -> Tuple[TrainConfig, dict]:
         # Plain continuation; a source that kept an encoder for its prior keeps it.
         return dataclasses.replace(config, prior_guide=src.prior_guide,
                                    prior_flow_steps=src.prior_flow_steps), state
-    # The prior keeps the encoder it was built on: the source's kept one, else its guide.
+    # The prior keeps the encoder it was built on: the source's kept one, else its guide's.
     kept = "kept_encoder." if src.prior_guide is not None else "encoder."
     config = dataclasses.replace(
         config, prior_guide=src.prior_guide or src.guide,
         prior_flow_steps=src.prior_flow_steps if src.prior_guide else src.flow_steps)
-    start = {k: v for k, v in state.items() if not k.startswith(("encoder.", "kept_encoder."))}
+    guide = _guide_prefixes(config)
+    start = {k: v for k, v in state.items() if not k.startswith(guide + ("kept_encoder.",))}
     start.update({"kept_encoder." + k[len(kept):]: v for k, v in state.items()
                   if k.startswith(kept)})
     if same_guide:  # the new guide starts where the source's stopped
-        start.update({k: v for k, v in state.items() if k.startswith("encoder.")})
+        start.update({k: v for k, v in state.items() if k.startswith(guide)})
     return config, start
+
+
+def _guide_prefixes(config: TrainConfig) -> Tuple[str, ...]:
+    """State-dict prefixes of the modules that make the model's guide (its declaration,
+    ``guide_modules``: for the HVAE both q(z2 | x) and q(z1 | x, z2))."""
+    return tuple(name + "." for name in MODELS[config.model].guide_modules)
 
 
 def load_data(config: TrainConfig):
@@ -262,9 +270,10 @@ def _remove_leftovers(out: Path) -> None:
 
 
 def _load_start(vae, state: dict, path: Path) -> None:
-    """Load ``state``; only the guide (``encoder.*``) may be missing, to start fresh."""
+    """Load ``state``; only the guide (``guide_modules``) may be missing, to start fresh."""
     result = vae.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("encoder.")]
+    guide = tuple(name + "." for name in vae.guide_modules)
+    missing = [k for k in result.missing_keys if not k.startswith(guide)]
     if missing or result.unexpected_keys:
         bad = (missing or result.unexpected_keys)[0]
         raise ValueError(f"{path}: does not fit this model (e.g. {bad!r})")
@@ -368,54 +377,42 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True) -
 def _train_and_report(config: TrainConfig, vae, data, device, progress: bool,
                       resume: Optional[dict] = None) -> dict:
     """Train (from the start, or from ``resume``) into ``config.out``: checkpoints and
-    metrics as it goes, then the summary and figures. Of several processes, all train
-    and process 0 alone writes (the others return an empty summary)."""
+    metrics as it goes (hooks), then the summary and figures. Of several processes, all
+    train and process 0 alone writes (the others return an empty summary)."""
     out = Path(config.out)
     train, valid, test = data
-    history = resume["history"] if resume is not None else []
     main = distributed.is_main()
+    hooks = []
     if main:
         # metrics.jsonl restarts from the checkpoint's history: an epoch logged after the
         # checkpoint was taken is trained again, and logged once.
-        _write_lines(out / "metrics.jsonl", history)
-    metrics_file = open(out / "metrics.jsonl", "a") if main else contextlib.nullcontext()
-
-    def record_epoch(record, vae):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-
-    def checkpoint(training):
-        save_checkpoint(out / "checkpoint.pt", vae, epoch=len(training["history"]),
-                        x_dim=train.x.shape[1], training=training)
-
-    seen = list(history)
-
-    def keep_best(record, vae):
-        seen.append(record)
-        if config.early_stopping and best_epoch(seen) == record["epoch"]:
-            save_checkpoint(out / "best.pt", vae, epoch=record["epoch"],
-                            x_dim=train.x.shape[1], valid_elbo=record["valid_elbo"])
-
-    with metrics_file:
-        history = fit(vae, train, valid, epochs=config.epochs, loss=config.loss,
-                      num_particles=config.particles, beta=config.beta,
-                      warmup_epochs=config.warmup_epochs, batch_size=config.batch_size,
-                      lr=config.lr, optimizer=config.optimizer, clip_norm=config.clip_norm,
-                      seed=config.seed, device=device, callbacks=[record_epoch, keep_best],
-                      progress=progress, freeze_model=config.freeze_model,
-                      skip_nonfinite=config.skip_nonfinite, checkpoint=checkpoint,
-                      checkpoint_every=config.checkpoint_every, resume=resume,
-                      early_stopping=config.early_stopping)
+        _write_lines(out / "metrics.jsonl", resume["history"] if resume else [])
+        x_dim = train.x.shape[1]
+        hooks = [MetricsWriter(out / "metrics.jsonl"),
+                 Checkpointer(out / "checkpoint.pt", vae, x_dim=x_dim)]
+        if config.early_stopping:
+            hooks.append(KeepBest(out / "best.pt", vae, x_dim=x_dim))
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(Options)
+               if hasattr(config, f.name)}
+    options.update(num_particles=config.particles, device=device)
+    history = fit(vae, train, valid, hooks=hooks, resume=resume, progress=progress,
+                  **options)
     if not main:
         return {}
     if config.early_stopping:  # the summary and figures are the best epoch's model's
         load_checkpoint(out / "best.pt", vae, map_location=device)
+    return _report(config, vae, data, device, history)
 
+
+def _report(config: TrainConfig, vae, data, device, history) -> dict:
+    """Write the summary (test ELBO, timings) and the figures of a trained run."""
+    out = Path(config.out)
+    train, _, test = data
     test = test.to(device)
+    objective = make_elbo(config.loss, config.particles)
     # The plain ELBO (beta = 1) for every run; the IWAE bound too where it was trained.
     summary = {
-        "test_elbo": evaluate_elbo(vae, test, plain_elbo_loss(config.loss), config.particles,
-                                   seed=config.seed),
+        "test_elbo": evaluate_elbo(vae, test, plain_elbo(objective), seed=config.seed),
         "num_test": len(test),
         "epochs": config.epochs,
         "epochs_trained": len(history),
@@ -426,8 +423,7 @@ def _train_and_report(config: TrainConfig, vae, data, device, progress: bool,
         "pyro": pyro.__version__,
     }
     if config.loss == "iwae":
-        summary["test_iwae"] = evaluate_elbo(vae, test, "iwae", config.particles,
-                                             seed=config.seed)
+        summary["test_iwae"] = evaluate_elbo(vae, test, objective, seed=config.seed)
     _write_json(out / "summary.json", summary)
     vae.eval()
     plots.plot_samples(vae, train.image_shape, out / "samples.png")
@@ -498,7 +494,7 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
         "guide": config.guide,
         "num_points": len(data),
         "num_samples": samples,
-        "test_elbo": evaluate_elbo(vae, data, plain_elbo_loss(config.loss), seed=seed),
+        "test_elbo": evaluate_elbo(vae, data, plain_elbo(make_elbo(config.loss)), seed=seed),
         "log_likelihood": ll.mean().item(),
         "log_likelihood_stderr": (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else 0.0,
     }

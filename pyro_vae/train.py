@@ -1,37 +1,46 @@
-"""fit(): the training loop (Pyro's ELBO, one PyTorch optimizer), epoch callbacks, safe
-checkpoints and exact resume."""
+"""Training: ``fit(model, data)`` for any Pyro model/guide pair (``pyro_vae.contract``).
+
+Three pieces, each readable on its own:
+
+- ``Step``: one step, ``SVI.step`` with one PyTorch optimizer for all parameters and a
+  finite check that never waits for the device unless asked.
+- ``Trainer``: epochs of steps, validation, checkpoints, resume; its phases are methods.
+- Hooks: ``on_epoch_end(record, history, model)`` (return True to stop) and
+  ``on_checkpoint(state)``. Early stopping, keep-best, the metrics file and the
+  checkpoint file are hooks (``EarlyStopping``, ``KeepBest``, ``MetricsWriter``,
+  ``Checkpointer``); a plain function is an ``on_epoch_end`` hook.
+"""
 
 import contextlib
-import copy
 import dataclasses
+import json
 import logging
 import math
-import os
-import random
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import pyro
 from pyro import poutine
+from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.util import torch_item
 from pyro.optim.clipped_adam import ClippedAdam
 
+from .checkpoints import (Position, TrainState, get_rng_state, load_optimizer_state,
+                          save_checkpoint, set_rng_state)
+from .contract import guide_parameters
+from .datasets import as_dataset
 from .distributed import World
+from .errors import ArgumentError
 from .evaluation import elbo as evaluate_elbo
-from .objectives import (beta_at, check_objective, make_elbo, plain_elbo_loss,
-                         scales_with_data_size, warn_if_monte_carlo_kl)
+from .objectives import (Loss, beta_at, check_objective, is_latent, kl_weight, make_elbo,
+                         plain_elbo, scales_with_data_size, warn_if_monte_carlo_kl)
 
 OPTIMIZERS = ("adam", "clipped_adam")
-
-Callback = Callable[[Dict, torch.nn.Module], None]
-
 
 logger = logging.getLogger("pyro_vae")
 
@@ -40,24 +49,91 @@ class TrainingDiverged(RuntimeError):
     """The loss or a gradient became NaN or infinite."""
 
 
+@dataclasses.dataclass
+class Options:
+    """What ``fit`` takes besides the model and the data (all keyword arguments).
+
+    epochs: passes over the training data.
+    loss: ``"trace"``, ``"meanfield"``, ``"iwae"`` or any ``pyro.infer.ELBO`` object
+        (``pyro_vae.objectives``).
+    num_particles: vectorized samples per data point for a named loss (K of the IWAE
+        bound); an ELBO object carries its own.
+    beta, warmup_epochs: the KL weight (beta-VAE, Higgins et al. 2017) on every latent
+        site of model and guide; with W warm-up epochs it rises linearly from 0 at epoch 1
+        to ``beta`` at epoch W + 1. beta_sites: the latent sites it weights (default all).
+    batch_size, lr: minibatch size, learning rate.
+    optimizer, clip_norm: ``"adam"`` (PyTorch's fused Adam) or ``"clipped_adam"`` (Pyro's,
+        each gradient clipped elementwise to +-clip_norm).
+    seed: initial random state; process r of several draws its noise from seed + r.
+    device: move the model and data there (default: the model's device).
+    validate: check distribution arguments and supports on the first step.
+    freeze_model: train the guide alone (the modules ``model.guide_modules`` names).
+    skip_nonfinite: skip (and log) up to this many non-finite steps before stopping.
+    checkpoint_every: also checkpoint every N steps (0: after each epoch only).
+    check_every: read the finite checks every N steps (default 1 on the CPU, 50 on GPU).
+    early_stopping: stop after P epochs without a better validation ELBO (0: off).
+    """
+
+    epochs: int = 10
+    loss: Loss = "meanfield"
+    num_particles: int = 1
+    beta: float = 1.0
+    warmup_epochs: int = 0
+    beta_sites: Optional[Tuple[str, ...]] = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    clip_norm: float = 10.0
+    seed: int = 0
+    device: Optional[Union[str, torch.device]] = None
+    validate: bool = True
+    freeze_model: bool = False
+    skip_nonfinite: int = 0
+    checkpoint_every: int = 0
+    check_every: Optional[int] = None
+    early_stopping: int = 0
+
+    def check(self) -> None:
+        """One-line errors naming the argument, before anything is trained."""
+        counts = ("epochs", "skip_nonfinite", "checkpoint_every", "early_stopping",
+                  "warmup_epochs")
+        for name in counts:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 0):
+                raise ArgumentError(name, f"must be an integer >= 0, got {value!r}")
+        for name in ("batch_size", "num_particles") + (
+                ("check_every",) if self.check_every is not None else ()):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
+        if not 0 <= self.lr < math.inf:
+            raise ArgumentError("lr", f"must be finite and >= 0, got {self.lr}")
+        if not 0 < self.clip_norm < math.inf:
+            raise ArgumentError("clip_norm", f"must be finite and > 0, got {self.clip_norm}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                             f"{list(OPTIMIZERS)}")
+
+
 class _Loss(torch.nn.Module):
     """Pyro's ELBO as a module: ``forward`` returns its ``differentiable_loss`` (what
     Pyro's ``ELBOModule`` does), so that ``DistributedDataParallel`` can wrap it. The
-    networks are used without ``param`` sites (``VAE.unregistered``) where the model
-    offers it: the parameters were found once, by ``trained_parameters``."""
+    networks are used without ``param`` sites where the model offers it
+    (``unregistered``): the parameters were found once, by ``trained_parameters``."""
 
-    def __init__(self, vae, model, guide, objective):
+    def __init__(self, module, model_fn, objective, beta_sites=None):
         super().__init__()
-        self.vae = vae
-        self.model, self.guide, self.objective = model, guide, objective
+        self.module, self.model_fn, self.objective = module, model_fn, objective
+        self.beta_sites = beta_sites
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        unregistered = getattr(self.vae, "unregistered", contextlib.nullcontext)
-        with unregistered():
-            return self.objective.differentiable_loss(self.model, self.guide, *args, **kwargs)
+    def forward(self, *batch, num_data=None, beta: float = 1.0) -> torch.Tensor:
+        unregistered = getattr(self.module, "unregistered", contextlib.nullcontext)
+        with unregistered(), kl_weight(beta, self.beta_sites):
+            return self.objective.differentiable_loss(self.model_fn, self.module.guide,
+                                                      *batch, num_data=num_data)
 
 
-class _Step:
+class Step:
     """One training step: Pyro's ELBO gives the loss and its gradients; one PyTorch
     optimizer updates every trained parameter, unless the loss or a gradient is not
     finite, in which case nothing changes.
@@ -66,44 +142,39 @@ class _Step:
     parameter tensor and traces the step to find them; here the parameters are found
     once, and a single fused Adam updates them all (``make_optimizer``). The loss is the
     ELBO's ``differentiable_loss`` (``_Loss``, under ``DistributedDataParallel`` when
-    several processes train), or for the IWAE bound, which has none in Pyro, its
-    ``loss_and_grads``.
+    several processes train), or for an ELBO that has none (``RenyiELBO``,
+    ``TraceGraph_ELBO``) its ``loss_and_grads``.
 
     The finite check never waits for the device unless asked (``check``): the fused Adam
     kernel skips the update on the device itself when told the step was not finite.
     """
 
-    def __init__(self, vae, model, guide, objective, params: Dict[str, torch.nn.Parameter],
-                 optimizer: torch.optim.Optimizer, world: World):
-        self.model, self.guide, self.objective = model, guide, objective
-        self.params, self.optimizer, self.world = params, optimizer, world
+    def __init__(self, module, objective: ELBO, params: Dict[str, torch.nn.Parameter],
+                 optimizer: torch.optim.Optimizer, world: Optional[World] = None,
+                 model_fn=None, beta_sites=None):
+        self.module, self.objective = module, objective
+        self.model_fn = model_fn or module.model
+        self.params, self.optimizer = params, optimizer
+        self.world, self.beta_sites = world or World(), beta_sites
         self.differentiable = hasattr(objective, "differentiable_loss")
         if self.differentiable:
-            self.loss = _Loss(vae, model, guide, objective)
-            if world.size > 1:
+            self.loss = _Loss(module, self.model_fn, objective, beta_sites)
+            if self.world.size > 1:
                 trained = {id(p) for p in params.values()}
-                self.loss = world.wrap(self.loss, ignore=[
-                    "vae." + name for name, p in vae.named_parameters()
+                self.loss = self.world.wrap(self.loss, ignore=[
+                    "module." + name for name, p in module.named_parameters()
                     if id(p) not in trained])
         self.device_skip = (isinstance(optimizer, torch.optim.Adam)
                             and bool(optimizer.defaults.get("fused")))
 
-    def __call__(self, x: torch.Tensor, weight: float = 1.0, check: bool = True, **kwargs
+    def __call__(self, batch: Sequence[torch.Tensor], weight: float = 1.0, check: bool = True,
+                 num_data: Optional[int] = None, beta: float = 1.0
                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[str]]:
         """Returns the loss (times ``weight``) and whether it and every gradient were
         finite, both as tensors on the device; and, if the step was checked on the host
         (``check``, or an optimizer that cannot skip on the device), the first
         non-finite quantity ("loss", "gradient of decoder.0.weight") or None."""
-        if self.differentiable:
-            loss = self.loss(x, **kwargs)
-            if weight != 1:
-                loss = loss * weight
-            loss.backward()
-            loss = loss.detach()
-        else:
-            loss = torch_item(self.objective.loss_and_grads(self.model, self.guide, x,
-                                                            **kwargs))
-            loss = torch.tensor(loss, device=x.device)
+        loss = self._loss_and_grads(batch, weight, num_data, beta)
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         # One sum per gradient: a NaN or an infinity anywhere makes the total non-finite
         # (so does a sum beyond the float range, which a norm's squares reach far sooner).
@@ -113,11 +184,7 @@ class _Step:
         bad = None
         if check or not self.device_skip:
             if not finite:  # waits for the device
-                bad = "loss" if not torch.isfinite(loss) else next(
-                    (f"gradient of {name}" for name, p in self.params.items()
-                     if p.grad is not None and not torch.isfinite(p.grad).all()),
-                    "sum of the gradients" if self.world.size == 1 else
-                    "loss of another process")
+                bad = self._first_nonfinite(loss)
             else:
                 self.optimizer.step()
         else:
@@ -129,20 +196,51 @@ class _Step:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, finite, bad
 
+    def _loss_and_grads(self, batch, weight, num_data, beta) -> torch.Tensor:
+        if self.differentiable:
+            loss = self.loss(*batch, num_data=num_data, beta=beta)
+            if weight != 1:
+                loss = loss * weight
+            loss.backward()
+            return loss.detach()
+        with kl_weight(beta, self.beta_sites):
+            loss = self.objective.loss_and_grads(self.model_fn, self.module.guide, *batch,
+                                                 num_data=num_data)
+        return torch.tensor(torch_item(loss), device=batch[0].device)
 
-def trained_parameters(vae, model, guide, x: torch.Tensor) -> Dict[str, torch.nn.Parameter]:
-    """The parameters that ``model`` and ``guide`` register with Pyro on data ``x`` (the
-    ``param`` sites of their traces), by name in ``vae``, in ``vae``'s order."""
+    def _first_nonfinite(self, loss: torch.Tensor) -> str:
+        if not torch.isfinite(loss):
+            return "loss"
+        return next((f"gradient of {name}" for name, p in self.params.items()
+                     if p.grad is not None and not torch.isfinite(p.grad).all()),
+                    "sum of the gradients" if self.world.size == 1 else
+                    "loss of another process")
+
+
+def trained_parameters(module, objective: ELBO, batch: Sequence[torch.Tensor],
+                       guide_only: bool = False, model_fn=None) -> Dict[str, torch.nn.Parameter]:
+    """The parameters of ``module`` that the loss depends on (one probe of its gradient
+    on ``batch``), by name, in ``module``'s order: with ``guide_only``, those of the
+    modules ``module.guide_modules`` names. Parameters registered with ``pyro.param``
+    outside the module are refused: ``fit`` trains module parameters only."""
+    model_fn = model_fn or module.model
     with poutine.trace(param_only=True) as capture, torch.no_grad(), \
             pyro.validation_enabled(False):
-        guide_trace = poutine.trace(guide).get_trace(x)
-        poutine.replay(model, trace=guide_trace)(x)
-    seen = {id(_unconstrained(site["value"])) for site in capture.trace.nodes.values()}
-    named = {name: p for name, p in vae.named_parameters() if id(p) in seen}
-    if len(named) != len(seen):
+        poutine.replay(model_fn, trace=poutine.trace(module.guide).get_trace(*batch))(*batch)
+    owned = {id(p) for p in module.parameters()}
+    if any(id(_unconstrained(site["value"])) not in owned
+           for site in capture.trace.nodes.values()):
         raise ValueError("the model or guide has Pyro parameters outside the module "
                          "(pyro.param); fit trains module parameters only")
-    return named
+    named = guide_parameters(module) if guide_only else dict(module.named_parameters())
+    named = {k: p for k, p in named.items() if p.requires_grad}
+    probe = objective if hasattr(objective, "differentiable_loss") else Trace_ELBO(
+        max_plate_nesting=objective.max_plate_nesting)
+    with pyro.validation_enabled(False):
+        loss = probe.differentiable_loss(model_fn, module.guide, *batch)
+    grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True) \
+        if named and loss.requires_grad else [None] * len(named)
+    return {k: p for (k, p), g in zip(named.items(), grads) if g is not None}
 
 
 def _unconstrained(value: torch.Tensor) -> torch.Tensor:
@@ -163,246 +261,25 @@ def make_optimizer(name: str, params, lr: float = 1e-3,
     raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
 
 
-def fit(vae, train, valid=None, *, epochs: int = 10, loss: str = "meanfield",
-        num_particles: int = 1, beta: float = 1.0, warmup_epochs: int = 0,
-        batch_size: int = 128, lr: float = 1e-3,
-        optimizer: str = "adam", clip_norm: float = 10.0, seed: int = 0,
-        device=None, callbacks: Sequence[Callback] = (), progress: bool = True,
-        validate: bool = True, freeze_model: bool = False,
-        skip_nonfinite: int = 0, checkpoint: Optional[Callable[[Dict], None]] = None,
-        checkpoint_every: int = 0, resume: Optional[Dict] = None,
-        check_every: Optional[int] = None, early_stopping: int = 0) -> List[Dict]:
-    """Train ``vae`` on ``train`` by stochastic variational inference and return the
-    per-epoch history: each step is ``pyro.infer.SVI``'s (Pyro's ELBO for the loss and
-    its gradients) with one PyTorch optimizer for all parameters (see ``_Step``).
+# --- Hooks -----------------------------------------------------------------------------
 
-    Each step estimates the objective of the whole training set from one minibatch (the
-    ``"data"`` plate scales it by N / B) and takes one optimizer step. ``loss`` is
-    ``"trace"``, ``"meanfield"`` or ``"iwae"`` (see ``pyro_vae.objectives``).
+class Hook:
+    """Called by the trainer on process 0. Override what you need."""
 
-    ``beta`` weights the KL term (beta-VAE, Higgins et al. 2017); with ``warmup_epochs``
-    W it rises linearly from 0 at epoch 1 to ``beta`` at epoch W + 1.
+    def on_epoch_end(self, record: Dict, history: List[Dict], model) -> Optional[bool]:
+        """After each epoch (``record`` is ``history[-1]``); return True to stop."""
 
-    After each epoch a record ``{"epoch", "beta", "train_elbo", "valid_elbo", "seconds"}``
-    is appended to the history and passed to every ``callback(record, vae)``. Values are
-    per data point, in nats: ``train_elbo`` is the training objective (the beta-weighted
-    ELBO, or the IWAE bound) averaged over the epoch's minibatches; ``valid_elbo`` is the
-    plain ELBO (beta = 1) of ``valid``; ``seconds`` excludes validation and checkpoints.
+    def on_checkpoint(self, state: TrainState) -> None:
+        """With the training state, before the first step, after every epoch, every
+        ``checkpoint_every`` steps and before ``TrainingDiverged`` is raised."""
 
-    ``device``: move the model and data there; by default the model's device is used.
-    The whole data set is held on the device, and a step never waits for it except to
-    check for non-finite values: every ``check_every`` steps (default: every step on the
-    CPU, where checking costs nothing; every 50 on a GPU).
-    ``validate``: check distribution arguments and supports on the first step.
-    A step whose loss or gradient is not finite changes no parameter (with the default
-    ``adam`` the fused kernel skips it on the device). At the next check, training stops
-    with ``TrainingDiverged`` naming the epoch, the step and, when checked at that step,
-    the quantity; ``skip_nonfinite`` such steps are skipped (and logged) first. Skipped
-    steps do not count in ``train_elbo``.
-    ``freeze_model``: train the guide's parameters only; the decoder, the likelihood and
-    the prior stay as they are (to fit a new guide to a trained model, see
-    ``VAE.swap_guide``; a prior built on the guide's own encoder would move, and is
-    refused).
 
-    Checkpoints and exact resume: ``checkpoint(state)`` is called with the training state
-    (everything but ``vae``'s weights: optimizer state, position in the run, the epoch's
-    data order, the random number generators, the history so far; plain tensors and
-    containers) before the first step, after every epoch, every ``checkpoint_every``
-    steps, and before ``TrainingDiverged`` is raised (when the failed step was the last
-    one taken, the state before it: resuming retries that batch with fresh noise).
-    ``fit(..., resume=state)`` with ``vae`` holding the weights saved with ``state``
-    continues exactly where it was taken: on the CPU the result is bitwise that of the
-    uninterrupted run. ``lr`` and ``clip_norm`` given on resume replace the saved ones.
+class _FunctionHook(Hook):
+    def __init__(self, fn: Callable):
+        self.fn = fn
 
-    ``early_stopping`` P: stop after P epochs in a row without a better ``valid_elbo``
-    than the best so far (a function of the history, so it resumes too); the history
-    then ends there, and its best epoch is the one to keep (``best_epoch(history)``).
-
-    Several processes (``torch.distributed`` initialized, e.g. by ``torchrun``; see
-    ``pyro_vae.distributed``): each trains on its shard of every global batch of
-    ``batch_size`` points under ``DistributedDataParallel``, and the result is that of
-    one process with the same batches. Process ``r`` draws its noise from ``seed + r``.
-    Process 0 alone validates, calls ``callbacks`` and ``checkpoint``, and shows
-    progress. The IWAE bound is not supported there (Pyro computes its gradients
-    outside a module's forward).
-
-    Clears Pyro's parameter store first: PyroModule registers parameters by name, and a
-    stale entry from an earlier model of the same shape would be optimized instead.
-    """
-    for name, value in (("skip_nonfinite", skip_nonfinite),
-                        ("checkpoint_every", checkpoint_every),
-                        ("early_stopping", early_stopping)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if epochs < 0 or batch_size < 1 or (check_every is not None and check_every < 1):
-        raise ValueError(f"need epochs >= 0, batch_size >= 1 and check_every >= 1, got "
-                         f"{epochs}, {batch_size}, {check_every}")
-    check_objective(loss, beta, warmup_epochs)
-    device = torch.device(device) if device is not None else _module_device(vae)
-    world = World.current(device)
-    vae.to(device)
-    train = train.to(device)
-    valid = valid.to(device) if valid is not None else None
-    check_data(vae, train, valid, batch_size=batch_size)
-    n = len(train)
-    steps = math.ceil(n / batch_size)
-    if world.size > 1:
-        _check_distributed(loss, n, batch_size, world)
-    if check_every is None:
-        check_every = 1 if device.type == "cpu" else 50
-    pos = _Position(num_data=n, batch_size=batch_size)
-    if resume is not None:
-        pos = _Position.restore(resume["position"], n, batch_size)
-        pos.order = pos.order.to(device) if pos.order is not None else None
-
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed + world.rank)  # the model's noise: independent per process
-    generator = torch.Generator(device=device).manual_seed(seed)  # the data: shared
-    objective = make_elbo(loss, num_particles)
-    probe = next(train.batches(2, False))  # two points to trace the model and guide on
-    guide_only = _guide_only(vae, probe) if freeze_model else None
-    with guide_only or contextlib.nullcontext(vae.model) as model:
-        params = trained_parameters(vae, model, vae.guide, probe)
-        step_fn = _Step(vae, model, vae.guide, objective, params,
-                        make_optimizer(optimizer, params.values(), lr, clip_norm), world)
-        if world.main:
-            with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic only
-                warn_if_monte_carlo_kl(loss, vae.model, vae.guide, probe)
-        # The IWAE bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
-        num_data = n if scales_with_data_size(loss) else None
-        valid_loss = plain_elbo_loss(loss)
-        progress = progress and world.main
-
-        history = []
-        if resume is not None:  # after all set-up that draws random numbers
-            history = [dict(r) for r in resume["history"]]
-            _load_optimizer_state(step_fn, resume["optimizer"], lr, clip_norm)
-            set_rng_state(resume["rng"], generator, world)
-
-        def save():
-            rng = get_rng_state(generator, world)  # every process takes part
-            if checkpoint is not None and world.main:
-                checkpoint({"position": pos.state(), "history": history,
-                            "optimizer": {"parameters": list(params),
-                                          "state": step_fn.optimizer.state_dict()},
-                            "rng": rng})
-
-        # Steps since the last check: (step, points, loss, finite, quantity or None).
-        pending = []
-
-        def settle(bar=None):
-            """Read the pending steps' losses and finite flags (one wait for the device),
-            add them to the epoch's totals, and deal with non-finite steps."""
-            if not pending:
-                return
-            losses = world.sum(torch.stack([p[2].double() for p in pending])) / world.size
-            flags = torch.stack([p[3] for p in pending]).tolist()
-            taken, last = list(pending), pending[-1][0]
-            pending.clear()
-            failed = None  # the first non-finite step beyond those allowed
-            for (step, size, _, _, bad), batch_loss, ok in zip(taken, losses.tolist(), flags):
-                if ok:
-                    # -ELBO of the batch: the step's loss estimates it for the whole set
-                    # if scaled.
-                    pos.total += batch_loss * size / n if num_data else batch_loss
-                    pos.seen += size
-                    continue
-                where = f"epoch {pos.epoch}, step {step + 1}"
-                bad = bad or ("loss or a gradient (steps are checked every "
-                              f"{check_every}; found at step {last + 1})")
-                if failed is None and pos.skipped < skip_nonfinite:
-                    pos.skipped += 1
-                    logger.warning("non-finite %s at %s: step skipped, no parameter "
-                                   "changed (%d of %d allowed)", bad, where, pos.skipped,
-                                   skip_nonfinite)
-                elif failed is None:
-                    failed = (step, bad, batch_loss, where)
-            if failed is not None:
-                step, bad, batch_loss, where = failed
-                if bar is not None:
-                    bar.close()
-                pos.seconds += time.perf_counter() - clock
-                if step == last:  # nothing ran after it: resuming retries this batch
-                    pos.step = step
-                save()
-                raise TrainingDiverged(
-                    f"non-finite {bad} (loss {batch_loss}) at {where}; this step changed "
-                    f"no parameter; lower --lr, use --optimizer clipped_adam, or allow "
-                    f"a few with --skip-nonfinite")
-            if bar is not None and progress:
-                bar.set_postfix(elbo=f"{-pos.total / max(pos.seen, 1):.2f}", refresh=False)
-
-        if resume is None:
-            save()
-        vae.train()
-        while pos.epoch <= epochs:
-            epoch = pos.epoch
-            beta_e = beta_at(epoch, beta, warmup_epochs)
-            if pos.order is None:
-                pos.order = torch.randperm(n, device=device, generator=generator)
-            clock = time.perf_counter()
-            bar = tqdm(train.batches(batch_size, order=pos.order, start=pos.step,
-                                     generator=generator),
-                       total=steps, initial=pos.step, desc=f"epoch {epoch}/{epochs}",
-                       disable=not progress, leave=False, dynamic_ncols=True)
-            for xb in bar:
-                step = pos.step  # steps of this epoch done before this one
-                x = world.shard(xb)
-                # The loss averaged over processes must be the global batch's (N / B).
-                weight = world.size * len(x) / len(xb)
-                done = (epoch - 1) * steps + step + 1
-                due = checkpoint_every and done % checkpoint_every == 0 and step + 1 < steps
-                check = due or (step + 1) % check_every == 0 or step + 1 == steps
-                try:
-                    # Distribution checks run on the very first step, where a model or guide
-                    # bug shows, and are then switched off: they cost ~15% of a step.
-                    with pyro.validation_enabled(validate and epoch == 1 and step == 0):
-                        pending.append((step, len(xb)) + step_fn(
-                            x, weight, check, num_data=num_data, beta=beta_e))
-                except ValueError:
-                    # With validation on, NaN weights fail a distribution's argument check.
-                    bad = next((f"parameter {name}" for name, p in vae.named_parameters()
-                                if not torch.isfinite(p).all()), None)
-                    if bad is None:
-                        raise
-                    step_fn.optimizer.zero_grad(set_to_none=True)
-                    pending.append((step, len(xb), torch.tensor(math.nan, device=device),
-                                    torch.tensor(False, device=device), bad))
-                pos.step += 1
-                if check or pending[-1][4] is not None:
-                    settle(bar)
-                if due:
-                    pos.seconds += time.perf_counter() - clock
-                    save()
-                    clock = time.perf_counter()
-            bar.close()
-            settle()
-            record = {"epoch": epoch, "beta": beta_e,
-                      "train_elbo": -pos.total / max(pos.seen, 1), "valid_elbo": None,
-                      "seconds": pos.seconds + time.perf_counter() - clock}
-            if world.main:
-                if valid is not None:
-                    record["valid_elbo"] = evaluate_elbo(vae, valid, valid_loss,
-                                                         num_particles)
-                if progress:
-                    tqdm.write(_format(record))
-                for callback in callbacks:
-                    callback(record, vae)
-            history.append(record)
-            pos = _Position(num_data=n, batch_size=batch_size, epoch=epoch + 1,
-                            skipped=pos.skipped)
-            save()
-            if early_stopping and valid is not None:
-                # Process 0 alone validated: its decision is everyone's.
-                stale = world.main and stopped_early(history, early_stopping)
-                stop = world.sum(torch.tensor([float(stale)], device=device)).item() > 0
-                if stop:
-                    if progress:
-                        tqdm.write(f"early stopping: no better validation ELBO in "
-                                   f"{early_stopping} epochs; best epoch "
-                                   f"{best_epoch(history)}")
-                    break
-        return history
+    def on_epoch_end(self, record, history, model):
+        return self.fn(record, history, model)
 
 
 def stopped_early(history: Sequence[Dict], patience: int) -> bool:
@@ -417,173 +294,396 @@ def best_epoch(history: Sequence[Dict]) -> int:
     return -max(scored)[1] if scored else 0
 
 
-def _check_distributed(loss: str, n: int, batch_size: int, world: World) -> None:
-    if loss == "iwae":
-        raise ValueError("loss 'iwae' cannot train on several processes (Pyro computes "
-                         "its gradients outside a module's forward); use one process")
+class EarlyStopping(Hook):
+    """Stop after ``patience`` epochs without a better ``valid_elbo`` than the best so
+    far: a function of the history, so a resumed run stops where the uninterrupted one
+    would."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+
+    def on_epoch_end(self, record, history, model) -> bool:
+        stop = stopped_early(history, self.patience)
+        if stop:
+            logger.info("early stopping: no better validation ELBO in %d epochs; best "
+                        "epoch %d", self.patience, best_epoch(history))
+        return stop
+
+
+class KeepBest(Hook):
+    """Write the model to ``path`` (``save_checkpoint``, with ``extra``) whenever an
+    epoch's ``valid_elbo`` is the best so far."""
+
+    def __init__(self, path, model, **extra):
+        self.path, self.model, self.extra = Path(path), model, extra
+
+    def on_epoch_end(self, record, history, model):
+        if record.get("valid_elbo") is not None and best_epoch(history) == record["epoch"]:
+            save_checkpoint(self.path, self.model, epoch=record["epoch"],
+                            valid_elbo=record["valid_elbo"], **self.extra)
+
+
+class MetricsWriter(Hook):
+    """Append each epoch's record to a JSON-lines file, flushed at once."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def on_epoch_end(self, record, history, model):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Checkpointer(Hook):
+    """Write ``model``'s weights and the training state to ``path`` at every checkpoint
+    (atomically; ``extra`` plain values beside them). ``fit(..., resume=...)`` takes
+    ``read_checkpoint(path)["training"]`` back."""
+
+    def __init__(self, path, model, **extra):
+        self.path, self.model, self.extra = Path(path), model, extra
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        save_checkpoint(self.path, self.model, epoch=state.epochs_done,
+                        training=state.to_dict(), **self.extra)
+
+
+# --- The trainer -----------------------------------------------------------------------
+
+class Trainer:
+    """Trains ``model`` on ``train`` as ``options`` say (see ``fit``)."""
+
+    def __init__(self, model, train, valid=None, options: Optional[Options] = None,
+                 hooks: Sequence = (), progress: bool = True):
+        self.options = o = options or Options()
+        o.check()
+        self.objective = make_elbo(o.loss, o.num_particles)
+        check_objective(self.objective, o.beta, o.warmup_epochs)
+        self.device = torch.device(o.device) if o.device is not None else _module_device(model)
+        self.world = World.current(self.device)
+        self.model = model.to(self.device)
+        self.train = as_dataset(train, split="train").to(self.device)
+        self.valid = None if valid is None else as_dataset(valid, split="valid").to(self.device)
+        check_data(model, self.train, self.valid, batch_size=o.batch_size)
+        self.steps = math.ceil(len(self.train) / o.batch_size)
+        if self.world.size > 1:
+            _check_distributed(self.objective, len(self.train), o.batch_size, self.world)
+        self.check_every = o.check_every or (1 if self.device.type == "cpu" else 50)
+        self.hooks = [h if isinstance(h, Hook) else _FunctionHook(h) for h in hooks]
+        if o.early_stopping:
+            self.hooks.append(EarlyStopping(o.early_stopping))
+        self.progress = progress and self.world.main
+        self.pending = []  # steps since the last check: (step, points, loss, ok, bad)
+
+    def fit(self, resume=None) -> List[Dict]:
+        """Train, from the start or from ``resume`` (a ``TrainState`` or its dict), and
+        return the history."""
+        o = self.options
+        pyro.clear_param_store()
+        pyro.set_rng_seed(o.seed + self.world.rank)  # the model's noise: per process
+        self.generator = torch.Generator(device=self.device).manual_seed(o.seed)  # data
+        self.pos, self.history = Position(len(self.train), o.batch_size), []
+        with self._frozen_model() as model_fn:
+            self._build_step(model_fn)
+            if resume is not None:  # after all set-up that draws random numbers
+                self._restore(TrainState.from_dict(resume))
+            else:
+                self._checkpoint()
+            self.model.train()
+            while self.pos.epoch <= o.epochs:
+                self._run_epoch()
+                if self._end_epoch():
+                    break
+        return self.history
+
+    # Set-up --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _frozen_model(self):
+        """Yield the model function; with ``freeze_model``, with everything but the guide
+        hidden from Pyro and without gradients until the block exits."""
+        if not self.options.freeze_model:
+            yield self.model.model
+            return
+        guide = set(map(id, guide_parameters(self.model).values()))
+        probe = next(self.train.batches(2, False))
+        _refuse_prior_on_guide(self.model, probe, guide)
+        frozen = [p for p in self.model.parameters() if p.requires_grad and id(p) not in guide]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with warnings.catch_warnings():
+                # pyro.module notes each frozen parameter it skips: here that is the point.
+                warnings.filterwarnings("ignore", message=".*not registered in the param "
+                                                          "store because requires_grad=False")
+                yield poutine.block(self.model.model, hide_types=["param"])
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _build_step(self, model_fn) -> None:
+        o = self.options
+        probe = next(self.train.batches(2, False))  # two points to trace the model on
+        self.params = trained_parameters(self.model, self.objective, probe,
+                                         o.freeze_model, model_fn)
+        optimizer = make_optimizer(o.optimizer, self.params.values(), o.lr, o.clip_norm)
+        self.step = Step(self.model, self.objective, self.params, optimizer, self.world,
+                         model_fn, o.beta_sites)
+        _check_beta_sites(self.model, probe, o.beta_sites)
+        if self.world.main:
+            with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic only
+                warn_if_monte_carlo_kl(self.objective, model_fn, self.model.guide, *probe)
+        # A Renyi bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
+        self.num_data = len(self.train) if scales_with_data_size(self.objective) else None
+
+    def _restore(self, state: TrainState) -> None:
+        state.check_data(len(self.train), self.options.batch_size)
+        self.pos = dataclasses.replace(state.position)
+        if self.pos.order is not None:
+            self.pos.order = self.pos.order.to(self.device)
+        self.history = [dict(r) for r in state.history]
+        load_optimizer_state(self.step.optimizer, list(self.params), state.optimizer,
+                             self.options.lr, self.options.clip_norm)
+        set_rng_state(state.rng, self.generator, self.world)
+
+    # Epochs and steps ------------------------------------------------------------------
+
+    def _run_epoch(self) -> None:
+        o, pos = self.options, self.pos
+        self.beta = beta_at(pos.epoch, o.beta, o.warmup_epochs)
+        if pos.order is None:
+            pos.order = torch.randperm(len(self.train), device=self.device,
+                                       generator=self.generator)
+        self.clock = time.perf_counter()
+        self.bar = tqdm(self.train.batches(o.batch_size, order=pos.order, start=pos.step,
+                                           generator=self.generator),
+                        total=self.steps, initial=pos.step,
+                        desc=f"epoch {pos.epoch}/{o.epochs}", disable=not self.progress,
+                        leave=False, dynamic_ncols=True)
+        for batch in self.bar:
+            self._take_step(batch)
+        self.bar.close()
+        self._settle()
+
+    def _take_step(self, batch: Tuple[torch.Tensor, ...]) -> None:
+        o, pos, world = self.options, self.pos, self.world
+        step = pos.step  # steps of this epoch done before this one
+        shard = tuple(world.shard(t) for t in batch)
+        # The loss averaged over processes must be the global batch's (N / B).
+        weight = world.size * len(shard[0]) / len(batch[0])
+        done = (pos.epoch - 1) * self.steps + step + 1
+        due = o.checkpoint_every and done % o.checkpoint_every == 0 and step + 1 < self.steps
+        check = due or (step + 1) % self.check_every == 0 or step + 1 == self.steps
+        try:
+            # Distribution checks run on the very first step, where a model or guide bug
+            # shows, and are then switched off: they cost ~15% of a step.
+            with pyro.validation_enabled(o.validate and pos.epoch == 1 and step == 0):
+                self.pending.append((step, len(batch[0])) + self.step(
+                    shard, weight, check, num_data=self.num_data, beta=self.beta))
+        except ValueError:
+            # With validation on, NaN weights fail a distribution's argument check.
+            bad = next((f"parameter {name}" for name, p in self.model.named_parameters()
+                        if not torch.isfinite(p).all()), None)
+            if bad is None:
+                raise
+            self.step.optimizer.zero_grad(set_to_none=True)
+            self.pending.append((step, len(batch[0]), torch.tensor(math.nan),
+                                 torch.tensor(False), bad))
+        pos.step += 1
+        if check or self.pending[-1][4] is not None:
+            self._settle()
+        if due:
+            self._checkpoint(running=True)
+
+    def _settle(self) -> None:
+        """Read the pending steps' losses and finite flags (one wait for the device),
+        add them to the epoch's totals, and deal with non-finite steps."""
+        if not self.pending:
+            return
+        taken, self.pending = self.pending, []
+        losses = self.world.sum(torch.stack([p[2].to(self.device).double() for p in taken]))
+        losses = (losses / self.world.size).tolist()
+        flags = torch.stack([p[3].to(self.device) for p in taken]).tolist()
+        failed = None
+        for (step, size, _, _, bad), batch_loss, ok in zip(taken, losses, flags):
+            if ok:
+                # -ELBO of the batch: the step's loss estimates it for the whole set.
+                self.pos.total += batch_loss * size / len(self.train) if self.num_data \
+                    else batch_loss
+                self.pos.seen += size
+            elif failed is None:
+                failed = self._nonfinite(step, bad, batch_loss, last=taken[-1][0])
+        if failed is not None:
+            self._diverged(*failed, last=taken[-1][0])
+        if self.progress:
+            self.bar.set_postfix(elbo=f"{-self.pos.total / max(self.pos.seen, 1):.2f}",
+                                 refresh=False)
+
+    def _nonfinite(self, step: int, bad: Optional[str], batch_loss: float, last: int):
+        """Skip a non-finite step if allowed (None), else return what failed."""
+        bad = bad or (f"loss or a gradient (steps are checked every {self.check_every}; "
+                      f"found at step {last + 1})")
+        where = f"epoch {self.pos.epoch}, step {step + 1}"
+        if self.pos.skipped < self.options.skip_nonfinite:
+            self.pos.skipped += 1
+            logger.warning("non-finite %s at %s: step skipped, no parameter changed "
+                           "(%d of %d allowed)", bad, where, self.pos.skipped,
+                           self.options.skip_nonfinite)
+            return None
+        return step, bad, batch_loss, where
+
+    def _diverged(self, step, bad, batch_loss, where, last):
+        self.bar.close()
+        if step == last:  # nothing ran after it: resuming retries this batch
+            self.pos.step = step
+        self._checkpoint(running=True)
+        raise TrainingDiverged(
+            f"non-finite {bad} (loss {batch_loss}) at {where}; this step changed no "
+            f"parameter; lower lr, use optimizer 'clipped_adam', or allow a few with "
+            f"skip_nonfinite")
+
+    def _end_epoch(self) -> bool:
+        """Validate, record, call the hooks, checkpoint; whether to stop."""
+        record = {"epoch": self.pos.epoch, "beta": self.beta,
+                  "train_elbo": -self.pos.total / max(self.pos.seen, 1), "valid_elbo": None,
+                  "seconds": self.pos.seconds + time.perf_counter() - self.clock}
+        self.history.append(record)
+        stop = False
+        if self.world.main:
+            if self.valid is not None:
+                record["valid_elbo"] = evaluate_elbo(self.model, self.valid,
+                                                     plain_elbo(self.objective))
+            if self.progress:
+                tqdm.write(_format(record))
+            # Every hook sees the epoch, even after one has asked to stop.
+            stop = any([bool(h.on_epoch_end(record, self.history, self.model))
+                        for h in self.hooks])
+        self.pos = self.pos.next_epoch()
+        self._checkpoint()
+        # Process 0 alone decided: its decision is everyone's.
+        return self.world.sum(torch.tensor([float(stop)], device=self.device)).item() > 0
+
+    def _checkpoint(self, running: bool = False) -> None:
+        """Hand the training state to the hooks; ``running``: mid-epoch, where the epoch's
+        clock stops for the checkpoint (its time is not training time)."""
+        if running:
+            self.pos.seconds += time.perf_counter() - self.clock
+        rng = get_rng_state(self.generator, self.world)  # every process takes part
+        if self.world.main:
+            state = TrainState(self.pos, self.history,
+                               {"parameters": list(self.params),
+                                "state": self.step.optimizer.state_dict()}, rng)
+            for hook in self.hooks:
+                hook.on_checkpoint(state)
+        if running:
+            self.clock = time.perf_counter()
+
+
+def fit(model, train, valid=None, *, hooks: Sequence = (), resume=None,
+        progress: bool = True, **options) -> List[Dict]:
+    """Train ``model`` (any ``model``/``guide`` pair, see ``pyro_vae.contract``) on
+    ``train`` by stochastic variational inference and return the per-epoch history.
+
+    ``train`` and ``valid``: ``TensorDataset``s, tensors, or tuples of tensors sharing
+    their first dimension (a batch is passed as ``model(*batch, num_data=N)``).
+    ``options``: the fields of ``Options`` (epochs, loss, beta, batch_size, lr, ...).
+
+    Each step is ``pyro.infer.SVI``'s (Pyro's ELBO for the loss and its gradients) with
+    one PyTorch optimizer for all parameters (``Step``): it estimates the objective of the
+    whole training set from one minibatch (the ``"data"`` plate scales it by N / B).
+
+    After each epoch a record ``{"epoch", "beta", "train_elbo", "valid_elbo", "seconds"}``
+    is appended to the history and passed to every hook. Values are per data point, in
+    nats: ``train_elbo`` is the training objective (the beta-weighted ELBO, or the Renyi
+    bound) averaged over the epoch's minibatches; ``valid_elbo`` is the plain ELBO
+    (beta = 1) of ``valid``; ``seconds`` excludes validation and checkpoints.
+
+    A step whose loss or gradient is not finite changes no parameter (with the default
+    ``adam`` the fused kernel skips it on the device). At the next check, training stops
+    with ``TrainingDiverged`` naming the epoch, the step and, when checked at that step,
+    the quantity; ``skip_nonfinite`` such steps are skipped (and logged) first.
+
+    Exact resume: hooks' ``on_checkpoint(state)`` receive the ``TrainState`` (see
+    ``Checkpointer``); ``fit(..., resume=state)`` with ``model`` holding the weights
+    saved with it continues where it was taken: on the CPU bitwise as the uninterrupted
+    run. ``lr`` and ``clip_norm`` given on resume replace the saved ones.
+
+    Several processes (``torch.distributed`` initialized, e.g. by ``torchrun``): each
+    trains on its shard of every global batch under ``DistributedDataParallel``, with the
+    result of one process taking the same batches. Process 0 alone validates and calls
+    the hooks. An ELBO without ``differentiable_loss`` (``RenyiELBO``, ``TraceGraph_ELBO``)
+    is refused there.
+
+    Clears Pyro's parameter store first: PyroModule registers parameters by name, and a
+    stale entry from an earlier model of the same shape would be optimized instead.
+    """
+    try:
+        opts = Options(**options)
+    except TypeError:
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(Options)})
+        raise TypeError(f"fit() got unknown option(s) {unknown}; see pyro_vae.train."
+                        f"Options") from None
+    return Trainer(model, train, valid, opts, hooks, progress).fit(resume)
+
+
+def _check_distributed(objective: ELBO, n: int, batch_size: int, world: World) -> None:
+    if not hasattr(objective, "differentiable_loss"):
+        raise ValueError(f"loss {type(objective).__name__} cannot train on several "
+                         f"processes (it has no differentiable_loss: Pyro computes its "
+                         f"gradients outside a module's forward); use one process")
     smallest = min(batch_size, n - (math.ceil(n / batch_size) - 1) * batch_size)
     if smallest < world.size:
-        raise ValueError(f"--batch-size {batch_size}: a batch of {smallest} points cannot "
+        raise ArgumentError("batch_size", f"{batch_size}: a batch of {smallest} points cannot "
                          f"be shared by {world.size} processes (the last batch of {n} "
                          f"points); choose a batch size that leaves at least {world.size}")
 
 
-@dataclasses.dataclass
-class _Position:
-    """Where a run stands: ``step`` steps of epoch ``epoch`` done, visiting the data in
-    ``order``; the epoch's running totals; non-finite steps skipped so far."""
-
-    num_data: int
-    batch_size: int
-    epoch: int = 1
-    step: int = 0
-    order: Optional[torch.Tensor] = None
-    total: float = 0.0
-    seen: int = 0
-    seconds: float = 0.0
-    skipped: int = 0
-
-    def state(self) -> Dict:
-        state = dataclasses.asdict(self)
-        if self.order is not None:
-            state["order"] = self.order.cpu()
-        return state
-
-    @classmethod
-    def restore(cls, state: Dict, num_data: int, batch_size: int) -> "_Position":
-        if (state["num_data"], state["batch_size"]) != (num_data, batch_size):
-            raise ValueError(f"resume: the state was saved training on {state['num_data']} "
-                             f"points in batches of {state['batch_size']}, not {num_data} "
-                             f"in batches of {batch_size}")
-        return cls(**state)
+def _check_beta_sites(module, batch, sites) -> None:
+    if sites is None:
+        return
+    with torch.no_grad(), pyro.validation_enabled(False):
+        trace = poutine.trace(module.guide).get_trace(*batch)
+    latent = [name for name, site in trace.nodes.items() if is_latent(site)]
+    unknown = [s for s in sites if s not in latent]
+    if unknown:
+        raise ArgumentError("beta_sites", f"the guide has no latent site {unknown[0]!r} (it "
+                         f"samples {latent})")
 
 
-def _load_optimizer_state(step: _Step, saved: Dict, lr: float, clip_norm: float) -> None:
-    """Load a saved optimizer state, with the learning rate (and clipping bound) of this
-    call: a resumed run may lower them."""
-    if saved["parameters"] != list(step.params):
-        raise ValueError("resume: the saved optimizer state is for other parameters "
-                         f"({len(saved['parameters'])} saved, {len(step.params)} now)")
-    state = copy.deepcopy(saved["state"])
-    for group in state["param_groups"]:
-        group["lr"] = lr
-        if "clip_norm" in group:
-            group["clip_norm"] = clip_norm
-    step.optimizer.load_state_dict(state)
-
-
-def get_rng_state(generator: torch.Generator, world: Optional[World] = None) -> Dict:
-    """Every random number generator training draws from, as tensors and plain values:
-    torch's (CPU, and CUDA where initialized), Python's, NumPy's, and ``generator`` (the
-    data order and dynamic binarization). With several processes, each one's torch
-    streams are gathered too (``"ranks"``); all must call this."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "generator": generator.get_state(), "generator_device": generator.device.type}
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if world is not None and world.size > 1:
-        streams = {"torch": world.gather(torch.get_rng_state())}
-        if world.device.type == "cuda":
-            streams["cuda"] = world.gather(torch.cuda.get_rng_state(world.device))
-        state["ranks"] = [{k: v[r] for k, v in streams.items()} for r in range(world.size)]
-    return state
-
-
-def set_rng_state(state: Dict, generator: torch.Generator,
-                  world: Optional[World] = None) -> None:
-    """Restore what ``get_rng_state`` saved. Across devices (a CPU run resumed on a GPU or
-    back), or with another number of processes, the device streams (or the processes'
-    own) cannot carry over: they restart, and a warning says so."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32),
-                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
-    if state["generator_device"] == generator.device.type:
-        generator.set_state(state["generator"])
-    else:
-        logger.warning("resumed on %s, saved on %s: the data-order stream restarts from "
-                       "the seed, so this run is not bitwise the uninterrupted one",
-                       generator.device.type, state["generator_device"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            logger.warning("saved with %d CUDA devices, resumed with %d: CUDA random "
-                           "streams restart", len(cuda), torch.cuda.device_count())
-    world = world or World()
-    ranks = state.get("ranks", [None])
-    if len(ranks) != world.size:
-        if world.main:
-            logger.warning("saved by %d processes, resumed by %d: the processes' noise "
-                           "streams restart", len(ranks), world.size)
-        if world.rank > 0:  # a stream of its own, drawn from the restored one
-            torch.manual_seed(int(torch.randint(2 ** 62, (1,))) + world.rank)
-    elif world.size > 1:
-        torch.set_rng_state(ranks[world.rank]["torch"])
-        if "cuda" in ranks[world.rank] and world.device.type == "cuda":
-            torch.cuda.set_rng_state(ranks[world.rank]["cuda"], world.device)
-
-
-def check_data(vae, *splits, batch_size: Optional[int] = None) -> None:
-    """One-line errors for data the model cannot take (empty, not floating-point, the
-    wrong number of features, outside the likelihood's support), and for a batch size
-    larger than the first split, before anything is trained or written."""
-    for data in splits:
-        if data is not None:
-            _check_split(vae, data)
-    train = splits[0]
-    if batch_size is not None and batch_size > len(train):
-        raise ValueError(f"--batch-size {batch_size} is larger than the {train.split} split "
-                         f"of {train.name!r} ({len(train)} points)")
-
-
-def _check_split(vae, data) -> None:
-    what = f"the {data.split} split of {data.name!r}"
-    if len(data) == 0:
-        raise ValueError(f"{what} is empty")
-    if not data.x.is_floating_point():
-        raise ValueError(f"{what} has dtype {data.x.dtype}; the model needs floating-point "
-                         f"data (convert it with x.float())")
-    x_dim = getattr(vae, "x_dim", None)
-    if data.x.dim() != 2 or (x_dim is not None and data.x.shape[1] != x_dim):
-        raise ValueError(f"{what} has points of shape {tuple(data.x.shape[1:])}; the model "
-                         f"takes x_dim = {x_dim} features per point")
-    # Dynamically binarized data reach the model as {0, 1} draws, valid everywhere.
-    if not data.dynamic_binarize:
-        vae.likelihood.check(data.x, what)
-
-
-@contextlib.contextmanager
-def _guide_only(vae, x: torch.Tensor):
-    """Yield the model with its parameters hidden from SVI, and without gradients (no
-    work spent on them) until the block exits; refuse a prior built on the guide's own
-    parameters, as it would change with the guide."""
-    with poutine.trace(param_only=True) as capture:
-        vae.guide(x)
-    guide_params = {id(site["value"].unconstrained()) for site in capture.trace.nodes.values()}
-    frozen = [p for p in vae.parameters() if p.requires_grad and id(p) not in guide_params]
-    log_p = vae.p_z().log_prob(torch.zeros(vae.z_dim, device=x.device))
-    ours = [p for p in vae.parameters() if id(p) in guide_params]
+def _refuse_prior_on_guide(module, batch, guide_ids) -> None:
+    """freeze_model: refuse a model whose densities depend on the guide's parameters
+    (a prior built on the guide's own encoder would change with the guide)."""
+    guide_trace = poutine.trace(module.guide).get_trace(*batch)
+    for site in guide_trace.nodes.values():
+        if is_latent(site):
+            site["value"] = site["value"].detach()
+    model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)
+                                ).get_trace(*batch)
+    log_p = model_trace.log_prob_sum()
+    ours = [p for p in module.parameters() if id(p) in guide_ids]
     if log_p.requires_grad and any(g is not None for g in torch.autograd.grad(
-            log_p.sum(), ours, allow_unused=True)):
+            log_p, ours, allow_unused=True)):
         raise ValueError("freeze_model: the prior is built on the guide's encoder and would "
                          "train with it; give the model its own (VAE.swap_guide)")
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        with warnings.catch_warnings():
-            # pyro.module notes each frozen parameter it skips: here that is the point.
-            warnings.filterwarnings("ignore", message=".*not registered in the param store "
-                                                      "because requires_grad=False")
-            yield poutine.block(vae.model, hide_types=["param"])
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+
+
+def check_data(model, *splits, batch_size: Optional[int] = None) -> None:
+    """One-line errors for data the model cannot take (an empty split, non-finite
+    values, what the model's ``check_data`` refuses), and for a batch size larger than the
+    first split, before anything is trained or written."""
+    splits = [as_dataset(s) for s in splits if s is not None]
+    for data in splits:
+        what = f"the {data.split} split of {data.name!r}"
+        if len(data) == 0:
+            raise ValueError(f"{what} is empty")
+        if hasattr(model, "check_data"):
+            model.check_data(*data.support_view(), what=what)
+        for t in data.tensors:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{what} has NaN or infinite values")
+    if batch_size is not None and splits and batch_size > len(splits[0]):
+        first = splits[0]
+        raise ArgumentError("batch_size", f"{batch_size} is larger than the {first.split} "
+                            f"split of {first.name!r} ({len(first)} points)")
 
 
 def _format(record: Dict) -> str:
@@ -597,66 +697,3 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     for t in list(module.parameters()) + list(module.buffers()):
         return t.device
     return torch.device("cpu")
-
-
-CHECKPOINT_FORMAT = "pyro_vae.checkpoint/1"
-
-
-def atomic_write(path, write: Callable, binary: bool = True) -> None:
-    """Write ``path`` so that a crash leaves either the old file or the new one, never a
-    mix: ``write(f)`` fills a temporary file in the same folder, which is flushed, fsynced
-    and renamed over ``path`` (``os.replace`` is atomic). On failure the temporary file is
-    removed; one left by a killed process is never read (readers open ``path`` only)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(path, vae, **extra) -> None:
-    """Write ``vae``'s state dict (plus plain ``extra`` values) to ``path`` atomically
-    (``atomic_write``): a crash never leaves a half-written checkpoint in place of the
-    last good one."""
-    state = {"format": CHECKPOINT_FORMAT, "model": vae.state_dict(), **extra}
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def read_checkpoint(path, map_location="cpu") -> Dict:
-    """The contents of a checkpoint written by ``save_checkpoint``.
-
-    Uses ``torch.load(weights_only=True)``: tensors and plain containers only, never
-    arbitrary pickled objects, so a crafted file cannot run code. (Pyro's own
-    ``ParamStoreDict.load`` and ``PyroOptim.load`` unpickle; they are not used here.)
-    """
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # corrupt, truncated or not a weights-only file
-        reason = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{path}: not a readable pyro_vae checkpoint "
-                         f"({type(e).__name__}: {reason})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a pyro_vae checkpoint (no {CHECKPOINT_FORMAT!r} tag)")
-    return state
-
-
-def load_checkpoint(path, vae, map_location="cpu", state: Optional[Dict] = None) -> Dict:
-    """Load a checkpoint into ``vae`` (``state``: its contents, if already read);
-    returns the extras saved beside the weights."""
-    state = read_checkpoint(path, map_location) if state is None else state
-    try:
-        vae.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as e:
-        reason = str(e).splitlines()[0]
-        raise ValueError(f"{path}: does not fit this model: {reason}") from None
-    return {k: v for k, v in state.items() if k not in ("format", "model")}
-

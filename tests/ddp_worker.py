@@ -35,7 +35,7 @@ def main() -> int:
     from pyro_vae import cli, train
 
     if args.kill_at and os.environ.get("RANK", "0") == "0":
-        step_call, calls = train._Step.__call__, [0]
+        step_call, calls = train.Step.__call__, [0]
 
         def step(*a, **kw):
             calls[0] += 1
@@ -43,7 +43,7 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
             return step_call(*a, **kw)
 
-        train._Step.__call__ = step
+        train.Step.__call__ = step
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     return cli.main(argv)
 

@@ -40,7 +40,7 @@ def _child(out: str, kill_at: int, mode: str, data_dir: str) -> None:
     from pyro_vae import cli, train
 
     calls, kill_at = 0, int(kill_at)
-    step_call, save = train._Step.__call__, torch.save
+    step_call, save = train.Step.__call__, torch.save
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -62,7 +62,7 @@ def _child(out: str, kill_at: int, mode: str, data_dir: str) -> None:
             die()
         save(obj, f)
 
-    train._Step.__call__, torch.save = step, half_save
+    train.Step.__call__, torch.save = step, half_save
     cli.main(["train", *TRAIN_ARGS, "--data-dir", data_dir, "--out", out])
 
 

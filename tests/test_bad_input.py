@@ -139,7 +139,7 @@ CASES: Sequence[Case] = [
          "likelihood 'gaussian' needs finite x; the train split of 'mine' has NaN or inf"),
     Case("8", "gray values for a Bernoulli likelihood", DIGITS + ["--no-binarize"],
          "likelihood 'bernoulli' needs x in {0, 1} but the train split of 'digits' has "
-         "other values (e.g. 0.0625); binarize it (--binarize"),
+         "other values (e.g. 0.0625); binarize it (binarize=True in "),
     Case("9", "integer data", _api(torch.randint(0, 2, (50, 64))),
          "the train split of 'mine' has dtype torch.int64; the model needs floating-point "
          "data (convert it with x.float())"),
@@ -160,7 +160,7 @@ CASES: Sequence[Case] = [
     Case("12+", "K pseudo-inputs <= 0", DIGITS + ["--prior", "vamp", "--components", "0"],
          "--components must be > 0, got 0"),
     Case("12+", "beta < 0", DIGITS + ["--beta", "-1"],
-         "beta and warmup_epochs must be >= 0, got -1.0"),
+         "beta and warmup_epochs must be finite and >= 0, got -1.0"),
     Case("12+", "particles < 1", DIGITS + ["--particles", "0"],
          "--particles must be > 0, got 0"),
     Case("12+", "--limit 0", DIGITS + ["--limit", "0"], "--limit must be > 0, got 0"),

@@ -156,18 +156,53 @@ def test_batches_cover_each_point_once_and_binarize_dynamically():
     x = torch.rand(103, 6)
     data = TensorDataset(x, "toy", "train", (2, 3), dynamic_binarize=True)
     g = torch.Generator().manual_seed(0)
-    first = torch.cat(list(data.batches(10, generator=g)))
-    second = torch.cat(list(data.batches(10, generator=g)))
+    first = torch.cat([b[0] for b in data.batches(10, generator=g)])
+    second = torch.cat([b[0] for b in data.batches(10, generator=g)])
     assert first.shape == (103, 6)
     assert set(first.unique().tolist()) == {0.0, 1.0}
     assert not torch.equal(first, second)  # a fresh draw each epoch
     plain = TensorDataset(x, "toy", "valid", (2, 3))
-    rows = torch.cat(list(plain.batches(10, generator=g)))
+    rows = torch.cat([b[0] for b in plain.batches(10, generator=g)])
     # A permutation of the rows: every point exactly once.
     assert torch.equal(rows[rows[:, 0].argsort()], x[x[:, 0].argsort()])
     # Dynamic binarization averages back to the gray values.
-    draws = torch.stack([torch.cat(list(data.batches(200, shuffle=False))) for _ in range(2000)])
+    draws = torch.stack([next(data.batches(200, shuffle=False))[0] for _ in range(2000)])
     assert torch.allclose(draws.mean(0), x, atol=0.05)  # 4 sd of a mean of 2000 draws
+
+
+def test_tuple_batches_keep_rows_together_and_binarize_the_images_only():
+    """A split of several tensors is batched row by row together (one permutation for
+    all), dynamic binarization draws x alone, and a label mask rides along."""
+    x = torch.rand(53, 4)
+    y = torch.arange(53)
+    known = y % 3 == 0
+    data = TensorDataset(x, "toy", "train", (2, 2), dynamic_binarize=True, labels=y)
+    assert [len(b) for b in data.batches(10)] == [1] * 6  # labels are not batched ...
+    labelled = data.with_labels(known)                     # ... until asked for
+    g = torch.Generator().manual_seed(3)
+    batches = list(labelled.batches(10, generator=g))
+    assert [tuple(t.shape[0] for t in b) for b in batches] == [(10, 10, 10)] * 5 + [(3, 3, 3)]
+    xb, yb, kb = (torch.cat(parts) for parts in zip(*batches))
+    assert sorted(yb.tolist()) == list(range(53)) and yb.dtype == torch.int64
+    assert torch.equal(kb, yb % 3 == 0)                   # the mask follows its rows
+    assert set(xb.unique().tolist()) <= {0.0, 1.0}        # x binarized ...
+    # ... from its own row's gray values: a draw of 1 needs x > 0 in that row.
+    assert bool((x[yb][xb == 1] > 0).all())
+    with pytest.raises(ValueError, match="tensor 1 has 52 rows, x has 53"):
+        TensorDataset(x, "toy", "train", extras=(y[:52],))
+    with pytest.raises(ValueError, match="the data set has no labels"):
+        TensorDataset(x, "toy", "train").with_labels()
+
+
+def test_plain_tensors_and_tuples_become_data_sets():
+    from pyro_vae.datasets import as_dataset
+
+    x, y = torch.rand(7, 3), torch.zeros(7)
+    assert torch.equal(next(as_dataset(x).batches(7, shuffle=False))[0], x)
+    xb, yb = next(as_dataset((x, y)).batches(7, shuffle=False))
+    assert torch.equal(xb, x) and torch.equal(yb, y)
+    with pytest.raises(TypeError, match="expected a TensorDataset, a tensor or a tuple"):
+        as_dataset([1, 2])
 
 
 def test_dynamic_binarization_rejects_values_outside_unit_interval():

@@ -11,7 +11,7 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import VAE, HierarchicalVAE, fit, objectives
 from pyro_vae.datasets import TensorDataset
-from pyro_vae.objectives import beta_at, make_elbo, warn_if_monte_carlo_kl
+from pyro_vae.objectives import beta_at, make_elbo, scale_latents, warn_if_monte_carlo_kl
 
 from test_models import ExactPosterior, _linear_gaussian
 
@@ -57,7 +57,8 @@ def test_beta_scales_the_kl_under_both_elbos(beta, num_data):
     kl_sample = q.log_prob(z) - p.log_prob(z)
     for elbo, kl in ((TraceMeanField_ELBO(), kl_exact), (Trace_ELBO(), kl_sample)):
         torch.manual_seed(7)
-        loss = elbo.loss(vae.model, vae.guide, x, num_data, beta=beta)
+        with scale_latents(beta):  # the handler fit applies: the model has no beta
+            loss = elbo.loss(vae.model, vae.guide, x, num_data)
         expected = scale * (-recon.sum() + beta * kl.sum())
         assert loss == pytest.approx(expected.item(), rel=1e-5), type(elbo).__name__
 
@@ -69,7 +70,8 @@ def test_beta_applies_to_both_layers_of_the_hvae():
     losses = {}
     for beta in (1.0, 3.0):
         torch.manual_seed(2)
-        losses[beta] = TraceMeanField_ELBO().loss(hvae.model, hvae.guide, x, beta=beta)
+        with scale_latents(beta):
+            losses[beta] = TraceMeanField_ELBO().loss(hvae.model, hvae.guide, x)
     # With the same draws, loss(beta) = -recon + beta * (KL_z2 + KL_z1): linear in beta.
     torch.manual_seed(2)
     z2 = hvae.encode(x).rsample()

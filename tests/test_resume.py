@@ -9,7 +9,9 @@ import torch
 from pyro_vae import TrainConfig, VAE, fit, read_checkpoint, resume_run, save_checkpoint, train_run
 from pyro_vae.datasets import load
 from pyro_vae.runs import read_config, resume_config
-from pyro_vae.train import TrainingDiverged
+from pyro_vae.train import Checkpointer, TrainingDiverged
+
+from test_train import KeepStates
 
 import kill_resume
 from test_train import _FaultAtStep
@@ -90,11 +92,9 @@ def test_a_nonfinite_step_leaves_a_checkpoint_of_the_state_before_it(tmp_path):
     head.owner.append(vae)
     path = tmp_path / "checkpoint.pt"
 
-    def checkpoint(training):
-        save_checkpoint(path, vae, training=training)
-
     with pytest.raises(TrainingDiverged, match="at epoch 2, step 5;"):
-        fit(vae, train, epochs=3, batch_size=64, progress=False, checkpoint=checkpoint)
+        fit(vae, train, epochs=3, batch_size=64, progress=False,
+            hooks=[Checkpointer(path, vae)])
     saved = read_checkpoint(path)
     assert saved["model"].keys() == head.before.keys()
     assert all(torch.equal(saved["model"][k], v) for k, v in head.before.items())
@@ -114,7 +114,7 @@ def test_resume_state_for_other_data_is_refused(tmp_path):
     train, _, _ = load("digits")
     states = []
     fit(VAE(64, 4, (16,)), train, epochs=1, batch_size=64, progress=False,
-        checkpoint=states.append)
+        hooks=[KeepStates(states)])
     with pytest.raises(ValueError, match="saved training on 1297 points in batches of 64, "
                                          "not 1297 in batches of 32"):
         fit(VAE(64, 4, (16,)), train, epochs=2, batch_size=32, progress=False,

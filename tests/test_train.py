@@ -11,7 +11,17 @@ import pyro
 from pyro_vae import VAE, elbo, fit, load_checkpoint, read_checkpoint, save_checkpoint
 from pyro_vae.datasets import TensorDataset, load
 from pyro_vae.likelihoods import BernoulliLikelihood
-from pyro_vae.train import TrainingDiverged, best_epoch
+from pyro_vae.train import Hook, TrainingDiverged, best_epoch
+
+
+class KeepStates(Hook):
+    """Keeps every checkpointed training state, as the dict a checkpoint file holds."""
+
+    def __init__(self, states):
+        self.states = states
+
+    def on_checkpoint(self, state):
+        self.states.append(state.to_dict())
 
 from conftest import requires_cuda
 
@@ -45,7 +55,7 @@ def test_history_records_and_callbacks():
     train, valid, _ = _digits()
     seen = []
     history = fit(VAE(64, 4, (16,)), train, valid, epochs=2, progress=False,
-                  callbacks=[lambda record, vae: seen.append(dict(record))])
+                  hooks=[lambda record, history, vae: seen.append(dict(record))])
     assert seen == history
     assert set(history[0]) == {"epoch", "beta", "train_elbo", "valid_elbo", "seconds"}
     assert all(r["seconds"] > 0 and r["train_elbo"] < 0 for r in history)
@@ -122,7 +132,8 @@ class _FaultAtStep(BernoulliLikelihood):
 
     def __init__(self, x_dim, at, gradient=False):
         super().__init__(x_dim)
-        self.at, self.gradient, self.calls = at, gradient, 0
+        # -1: fit's one probe of the gradient (finding the trained parameters) is not a step
+        self.at, self.gradient, self.calls = at, gradient, -1
         self.owner, self.before = [], None
 
     def forward(self, logits):
@@ -197,7 +208,7 @@ def test_unchecked_nonfinite_step_stops_training_at_the_next_check():
     with pytest.raises(TrainingDiverged, match=r"non-finite loss or a gradient \(steps are "
                        r"checked every 5; found at step 5\) \(loss nan\) at epoch 1, step 2;"):
         fit(vae, train, epochs=1, batch_size=64, progress=False, check_every=5,
-            checkpoint=saved.append)
+            hooks=[KeepStates(saved)])
     position = saved[-1]["position"]
     assert (position["epoch"], position["step"], position["seen"]) == (1, 5, 4 * 64)
     assert all(torch.isfinite(p).all() for p in vae.parameters())
@@ -210,7 +221,7 @@ def test_a_training_step_on_cuda_never_waits_for_the_device():
     skip, zero_grad) makes no host-device synchronization, with a loss that makes none
     either (Pyro's ELBOs call .item() on the loss themselves)."""
     from pyro_vae.distributed import World
-    from pyro_vae.train import _Step, make_optimizer
+    from pyro_vae.train import Step, make_optimizer
 
     class Objective:
         def differentiable_loss(self, model, guide, x, **kwargs):
@@ -221,8 +232,8 @@ def test_a_training_step_on_cuda_never_waits_for_the_device():
     train = train.to("cuda")
     vae = VAE(64, 4, (16,)).cuda()
     params = dict(vae.named_parameters())
-    step = _Step(vae, vae.model, vae.guide, Objective(), params,
-                 make_optimizer("adam", params.values()), World(device=torch.device("cuda")))
+    step = Step(vae, Objective(), params, make_optimizer("adam", params.values()),
+                World(device=torch.device("cuda")))
     generator = torch.Generator(device="cuda").manual_seed(0)
     order = torch.randperm(len(train), device="cuda", generator=generator)
     batches = train.batches(64, order=order, generator=generator)
@@ -249,7 +260,7 @@ def test_skip_nonfinite_tolerates_and_logs_each_skipped_step(caplog):
                        "changed (1 of 1 allowed)"]
     assert math.isfinite(history[0]["train_elbo"])
     assert all(torch.isfinite(p).all() for p in vae.parameters())
-    with pytest.raises(ValueError, match="skip_nonfinite must be >= 0"):
+    with pytest.raises(ValueError, match="skip_nonfinite must be an integer >= 0"):
         fit(vae, train, epochs=1, progress=False, skip_nonfinite=-1)
 
 
@@ -445,5 +456,5 @@ def test_early_stopping_ends_patience_epochs_after_the_best():
     best = best_epoch(history)
     assert len(history) == best + 2 < 30
     assert all(r["valid_elbo"] < history[best - 1]["valid_elbo"] for r in history[best:])
-    with pytest.raises(ValueError, match="early_stopping must be >= 0"):
+    with pytest.raises(ValueError, match="early_stopping must be an integer >= 0"):
         fit(vae, train, valid, epochs=1, progress=False, early_stopping=-1)

@@ -55,7 +55,7 @@ print(f"MNIST: {len(train)} train, {len(valid)} valid, {len(test)} test points "
 vae = pv.VAE(x_dim=784, z_dim=20, hidden=(400,)).to(args.device)
 
 # --- 2. What Pyro sees: run the guide, then the model on the guide's z.
-x = next(test.batches(16, shuffle=False))
+x = next(test.batches(16, shuffle=False))[0]
 guide_trace = poutine.trace(vae.guide).get_trace(x, num_data=len(train))
 model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(
     x, num_data=len(train))

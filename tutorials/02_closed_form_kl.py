@@ -50,7 +50,7 @@ start = pv.VAE(784, 20, (400,)).to(args.device)
 snapshot = pv.VAE(784, 20, (400,)).to(args.device)
 snapshot.load_state_dict(start.state_dict())
 pv.fit(snapshot, train, epochs=1, progress=False)
-x = next(test.batches(128, shuffle=False))
+x = next(test.batches(128, shuffle=False))[0]
 
 
 def gradients(loss_name: str) -> dict:

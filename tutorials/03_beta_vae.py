@@ -11,8 +11,9 @@ The beta-VAE (Higgins et al. 2017) maximizes
 Write D = -E_q[log p(x | z)] (the distortion: nats to describe x given its code) and
 R = KL(q(z | x) || p(z)) (the rate: nats the code carries about x). Then -ELBO = D + R,
 and the beta objective is D + beta R: beta > 1 buys a cheaper code with a worse
-reconstruction, beta < 1 the opposite (Alemi et al. 2018). In Pyro, beta is
-``poutine.scale`` on the latent site in model and guide (``pyro_vae.models.kl_weight``).
+reconstruction, beta < 1 the opposite (Alemi et al. 2018). In Pyro, beta scales the
+latent sites in model and guide alike: ``pv.fit`` applies a Pyro handler,
+``pv.scale_latents(beta)``, around both, so the model itself takes no ``beta``.
 
 A latent dimension u is "active" when its posterior mean moves with the data,
 Cov_x(E_q[z_u | x]) > 0.01 (Burda et al. 2015); an inactive one has collapsed to the

@@ -22,9 +22,11 @@ Any class that keeps to them can be registered by name (``pv.PRIORS["name"] = Cl
 and then used wherever names are accepted: ``pv.VAE(prior=...)``, ``pyro-vae train
 --prior``, or a model of your own, as here.
 
-How the labels reach the model: ``pv.fit`` batches one tensor per split, so the one-hot
-label is stored as 10 extra columns of x and split off inside ``model`` and ``guide``.
-(Its values are 0 and 1, so dynamic binarization leaves it as it is.)
+How the labels reach the model: a split can hold several tensors with one row per point;
+``train.with_labels()`` makes its batches ``(x, y)``, and ``pv.fit`` calls
+``model(x, y, num_data=N)`` and ``guide(x, y, num_data=N)``. Dynamic binarization draws x
+only. The model has no ``beta`` argument: ``pv.fit(..., beta=...)`` weights its latent
+sites through a Pyro handler (``pv.scale_latents``).
 
 What to look at
 ---------------
@@ -80,43 +82,39 @@ pv.PRIORS["student_t"] = StudentTPrior
 
 # --- 2. The conditional VAE: one PyroModule, model and guide as methods (as pv.VAE).
 class ConditionalVAE(PyroModule):
+    guide_modules = ("encoder",)  # what makes the guide (freeze_model, fresh guides)
+
     def __init__(self, prior: str = "student_t", hidden=(400,)):
         super().__init__()
-        self.x_dim = X + Y  # what fit() checks the data against: image and label
         self.encoder = pv.DiagonalNormalEncoder(X + Y, Z, hidden)
         self.decoder = pv.nn.network("mlp", Z + Y, hidden[::-1], X)
         self.likelihood = pv.BernoulliLikelihood(X)
         self.prior = pv.PRIORS[prior](Z)
 
     def p_z(self):
-        return self.prior(self.encoder)
+        return self.prior()
 
     def decode(self, z, y):
         return self.likelihood(self.decoder(torch.cat([z, y], dim=-1)))
 
+    def check_data(self, x, y, what="data"):  # optional: refused before training
+        self.likelihood.check(x, what)
+
     @pyro_method
-    def model(self, xy, num_data=None, beta=1.0):
-        x, y = xy[..., :X], xy[..., X:]
-        with pyro.plate("data", num_data or len(xy), subsample=xy):
-            with pv.models.kl_weight(beta):
-                z = pyro.sample("z", self.p_z())
+    def model(self, x, y, num_data=None):
+        y = F.one_hot(y, Y).to(x.dtype)
+        with pyro.plate("data", num_data or len(x), subsample=x):
+            z = pyro.sample("z", self.p_z())
             pyro.sample("x", self.decode(z, y), obs=x)
 
     @pyro_method
-    def guide(self, xy, num_data=None, beta=1.0):
-        with pyro.plate("data", num_data or len(xy), subsample=xy):
-            with pv.models.kl_weight(beta):
-                pyro.sample("z", self.encoder(xy))
+    def guide(self, x, y, num_data=None):
+        y = F.one_hot(y, Y).to(x.dtype)
+        with pyro.plate("data", num_data or len(x), subsample=x):
+            pyro.sample("z", self.encoder(torch.cat([x, y], dim=-1)))
 
 
-def with_labels(data):
-    """The split with its one-hot labels as 10 more columns."""
-    y = F.one_hot(data.labels.long(), Y).to(data.x.dtype)
-    return pv.datasets.TensorDataset(torch.cat([data.x, y], 1), data.name, data.split,
-                                     data.image_shape, data.dynamic_binarize, data.labels)
-
-
-train, valid, test = [with_labels(s) for s in mnist(args)]
+train, valid, test = [split.with_labels() for split in mnist(args)]
 
 cvae = ConditionalVAE().to(args.device)
 history = pv.fit(cvae, train, valid, epochs=args.epochs, progress=False)
@@ -132,16 +130,17 @@ with torch.no_grad():
     yy = labels.repeat_interleave(Y, 0)                   # ... with label d
     save_images(cvae.decode(zz, yy).mean, args.out / "cvae_samples.png",
                 "row d: z ~ p(z) decoded with label d")
-    codes = cvae.encoder(test.x[:6]).mean                 # styles of 6 test images
+    x6 = test.x[:6]
+    codes = cvae.encoder(torch.cat([x6, labels[test.labels[:6]]], -1)).mean  # 6 styles
     rows = []
     for i in range(len(codes)):
-        rows += [test.x[i:i + 1, :X], cvae.decode(codes[i].expand(Y, Z), labels).mean]
+        rows += [x6[i:i + 1], cvae.decode(codes[i].expand(Y, Z), labels).mean]
     save_images(torch.cat(rows), args.out / "style_transfer.png",
                 "a test image, then its code decoded with labels 0-9", ncols=Y + 1)
 
 # --- 4. Pyro draws the model's graph, if graphviz is there.
 try:
-    graph = pyro.render_model(cvae.model, model_args=(test.x[:4],),
+    graph = pyro.render_model(cvae.model, model_args=(test.x[:4], test.labels[:4]),
                               render_distributions=True)
     graph.render(args.out / "model", format="png", cleanup=True)
     print(f"model graph: {args.out / 'model.png'}")

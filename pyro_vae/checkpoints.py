@@ -1,0 +1,223 @@
+"""What a run saves: the training state (one dataclass, one layout, a format version),
+checkpoint files written atomically and read without unpickling, and the random number
+generators training draws from."""
+
+import copy
+import dataclasses
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .distributed import World
+
+logger = logging.getLogger("pyro_vae")
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run stands: ``step`` steps of epoch ``epoch`` done, visiting the data in
+    ``order``; the epoch's running totals; non-finite steps skipped so far."""
+
+    num_data: int
+    batch_size: int
+    epoch: int = 1
+    step: int = 0
+    order: Optional[torch.Tensor] = None
+    total: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
+
+    def next_epoch(self) -> "Position":
+        return Position(self.num_data, self.batch_size, self.epoch + 1, skipped=self.skipped)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly, but the model's weights: the position,
+    the history so far, the optimizer's state (with its parameters' names) and every
+    random number generator. ``to_dict`` / ``from_dict`` are the one place its layout is
+    written and read (plain tensors and containers: ``torch.load(weights_only=True)``
+    reads it back)."""
+
+    FORMAT = 2  # 1: the same layout without the "format" key
+
+    position: Position
+    history: List[Dict]
+    optimizer: Dict  # {"parameters": [names], "state": optimizer.state_dict()}
+    rng: Dict
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    def to_dict(self) -> Dict:
+        position = dataclasses.asdict(self.position)
+        if self.position.order is not None:
+            position["order"] = self.position.order.cpu()
+        return {"format": self.FORMAT, "position": position, "history": self.history,
+                "optimizer": self.optimizer, "rng": self.rng}
+
+    @classmethod
+    def from_dict(cls, state, where: str = "resume") -> "TrainState":
+        """The state ``to_dict`` wrote; a one-line error naming ``where`` otherwise."""
+        if isinstance(state, cls):
+            return state
+        fmt = state.get("format", 1) if isinstance(state, dict) else None
+        if fmt not in (1, cls.FORMAT):
+            raise ValueError(f"{where}: not a training state of a known format "
+                             f"(format {fmt!r}; this version reads 1 and {cls.FORMAT})")
+        try:
+            return cls(Position(**state["position"]), [dict(r) for r in state["history"]],
+                       state["optimizer"], state["rng"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{where}: malformed training state ({type(e).__name__}: "
+                             f"{e})") from None
+
+    def check_data(self, num_data: int, batch_size: int) -> None:
+        pos = self.position
+        if (pos.num_data, pos.batch_size) != (num_data, batch_size):
+            raise ValueError(f"resume: the state was saved training on {pos.num_data} "
+                             f"points in batches of {pos.batch_size}, not {num_data} "
+                             f"in batches of {batch_size}")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: List[str], saved: Dict,
+                         lr: float, clip_norm: float) -> None:
+    """Load a saved optimizer state, with the learning rate (and clipping bound) of this
+    call: a resumed run may lower them."""
+    if saved["parameters"] != names:
+        raise ValueError("resume: the saved optimizer state is for other parameters "
+                         f"({len(saved['parameters'])} saved, {len(names)} now)")
+    state = copy.deepcopy(saved["state"])
+    for group in state["param_groups"]:
+        group["lr"] = lr
+        if "clip_norm" in group:
+            group["clip_norm"] = clip_norm
+    optimizer.load_state_dict(state)
+
+
+def get_rng_state(generator: torch.Generator, world: Optional[World] = None) -> Dict:
+    """Every random number generator training draws from, as tensors and plain values:
+    torch's (CPU, and CUDA where initialized), Python's, NumPy's, and ``generator`` (the
+    data order and dynamic binarization). With several processes, each one's torch
+    streams are gathered too (``"ranks"``); all must call this."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "generator": generator.get_state(), "generator_device": generator.device.type}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if world is not None and world.size > 1:
+        streams = {"torch": world.gather(torch.get_rng_state())}
+        if world.device.type == "cuda":
+            streams["cuda"] = world.gather(torch.cuda.get_rng_state(world.device))
+        state["ranks"] = [{k: v[r] for k, v in streams.items()} for r in range(world.size)]
+    return state
+
+
+def set_rng_state(state: Dict, generator: torch.Generator,
+                  world: Optional[World] = None) -> None:
+    """Restore what ``get_rng_state`` saved. Across devices (a CPU run resumed on a GPU or
+    back), or with another number of processes, the device streams (or the processes'
+    own) cannot carry over: they restart, and a warning says so."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    if state["generator_device"] == generator.device.type:
+        generator.set_state(state["generator"])
+    else:
+        logger.warning("resumed on %s, saved on %s: the data-order stream restarts from "
+                       "the seed, so this run is not bitwise the uninterrupted one",
+                       generator.device.type, state["generator_device"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            logger.warning("saved with %d CUDA devices, resumed with %d: CUDA random "
+                           "streams restart", len(cuda), torch.cuda.device_count())
+    world = world or World()
+    ranks = state.get("ranks", [None])
+    if len(ranks) != world.size:
+        if world.main:
+            logger.warning("saved by %d processes, resumed by %d: the processes' noise "
+                           "streams restart", len(ranks), world.size)
+        if world.rank > 0:  # a stream of its own, drawn from the restored one
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,))) + world.rank)
+    elif world.size > 1:
+        torch.set_rng_state(ranks[world.rank]["torch"])
+        if "cuda" in ranks[world.rank] and world.device.type == "cuda":
+            torch.cuda.set_rng_state(ranks[world.rank]["cuda"], world.device)
+
+
+CHECKPOINT_FORMAT = "pyro_vae.checkpoint/1"
+
+
+def atomic_write(path, write: Callable, binary: bool = True) -> None:
+    """Write ``path`` so that a crash leaves either the old file or the new one, never a
+    mix: ``write(f)`` fills a temporary file in the same folder, which is flushed, fsynced
+    and renamed over ``path`` (``os.replace`` is atomic). On failure the temporary file is
+    removed; one left by a killed process is never read (readers open ``path`` only)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, vae, **extra) -> None:
+    """Write ``vae``'s state dict (plus plain ``extra`` values) to ``path`` atomically
+    (``atomic_write``): a crash never leaves a half-written checkpoint in place of the
+    last good one."""
+    state = {"format": CHECKPOINT_FORMAT, "model": vae.state_dict(), **extra}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def read_checkpoint(path, map_location="cpu") -> Dict:
+    """The contents of a checkpoint written by ``save_checkpoint``.
+
+    Uses ``torch.load(weights_only=True)``: tensors and plain containers only, never
+    arbitrary pickled objects, so a crafted file cannot run code. (Pyro's own
+    ``ParamStoreDict.load`` and ``PyroOptim.load`` unpickle; they are not used here.)
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # corrupt, truncated or not a weights-only file
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path}: not a readable pyro_vae checkpoint "
+                         f"({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a pyro_vae checkpoint (no {CHECKPOINT_FORMAT!r} tag)")
+    return state
+
+
+def load_checkpoint(path, vae, map_location="cpu", state: Optional[Dict] = None) -> Dict:
+    """Load a checkpoint into ``vae`` (``state``: its contents, if already read);
+    returns the extras saved beside the weights."""
+    state = read_checkpoint(path, map_location) if state is None else state
+    try:
+        vae.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        reason = str(e).splitlines()[0]
+        raise ValueError(f"{path}: does not fit this model: {reason}") from None
+    return {k: v for k, v in state.items() if k not in ("format", "model")}
+

@@ -1,0 +1,84 @@
+"""The model contract: what ``fit``, ``elbo``, ``log_likelihood`` and run folders need of
+a model, and what they use when it is there.
+
+Required is Pyro's own contract and nothing more: an object (a ``PyroModule``, or an
+``nn.Module`` holding every parameter) with
+
+    model(*batch, num_data=None)     # p(x, z): observes the batch's tensors
+    guide(*batch, num_data=None)     # q(z | x): samples every latent site the model does
+                                     # not sum out
+
+where ``batch`` is one minibatch of a data set's tensors (images, labels, a mask, ...),
+all sites of one data point sit in ``pyro.plate("data", num_data or len(x),
+subsample=x)`` (so a minibatch estimates the whole data set's ELBO), and distributions
+broadcast over a particle dimension left of that plate (vectorized particles, the
+log-likelihood estimator). ``TraceEnum_ELBO`` needs the usual ``config_enumerate`` marks.
+
+Everything else is optional and discovered (``hasattr``); ``LatentVariableModel`` lists it
+with its meaning. A model without a piece simply does not get what needs it: ``sample``
+and ``reconstruct`` for figures, ``encode``/``decode``/``p_z`` for ELBO surgery and active
+units, ``guide_modules`` for freezing the model and starting a fresh guide.
+"""
+
+from typing import ContextManager, Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+import pyro.distributions as dist
+
+
+@runtime_checkable
+class PyroModel(Protocol):
+    """The required part: a Pyro model/guide pair on one module."""
+
+    def model(self, *batch: Optional[torch.Tensor], num_data: Optional[int] = None):
+        """p(x, z) of a minibatch; with ``num_data`` = N the plate scales it by N / B.
+        ``model(None, ..., num_data=n)`` should generate n points (Pyro's idiom)."""
+
+    def guide(self, *batch: torch.Tensor, num_data: Optional[int] = None):
+        """q(z | x) of the same minibatch, under the same plate."""
+
+
+class LatentVariableModel(PyroModel, Protocol):
+    """The optional parts, each used where present (the package's ``VAE`` and
+    ``HierarchicalVAE`` have all of them)."""
+
+    #: Names of the child modules that make the guide (``("encoder",)``): a fresh guide
+    #: re-initializes them, ``freeze_model`` trains them alone.
+    guide_modules: Sequence[str]
+
+    def check_data(self, *tensors: torch.Tensor, what: str = "data") -> None:
+        """Raise a one-line ``ValueError`` naming ``what`` for data the model cannot take
+        (wrong width, outside the likelihood's support). Called before training."""
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n generated points (e.g. means of p(x | z), z ~ p(z)), for figures."""
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x passed through the guide and the decoder, for figures."""
+
+    def encode(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x) with batch shape (B,) and event shape (z_dim,): ELBO surgery, active
+        units."""
+
+    def decode(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x | z): ELBO surgery."""
+
+    def p_z(self) -> dist.Distribution:
+        """The prior p(z): ELBO surgery, active units."""
+
+    def unregistered(self) -> ContextManager:
+        """A block in which ``model`` and ``guide`` emit no ``param`` sites (faster
+        steps; ``fit`` finds the parameters once)."""
+
+
+def guide_parameters(model: nn.Module) -> dict:
+    """The parameters of the modules ``model.guide_modules`` names, by name in ``model``;
+    a one-line error when the model declares none."""
+    names = getattr(model, "guide_modules", None)
+    if not names:
+        raise ValueError(f"{type(model).__name__} does not say which modules make its "
+                         f"guide: give it a guide_modules attribute (e.g. ('encoder',))")
+    prefixes = tuple(n + "." for n in names)
+    return {k: p for k, p in model.named_parameters() if k.startswith(prefixes)}
