@@ -197,9 +197,9 @@ def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0) -> dict:
     I(n; z) = average KL - marginal KL, between 0 and log N. All in nats per data point.
     """
     x = _all_points(vae, data, "ELBO surgery")
-    _check_single_latent(vae, x)
     q = vae.encode(x)  # batch (N,)
     with seeded(seed, x.device):
+        _check_single_latent(vae, x)
         z = q.sample()
     prior = vae.p_z()
     log_px_z = vae.decode(z).log_prob(x)

@@ -30,7 +30,7 @@ from torch.distributions import kl_divergence
 
 from pyro import poutine
 from pyro.distributions.torch_distribution import ExpandedDistribution
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -95,6 +95,10 @@ def check_objective(objective: ELBO, beta: float = 1.0, warmup_epochs: int = 0) 
     if not beta >= 0 or not warmup_epochs >= 0 or beta == float("inf"):
         raise ValueError(f"beta and warmup_epochs must be finite and >= 0, got {beta}, "
                          f"{warmup_epochs}")
+    if isinstance(objective, TraceEnum_ELBO) and (beta != 1 or warmup_epochs):
+        raise ValueError("beta and warm-up cannot weight a model's sites under "
+                         "TraceEnum_ELBO: Pyro sums enumerated sites out under one common "
+                         "scale for every site they touch")
     if not is_plain_elbo(objective) and (beta != 1 or warmup_epochs):
         name = "IWAE" if objective.alpha == 0 else f"Renyi (alpha {objective.alpha})"
         raise ValueError(f"beta and warm-up weight the KL term of the ELBO; the {name} "

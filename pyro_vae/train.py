@@ -157,6 +157,8 @@ class Step:
         self.params, self.optimizer = params, optimizer
         self.world, self.beta_sites = world or World(), beta_sites
         self.differentiable = hasattr(objective, "differentiable_loss")
+        if not self.differentiable:
+            self.guide_fn = _with_param_sites(module.guide, params)
         if self.differentiable:
             self.loss = _Loss(module, self.model_fn, objective, beta_sites)
             if self.world.size > 1:
@@ -204,7 +206,7 @@ class Step:
             loss.backward()
             return loss.detach()
         with kl_weight(beta, self.beta_sites):
-            loss = self.objective.loss_and_grads(self.model_fn, self.module.guide, *batch,
+            loss = self.objective.loss_and_grads(self.model_fn, self.guide_fn, *batch,
                                                  num_data=num_data)
         return torch.tensor(torch_item(loss), device=batch[0].device)
 
@@ -215,6 +217,18 @@ class Step:
                      if p.grad is not None and not torch.isfinite(p.grad).all()),
                     "sum of the gradients" if self.world.size == 1 else
                     "loss of another process")
+
+
+def _with_param_sites(guide, params: Dict[str, torch.nn.Parameter]):
+    """``guide`` that first shows ``params`` as ``param`` sites: an ELBO's
+    ``loss_and_grads`` backpropagates only where its traces hold some, and a model that
+    registers nothing with Pyro (a plain module, methods without ``pyro_method``) would
+    otherwise not train."""
+    def guide_fn(*args, **kwargs):
+        for name, p in params.items():
+            pyro.param("_fit." + name, p)
+        return guide(*args, **kwargs)
+    return guide_fn
 
 
 def trained_parameters(module, objective: ELBO, batch: Sequence[torch.Tensor],
