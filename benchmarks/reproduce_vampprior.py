@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 from pyro_vae.plots import plt  # pyplot with the file-only (Agg) backend
-from pyro_vae.runs import (TrainConfig, evaluate_run, read_checkpoint, read_config,
-                           resolve_device, resume_run, train_run)
+from pyro_vae.checkpoints import read_checkpoint
+from pyro_vae.config import TrainConfig, resolve_device
+from pyro_vae.runs import evaluate_run, read_config, resume_run, train_run
 from pyro_vae.train import best_epoch
 
 CONFIGS = {  # name: (model, prior), the paper's figure (Table 2, test log-likelihood)
@@ -53,7 +54,7 @@ def protocol(name: str, args) -> TrainConfig:
     return TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, out=str(run_dir(name, args)),
         model=model, arch="gated", z_dim=40, hidden=(300, 300), prior=prior,
-        components=500 if prior == "vamp" else None, epochs=args.max_epochs,
+        prior_options={"components": 500} if prior == "vamp" else {}, epochs=args.max_epochs,
         batch_size=100, lr=5e-4, warmup_epochs=args.warmup_epochs,
         early_stopping=args.patience, seed=args.seed, device=args.device, download=False,
         limit=args.train_limit)

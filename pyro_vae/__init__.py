@@ -7,8 +7,8 @@ tour, and tutorials/ for lessons.
 
 __version__ = "0.1.0"
 
-from . import (checkpoints, contract, datasets, evaluation, guides, likelihoods, nn,
-               objectives, plots, priors, train)
+from . import (checkpoints, config, contract, datasets, evaluation, guides, likelihoods,
+               nn, objectives, plots, priors, runs, train)
 from .checkpoints import TrainState, load_checkpoint, read_checkpoint, save_checkpoint
 from .contract import LatentVariableModel, PyroModel
 from .evaluation import elbo, elbo_surgery, log_likelihood
@@ -16,7 +16,8 @@ from .guides import GUIDES, DiagonalNormalEncoder, FullRankNormalEncoder, IAFEnc
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood
 from .models import MODELS, VAE, HierarchicalVAE
 from .priors import PRIORS, LearnedNormal, Mixture, MixtureOfGaussians, StandardNormal, VampPrior
-from .runs import TrainConfig, load_run, resume_run, train_run
+from .config import TrainConfig
+from .runs import RunFolder, load_run, resume_run, save_run, train_run
 from .objectives import scale_latents
 from .train import (Checkpointer, EarlyStopping, Hook, KeepBest, MetricsWriter, Options, Step,
                     Trainer, TrainingDiverged, fit)
@@ -26,11 +27,11 @@ __all__ = [
     "fit", "Options", "Trainer", "Step", "TrainState", "TrainingDiverged", "scale_latents",
     "Hook", "EarlyStopping", "KeepBest", "MetricsWriter", "Checkpointer",
     "elbo", "log_likelihood", "elbo_surgery",
-    "train_run", "resume_run", "load_run", "TrainConfig",
+    "train_run", "resume_run", "load_run", "save_run", "RunFolder", "TrainConfig",
     "save_checkpoint", "load_checkpoint", "read_checkpoint",
     "PRIORS", "StandardNormal", "LearnedNormal", "MixtureOfGaussians", "VampPrior", "Mixture",
     "GUIDES", "DiagonalNormalEncoder", "FullRankNormalEncoder", "IAFEncoder",
     "LIKELIHOODS", "BernoulliLikelihood", "GaussianLikelihood",
-    "checkpoints", "contract", "datasets", "evaluation", "guides", "likelihoods", "nn",
+    "checkpoints", "config", "contract", "datasets", "runs", "evaluation", "guides", "likelihoods", "nn",
     "objectives", "plots", "priors", "train",
 ]

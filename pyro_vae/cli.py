@@ -14,37 +14,46 @@ from typing import List, Optional
 
 from . import __version__, distributed
 from .errors import ArgumentError
-from .runs import (RESUMABLE_CHANGES, TrainConfig, evaluate_run, read_config, resume_run,
-                   train_run)
+from .config import RESUMABLE_CHANGES, TrainConfig, flag, parse_options
+from .runs import evaluate_run, read_config, resume_run, train_run
 
 
 def _field_type(name: str):
-    """``Optional[X]`` -> X; ``Tuple[int, ...]`` -> tuple; otherwise the annotation."""
+    """``Optional[X]`` -> X; ``Tuple[int, ...]`` -> tuple; ``Dict[...]`` -> dict; otherwise
+    the annotation."""
     hint = typing.get_type_hints(TrainConfig)[name]
     if typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return tuple if typing.get_origin(hint) is tuple else hint
+    return typing.get_origin(hint) or hint
+
+
+def _flag_of(name: str) -> str:
+    """``prior_options`` -> ``--prior-option`` (given once per option); else --name."""
+    return "--" + flag(name[:-1] if name.endswith("_options") else name)
 
 
 def _add_config_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     """One option per ``TrainConfig`` field; ``defaults=False``: absent options stay out
     of the parsed namespace (to tell which were given)."""
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        option = _flag_of(f.name)
         kind = _field_type(f.name)
-        kw = dict(default=f.default if defaults else argparse.SUPPRESS,
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw = dict(default=default if defaults else argparse.SUPPRESS,
                   help=f.metadata["help"], dest=f.name)
         if f.metadata.get("derived"):  # recorded in config.json, not chosen by hand
             kw["help"] = argparse.SUPPRESS
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, **kw)
         elif kind is tuple:
-            parser.add_argument(flag, type=int, nargs="+", metavar="N", **kw)
+            parser.add_argument(option, type=int, nargs="+", metavar="N", **kw)
+        elif kind is dict:
+            parser.add_argument(option, action="append", metavar="KEY=VALUE", **kw)
         else:
-            parser.add_argument(flag, type=kind, **kw)
-        if defaults and f.default is not None and kind is not bool and not f.metadata.get(
+            parser.add_argument(option, type=kind, **kw)
+        if defaults and default is not None and kind not in (bool, dict) and not f.metadata.get(
                 "derived"):
             parser._actions[-1].help += " (default: %(default)s)"
 
@@ -66,7 +75,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN",
                        help="continue the run in folder RUN from its last checkpoint, with "
                             "its settings; only " + ", ".join(
-                                "--" + name.replace("_", "-") for name in RESUMABLE_CHANGES
+                                "--" + flag(name) for name in RESUMABLE_CHANGES
                                 if name not in ("out", "overwrite")) + " may change")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -78,16 +87,34 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     evaluate.add_argument("--chunk", type=int, default=100,
                           help="samples drawn at once; lower it to save memory "
                                "(default: %(default)s)")
-    evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"),
+                          help="the split of the run's data set to evaluate "
+                               "(default: %(default)s)")
     evaluate.add_argument("--limit", type=int, help="evaluate the first N points only")
     evaluate.add_argument("--surgery-points", type=int,
                           help="ELBO surgery on the first N of those points (default: all; "
                                "it costs N^2 posterior densities, and for a flow guide "
                                "each is an inversion: use a few thousand at most)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="seed of the Monte Carlo draws (default: %(default)s)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _config_values(values: dict) -> dict:
+    """Parsed option values as ``TrainConfig`` takes them: tuples, option dicts."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, list) and _field_type(name) is dict:
+            value = parse_options(value, _flag_of(name)[2:])
+        elif isinstance(value, list):
+            value = tuple(value)
+        elif value is None and fields[name].default_factory is not dataclasses.MISSING:
+            value = fields[name].default_factory()
+        out[name] = value
+    return out
 
 
 # Library arguments whose command-line option has another name.
@@ -112,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args["resume"]:
                 # Only the options given on the command line count as changes.
                 given = vars(build_parser(defaults=False).parse_args(argv))
-                changes = {k: v for k, v in given.items() if k in fields}
+                changes = _config_values({k: v for k, v in given.items() if k in fields})
                 if "out" in changes and Path(changes["out"]).resolve() != Path(
                         args["resume"]).resolve():
                     raise ValueError(f"--out {changes['out']}: a resumed run stays in "
@@ -121,9 +148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 summary = resume_run(out, changes, progress=not quiet)
                 config = read_config(Path(out) / "config.json")
             else:
-                config = TrainConfig(**{k: v for k, v in args.items() if k in fields})
-                if isinstance(config.hidden, list):
-                    config.hidden = tuple(config.hidden)
+                config = TrainConfig(**_config_values(
+                    {k: v for k, v in args.items() if k in fields}))
                 summary = train_run(config, progress=not quiet)
         except (ValueError, OSError, RuntimeError) as e:
             parser.exit(2, f"pyro-vae: error: {_as_flags(e)}\n")
@@ -146,11 +172,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (ValueError, OSError, RuntimeError) as e:
             parser.exit(2, f"pyro-vae: error: {e}\n")
         n = f"{r['num_points']} {r['split']} points"
-        print(f"ELBO:            {r['test_elbo']:.4f}")
+        print(f"ELBO:            {r['test_elbo']:.4f}   ({r['elbo_estimator']}, {n})")
         if "reconstruction" in r:
-            print(f"reconstruction:  {r['reconstruction']:.4f}")
-            print(f"average KL:      {r['avg_kl']:.4f} = I(n; z) {r['mutual_information']:.4f}"
-                  f" + KL(q(z) || p(z)) {r['marginal_kl']:.4f}   (log N = {r['log_n']:.4f})")
+            print(f"ELBO surgery, one z ~ q(z|x) per point ({r['surgery_points']} points):")
+            print(f"  reconstruction:  {r['reconstruction']:.4f}")
+            print(f"  average KL:      {r['avg_kl']:.4f} = I(n; z) "
+                  f"{r['mutual_information']:.4f} + KL(q(z) || p(z)) {r['marginal_kl']:.4f}"
+                  f"   (log N = {r['log_n']:.4f})")
+            print(f"  reconstruction - average KL: {r['surgery_elbo']:.4f}")
         print(f"active units:    {r['active_units']}")
         print(f"eval.json and elbo_surgery.png in {args['run']}")
         print(f"log-likelihood: {r['log_likelihood']:.4f} +- {r['log_likelihood_stderr']:.4f} "

@@ -151,10 +151,10 @@ class VAE(_LatentModel):
 
     ``prior``, ``likelihood`` and ``encoder`` are registry names (see ``PRIORS``,
     ``LIKELIHOODS``, ``GUIDES``), ``"package.module:ClassName"``, or ready-made modules.
-    ``prior_options`` go to the prior's constructor (e.g. ``{"components": 500}``).
+    ``prior_options``, ``guide_options`` and ``likelihood_options`` go to the parts'
+    constructors (e.g. ``{"components": 500}``, ``{"flow_steps": 4}``, ``{"scale": 0.1}``).
     ``hidden`` gives the encoder's hidden sizes; the decoder mirrors them. ``arch`` is
     ``"mlp"`` (activation ``act``) or ``"gated"`` (GatedDense, the VampPrior paper's).
-    ``flow_steps``: flow steps of the ``"iaf"`` guide.
     """
 
     def __init__(self, x_dim: int, z_dim: int = 50, hidden: Sequence[int] = (400,),
@@ -162,15 +162,16 @@ class VAE(_LatentModel):
                  prior: Union[str, nn.Module] = "normal",
                  encoder: Union[str, nn.Module] = "diagonal",
                  act: str = "relu", arch: str = "mlp",
-                 prior_options: Optional[Dict] = None, flow_steps: int = 2):
+                 prior_options: Optional[Dict] = None, guide_options: Optional[Dict] = None,
+                 likelihood_options: Optional[Dict] = None):
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim
         hidden = tuple(hidden)
         self.encoder = build(encoder, GUIDES, "guide", dict(
-            x_dim=x_dim, z_dim=z_dim, hidden=hidden, act=act, arch=arch,
-            flow_steps=flow_steps))
+            x_dim=x_dim, z_dim=z_dim, hidden=hidden, act=act, arch=arch), guide_options)
         self.decoder = network(arch, z_dim, hidden[::-1], x_dim, act)
-        self.likelihood = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim))
+        self.likelihood = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim),
+                                likelihood_options)
         self.prior = build(prior, PRIORS, "prior", dict(z_dim=z_dim, x_dim=x_dim),
                            prior_options)
 
@@ -229,17 +230,19 @@ class HierarchicalVAE(_LatentModel):
                  prior: Union[str, nn.Module] = "normal",
                  encoder: Union[str, nn.Module] = "diagonal",
                  act: str = "relu", arch: str = "gated",
-                 prior_options: Optional[Dict] = None, flow_steps: int = 2):
+                 prior_options: Optional[Dict] = None, guide_options: Optional[Dict] = None,
+                 likelihood_options: Optional[Dict] = None):
         super().__init__()
         self.x_dim, self.z_dim = x_dim, z_dim
         hidden = tuple(hidden)
         conditional = self._conditional = dict(hidden=hidden, act=act, arch=arch)
         self.encoder = build(encoder, GUIDES, "guide", dict(                  # q(z2|x)
-            x_dim=x_dim, z_dim=z_dim, flow_steps=flow_steps, **conditional))
+            x_dim=x_dim, z_dim=z_dim, **conditional), guide_options)
         self.encoder_z1 = DiagonalNormalEncoder(x_dim + z_dim, z_dim, **conditional)
         self.p_z1 = DiagonalNormalEncoder(z_dim, z_dim, **conditional)          # p(z1|z2)
         self.decoder = network(arch, 2 * z_dim, hidden[::-1], x_dim, act)
-        self.likelihood = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim))
+        self.likelihood = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim),
+                                likelihood_options)
         self.prior = build(prior, PRIORS, "prior", dict(z_dim=z_dim, x_dim=x_dim),
                            prior_options)
 

@@ -164,6 +164,11 @@ def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
                        top.squeeze(dim))
 
 
+def _check_components(components) -> None:
+    if not (isinstance(components, int) and components >= 1):
+        raise ValueError(f"prior option components must be >= 1, got {components!r}")
+
+
 class StandardNormal(nn.Module):
     """p(z) = N(0, I)."""
 
@@ -199,6 +204,7 @@ class MixtureOfGaussians(nn.Module):
 
     def __init__(self, z_dim: int, components: int = 10):
         super().__init__()
+        _check_components(components)
         self.z_dim, self.components = z_dim, components
         self.locs = nn.Parameter(torch.randn(components, z_dim))
         self.raw_scales = nn.Parameter(torch.full((components, z_dim), math.log(math.e - 1)))
@@ -229,6 +235,7 @@ class VampPrior(nn.Module):
                  data: Optional[torch.Tensor] = None, init_mean: float = 0.05,
                  init_std: float = 0.01):
         super().__init__()
+        _check_components(components)
         self.z_dim, self.x_dim, self.components = z_dim, x_dim, components
         if pseudo_init == "normal":
             w = init_mean + init_std * torch.randn(components, x_dim)

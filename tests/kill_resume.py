@@ -32,7 +32,7 @@ LIMIT, BATCH, EPOCHS = 600, 100, 3
 STEPS = EPOCHS * (LIMIT // BATCH)
 TRAIN_ARGS = ["--dataset", "mnist", "--limit", str(LIMIT), "--batch-size", str(BATCH),
               "--epochs", str(EPOCHS), "--z-dim", "4", "--hidden", "32", "--prior", "vamp",
-              "--components", "10", "--checkpoint-every", "4", "--quiet"]
+              "--prior-option", "components=10", "--checkpoint-every", "4", "--quiet"]
 
 
 def _child(out: str, kill_at: int, mode: str, data_dir: str) -> None:

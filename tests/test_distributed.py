@@ -38,7 +38,7 @@ def test_two_processes_take_the_steps_of_one_with_the_same_global_batches(tmp_pa
     # No noise (a point-mass guide), a learned prior: every parameter's gradient is an
     # average of the two halves' and must match the whole batch's.
     # 405 points: the last batch of each epoch, 5 points, splits 3 + 2.
-    extra = ["--guide", "__main__:DeltaEncoder", "--prior", "mog", "--components", "3",
+    extra = ["--guide", "__main__:DeltaEncoder", "--prior", "mog", "--prior-option", "components=3",
              "--limit", "405"]
     _run(tmp_path / "one", data_root, *extra)
     _run(tmp_path / "two", data_root, *extra, processes=2)
@@ -56,7 +56,7 @@ def test_two_processes_take_the_steps_of_one_with_the_same_global_batches(tmp_pa
 def test_two_process_run_killed_and_resumed_ends_bitwise_as_the_uninterrupted(tmp_path,
                                                                             data_root):
     # The Gaussian guide: each process draws its own noise, restored on resume.
-    extra = ["--prior", "vamp", "--components", "5", "--checkpoint-every", "5"]
+    extra = ["--prior", "vamp", "--prior-option", "components=5", "--checkpoint-every", "5"]
     _run(tmp_path / "whole", data_root, *extra, processes=2)
     killed = _run(tmp_path / "cut", data_root, *extra, processes=2, kill_at=8, check=False)
     assert killed.returncode != 0

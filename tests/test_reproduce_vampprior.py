@@ -39,7 +39,7 @@ def test_protocol_pieces_and_table(tmp_path, data_root):
 
     config = json.loads((pieces / "mnist" / "hvae-vampprior" / "config.json").read_text())
     protocol = dict(model="hvae", prior="vamp", arch="gated", z_dim=40, hidden=[300, 300],
-                    components=500, lr=5e-4, batch_size=100, warmup_epochs=1,
+                    prior_options={"components": 500}, lr=5e-4, batch_size=100, warmup_epochs=1,
                     early_stopping=50, dataset="mnist", limit=200, loss="meanfield")
     assert {k: config[k] for k in protocol} == protocol
     assert json.loads((pieces / "mnist" / "vae-standard" / "config.json").read_text())[

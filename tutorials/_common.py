@@ -31,7 +31,7 @@ def options(doc: str, name: str, epochs: int, extra=()) -> argparse.Namespace:
     for flag, kwargs in extra:
         parser.add_argument(flag, **kwargs)
     args = parser.parse_args()
-    args.device = pv.runs.resolve_device(args.device)
+    args.device = pv.config.resolve_device(args.device)
     if args.smoke:
         args.epochs = 1
     args.out = Path(args.out)

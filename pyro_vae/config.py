@@ -1,0 +1,253 @@
+"""``TrainConfig``: every setting of a run, flat, with the command line generated from it.
+
+Settings come in three groups (each field's ``group``): ``data`` (what is trained on and
+where results go), ``model`` (what defines p(x, z) and q(z | x): ``--init-from`` takes
+these from its source run, ``--resume`` never changes them) and ``training`` (how it is
+trained). Parts take their own options as ``KEY=VALUE`` pairs (``--prior-option
+components=50``, ``--guide-option flow_steps=4``, ``--likelihood-option scale=0.1``),
+handed to the part's constructor, so a prior of your own takes options like the built-in
+ones.
+"""
+
+import dataclasses
+import inspect
+import json
+import math
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import torch
+
+from . import datasets
+from .guides import GUIDES
+from .likelihoods import LIKELIHOODS
+from .models import MODELS, build, resolve
+from .nn import ACTIVATIONS, ARCHS
+from .objectives import LOSSES, check_objective, make_elbo
+from .priors import PRIORS
+from .train import OPTIMIZERS
+
+
+def _opt(default, help, group="training", **kw):
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict,
+                                 metadata={"help": help, "group": group, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run; the ``pyro-vae train`` options map 1:1 onto it."""
+
+    dataset: str = _opt("digits", "data set", "data", choices=datasets.DATASETS)
+    data_dir: Optional[str] = _opt(None, f"data root (default: ${datasets.ENV_VAR}, else "
+                                         f"~/.cache/pyro_vae)", "data")
+    download: bool = _opt(True, "download missing data files", "data")
+    out: str = _opt("runs/quickstart", "run folder to write", "data")
+    overwrite: bool = _opt(False, "replace a run already in --out", "data")
+    limit: Optional[int] = _opt(None, "train on the first N training points only", "data")
+    binarize: Optional[bool] = _opt(None, "binarize gray data (default: with the "
+                                          "bernoulli likelihood)", "data")
+    model: str = _opt("vae", "vae, or hvae (two stochastic layers)", "model",
+                      choices=tuple(MODELS))
+    arch: str = _opt("mlp", "networks: mlp, or gated (GatedDense, the VampPrior paper's)",
+                     "model", choices=ARCHS)
+    z_dim: Optional[int] = _opt(None, "latent dimension (default: 50 for mlp, 40 for "
+                                      "gated)", "model")
+    hidden: Optional[Tuple[int, ...]] = _opt(None, "hidden layer sizes of the encoder; the "
+                                                   "decoder mirrors them (default: 400 for "
+                                                   "mlp, 300 300 for gated)", "model")
+    act: str = _opt("relu", "hidden activation of mlp networks", "model",
+                    choices=tuple(ACTIVATIONS))
+    prior: str = _opt("normal", f"p(z): one of {', '.join(PRIORS)}, or "
+                                f"package.module:ClassName", "model")
+    prior_options: Dict[str, Any] = _opt({}, "an option of the prior's constructor, e.g. "
+                                             "components=500, pseudo_init=data, "
+                                             "learn_weights=true (repeat for more)", "model")
+    guide: str = _opt("diagonal", f"q(z|x): one of {', '.join(GUIDES)}, or "
+                                  f"package.module:ClassName", "model")
+    guide_options: Dict[str, Any] = _opt({}, "an option of the guide's constructor, e.g. "
+                                             "flow_steps=4 for iaf", "model")
+    likelihood: str = _opt("bernoulli", "p(x|z)", "model", choices=tuple(LIKELIHOODS))
+    likelihood_options: Dict[str, Any] = _opt({}, "an option of the likelihood's "
+                                                  "constructor, e.g. scale=0.1 (a fixed "
+                                                  "sigma for gaussian)", "model")
+    prior_guide: Optional[str] = _opt(None, "set by --init-from: guide family of the "
+                                            "encoder the prior keeps from that run", "model",
+                                      derived=True)
+    prior_guide_options: Optional[Dict[str, Any]] = _opt(None, "set by --init-from: its "
+                                                               "options", "model",
+                                                         derived=True)
+    init_from: Optional[str] = _opt(None, "start from this run folder's model (its model "
+                                          "settings are used); a --guide other than its "
+                                          "own starts fresh, the same one from its weights")
+    freeze_model: bool = _opt(False, "with --init-from: train the guide only, the decoder "
+                                     "and prior stay fixed")
+    fresh_guide: bool = _opt(False, "with --init-from: start the guide from scratch even "
+                                    "when it is that run's own family")
+    loss: str = _opt("meanfield", "trace (Trace_ELBO), meanfield (TraceMeanField_ELBO) or "
+                                  "iwae (RenyiELBO, alpha=0)", choices=tuple(LOSSES))
+    particles: int = _opt(1, "vectorized samples per data point (K of the IWAE bound)")
+    beta: float = _opt(1.0, "weight of the KL term (beta-VAE)")
+    warmup_epochs: int = _opt(0, "KL warm-up: beta rises linearly from 0 over these epochs")
+    epochs: int = _opt(30, "training epochs")
+    batch_size: int = _opt(128, "minibatch size")
+    lr: float = _opt(1e-3, "learning rate")
+    optimizer: str = _opt("adam", "adam (PyTorch's Adam, fused) or clipped_adam (Pyro's "
+                                  "ClippedAdam)", choices=OPTIMIZERS)
+    clip_norm: float = _opt(10.0, "clipped_adam: each gradient is clipped elementwise to "
+                                  "+-clip-norm")
+    skip_nonfinite: int = _opt(0, "skip up to K steps whose loss or gradient is not "
+                                  "finite (each is logged), instead of stopping")
+    early_stopping: int = _opt(0, "stop after N epochs without a better validation ELBO; "
+                                  "best.pt keeps the best epoch's model, which the "
+                                  "summary, figures and evaluate use (0: off)")
+    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: after each epoch "
+                                    "only)")
+    seed: int = _opt(0, "random seed")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting, as its command-line option."""
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"--{flag(f.name)}: {value!r} is not one of {list(choices)}")
+        for name in ("z_dim", "particles", "epochs", "batch_size", "limit"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # None: the default applies
+                raise ValueError(f"--{flag(name)} must be > 0, got {value}")
+        for name, low in (("lr", 0), ("clip_norm", 0), ("beta", None)):
+            value = getattr(self, name)
+            if not ((low is None or value > low) and 0 <= value < math.inf):
+                raise ValueError(f"--{flag(name)} must be finite and "
+                                 f"{'> 0' if low is not None else '>= 0'}, got {value}")
+        if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
+            raise ValueError(f"--hidden: sizes must be >= 1, got {list(self.hidden)}")
+        for name in ("skip_nonfinite", "checkpoint_every", "early_stopping", "warmup_epochs"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+        for option in ("freeze_model", "fresh_guide"):
+            if getattr(self, option) and not self.init_from:
+                raise ValueError(f"--{flag(option)} needs --init-from RUN (a trained model)")
+        check_objective(make_elbo(self.loss, self.particles), self.beta, self.warmup_epochs)
+        resolve(self.prior, PRIORS, "prior")
+        resolve(self.guide, GUIDES, "guide")
+        resolve_device(self.device)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the arch-dependent defaults filled in (what config.json records)."""
+        gated = self.arch == "gated"
+        return dataclasses.replace(
+            self, z_dim=self.z_dim or (40 if gated else 50),
+            hidden=tuple(self.hidden or ((300, 300) if gated else (400,))))
+
+    def group(self, name: str) -> Dict[str, Any]:
+        """The settings of one group (``data``, ``model`` or ``training``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["group"] == name}
+
+    @property
+    def binarize_data(self) -> bool:
+        return self.likelihood == "bernoulli" if self.binarize is None else self.binarize
+
+
+MODEL_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                       if f.metadata["group"] == "model")
+# What --resume may change; any other difference from the run's config.json is refused.
+RESUMABLE_CHANGES = ("epochs", "early_stopping", "lr", "clip_norm", "skip_nonfinite",
+                     "checkpoint_every", "device", "data_dir", "download", "out", "overwrite")
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def parse_options(pairs: Iterable[str], what: str) -> Dict[str, Any]:
+    """``["components=50", "pseudo_init=data"]`` -> ``{"components": 50, "pseudo_init":
+    "data"}``: each value read as JSON where it is (numbers, true/false, null), else kept
+    as text. ``what`` names the option in errors."""
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--{flag(what)}: {pair!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def build_model(config: TrainConfig, x_dim: int, train=None):
+    """The model a (resolved) config describes. ``train``: the training split, needed by
+    VampPrior pseudo-inputs initialized from data (not when loading trained weights)."""
+    prior_options = dict(config.prior_options)
+    if prior_options.get("pseudo_init") == "data":
+        # Loading a trained run overwrites them; any images of the right shape will do.
+        prior_options["data"] = train.x if train is not None else torch.rand(
+            prior_options.get("components", 500), x_dim)
+    swapped = config.prior_guide is not None
+    vae = MODELS[config.model](
+        x_dim, config.z_dim, config.hidden, likelihood=config.likelihood,
+        prior=config.prior, encoder=config.prior_guide if swapped else config.guide,
+        act=config.act, arch=config.arch, prior_options=prior_options,
+        guide_options=config.prior_guide_options if swapped else config.guide_options,
+        likelihood_options=config.likelihood_options)
+    if swapped:  # a guide fitted to another run's model: the prior keeps that encoder
+        vae.swap_guide(build(config.guide, GUIDES, "guide", dict(
+            x_dim=x_dim, z_dim=config.z_dim, hidden=config.hidden, act=config.act,
+            arch=config.arch), config.guide_options))
+    return vae
+
+
+# Settings of config.json files written before parts took generic options.
+_OLD_FIELDS = {"components": ("prior_options", "components"),
+               "pseudo_init": ("prior_options", "pseudo_init"),
+               "learn_weights": ("prior_options", "learn_weights"),
+               "likelihood_scale": ("likelihood_options", "scale"),
+               "flow_steps": ("guide_options", "flow_steps"),
+               "prior_flow_steps": ("prior_guide_options", "flow_steps")}
+
+
+def config_from_dict(raw: dict, where: str) -> TrainConfig:
+    """A ``TrainConfig`` from a config.json's content; older layouts are converted."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    raw = dict(raw)
+    for old, (field, key) in _OLD_FIELDS.items():
+        value = raw.pop(old, None)
+        part = {"flow_steps": "guide", "prior_flow_steps": "prior_guide"}.get(old)
+        if part and "flow_steps" not in inspect.signature(
+                GUIDES.get(raw.get(part), object)).parameters:
+            continue  # recorded for every run; only a flow guide took it
+        if value is not None:
+            raw[field] = dict(raw.get(field) or {}, **{key: value})
+    if raw.get("prior_guide") is not None and raw.get("prior_guide_options") is None:
+        raw["prior_guide_options"] = {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {unknown}")
+    if isinstance(raw.get("hidden"), list):
+        raw["hidden"] = tuple(raw["hidden"])
+    if not isinstance(raw.get("z_dim"), int) or not raw.get("hidden"):
+        raise ValueError(f"{where}: z_dim and hidden must be set")
+    config = TrainConfig(**raw)
+    try:
+        config.validate()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return config
