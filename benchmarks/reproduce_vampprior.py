@@ -39,7 +39,7 @@ from pyro_vae.plots import plt  # pyplot with the file-only (Agg) backend
 from pyro_vae.checkpoints import read_checkpoint
 from pyro_vae.config import TrainConfig, resolve_device
 from pyro_vae.runs import evaluate_run, read_config, resume_run, train_run
-from pyro_vae.train import best_epoch
+from pyro_vae.hooks import best_epoch
 
 CONFIGS = {  # name: (model, prior), the paper's figure (Table 2, test log-likelihood)
     "vae-standard": ("vae", "normal", -88.56),

@@ -19,8 +19,8 @@ from .priors import PRIORS, LearnedNormal, Mixture, MixtureOfGaussians, Standard
 from .config import TrainConfig
 from .runs import RunFolder, load_run, resume_run, save_run, train_run
 from .objectives import scale_latents
-from .train import (Checkpointer, EarlyStopping, Hook, KeepBest, MetricsWriter, Options, Step,
-                    Trainer, TrainingDiverged, fit)
+from .hooks import Checkpointer, EarlyStopping, Hook, KeepBest, MetricsWriter
+from .train import Options, Step, Trainer, TrainingDiverged, fit
 
 __all__ = [
     "VAE", "HierarchicalVAE", "MODELS", "PyroModel", "LatentVariableModel",

@@ -132,59 +132,63 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args["command"] == "train":
-        quiet = args.pop("quiet")
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        try:
-            if args["resume"]:
-                # Only the options given on the command line count as changes.
-                given = vars(build_parser(defaults=False).parse_args(argv))
-                changes = _config_values({k: v for k, v in given.items() if k in fields})
-                if "out" in changes and Path(changes["out"]).resolve() != Path(
-                        args["resume"]).resolve():
-                    raise ValueError(f"--out {changes['out']}: a resumed run stays in "
-                                     f"its folder {args['resume']}")
-                out = args["resume"]
-                summary = resume_run(out, changes, progress=not quiet)
-                config = read_config(Path(out) / "config.json")
-            else:
-                config = TrainConfig(**_config_values(
-                    {k: v for k, v in args.items() if k in fields}))
-                summary = train_run(config, progress=not quiet)
-        except (ValueError, OSError, RuntimeError) as e:
-            parser.exit(2, f"pyro-vae: error: {_as_flags(e)}\n")
-        finally:
-            distributed.teardown()
-        if not summary:  # not process 0 of a torchrun
-            return 0
-        print(f"run folder: {config.out}")
-        if "test_iwae" in summary:
-            print(f"test IWAE bound (K = {config.particles}): {summary['test_iwae']:.4f} "
-                  f"nats per data point")
-        print(f"test ELBO: {summary['test_elbo']:.4f} nats per data point "
-              f"({summary['num_test']} test points)")
-    elif args["command"] == "evaluate":
-        try:
-            r = evaluate_run(args["run"], args["samples"], args["chunk"], args["split"],
-                             args["limit"], args["device"], args["seed"],
-                             progress=not args["quiet"],
-                             surgery_points=args["surgery_points"])
-        except (ValueError, OSError, RuntimeError) as e:
-            parser.exit(2, f"pyro-vae: error: {e}\n")
-        n = f"{r['num_points']} {r['split']} points"
-        print(f"ELBO:            {r['test_elbo']:.4f}   ({r['elbo_estimator']}, {n})")
-        if "reconstruction" in r:
-            print(f"ELBO surgery, one z ~ q(z|x) per point ({r['surgery_points']} points):")
-            print(f"  reconstruction:  {r['reconstruction']:.4f}")
-            print(f"  average KL:      {r['avg_kl']:.4f} = I(n; z) "
-                  f"{r['mutual_information']:.4f} + KL(q(z) || p(z)) {r['marginal_kl']:.4f}"
-                  f"   (log N = {r['log_n']:.4f})")
-            print(f"  reconstruction - average KL: {r['surgery_elbo']:.4f}")
-        print(f"active units:    {r['active_units']}")
-        print(f"eval.json and elbo_surgery.png in {args['run']}")
-        print(f"log-likelihood: {r['log_likelihood']:.4f} +- {r['log_likelihood_stderr']:.4f} "
-              f"nats per data point ({n}, S = {r['num_samples']})")
+    try:
+        if args["command"] == "train":
+            _train(args, argv)
+        elif args["command"] == "evaluate":
+            _evaluate(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        parser.exit(2, f"pyro-vae: error: {_as_flags(e)}\n")
     return 0
+
+
+def _train(args: dict, argv) -> None:
+    quiet = args.pop("quiet")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        if args["resume"]:
+            # Only the options given on the command line count as changes.
+            given = vars(build_parser(defaults=False).parse_args(argv))
+            changes = _config_values({k: v for k, v in given.items() if k in fields})
+            if "out" in changes and Path(changes["out"]).resolve() != Path(
+                    args["resume"]).resolve():
+                raise ValueError(f"--out {changes['out']}: a resumed run stays in its "
+                                 f"folder {args['resume']}")
+            summary = resume_run(args["resume"], changes, progress=not quiet)
+            config = read_config(Path(args["resume"]) / "config.json")
+        else:
+            config = TrainConfig(**_config_values({k: v for k, v in args.items()
+                                                   if k in fields}))
+            summary = train_run(config, progress=not quiet)
+    finally:
+        distributed.teardown()
+    if not summary:  # not process 0 of a torchrun
+        return
+    print(f"run folder: {config.out}")
+    if "test_iwae" in summary:
+        print(f"test IWAE bound (K = {config.particles}): {summary['test_iwae']:.4f} "
+              f"nats per data point")
+    print(f"test ELBO: {summary['test_elbo']:.4f} nats per data point "
+          f"({summary['num_test']} test points)")
+
+
+def _evaluate(args: dict) -> None:
+    r = evaluate_run(args["run"], args["samples"], args["chunk"], args["split"],
+                     args["limit"], args["device"], args["seed"],
+                     progress=not args["quiet"], surgery_points=args["surgery_points"])
+    n = f"{r['num_points']} {r['split']} points"
+    print(f"ELBO:            {r['test_elbo']:.4f}   ({r['elbo_estimator']}, {n})")
+    if "reconstruction" in r:
+        print(f"ELBO surgery, one z ~ q(z|x) per point ({r['surgery_points']} points):")
+        print(f"  reconstruction:  {r['reconstruction']:.4f}")
+        print(f"  average KL:      {r['avg_kl']:.4f} = I(n; z) "
+              f"{r['mutual_information']:.4f} + KL(q(z) || p(z)) {r['marginal_kl']:.4f}"
+              f"   (log N = {r['log_n']:.4f})")
+        print(f"  reconstruction - average KL: {r['surgery_elbo']:.4f}")
+    print(f"active units:    {r['active_units']}")
+    print(f"eval.json and elbo_surgery.png in {args['run']}")
+    print(f"log-likelihood: {r['log_likelihood']:.4f} +- {r['log_likelihood_stderr']:.4f} "
+          f"nats per data point ({n}, S = {r['num_samples']})")
 
 
 if __name__ == "__main__":

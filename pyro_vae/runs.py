@@ -26,8 +26,8 @@ from .evaluation import active_units, elbo_surgery, log_likelihood
 from .evaluation import elbo as evaluate_elbo
 from .models import MODELS
 from .objectives import make_elbo, plain_elbo
-from .train import (Checkpointer, KeepBest, MetricsWriter, Options, best_epoch, check_data,
-                    fit, stopped_early)
+from .hooks import Checkpointer, KeepBest, MetricsWriter, best_epoch, stopped_early
+from .train import Options, check_data, fit
 
 # Every file a run folder may hold.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "summary.json",

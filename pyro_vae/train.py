@@ -5,21 +5,18 @@ Three pieces, each readable on its own:
 - ``Step``: one step, ``SVI.step`` with one PyTorch optimizer for all parameters and a
   finite check that never waits for the device unless asked.
 - ``Trainer``: epochs of steps, validation, checkpoints, resume; its phases are methods.
-- Hooks: ``on_epoch_end(record, history, model)`` (return True to stop) and
-  ``on_checkpoint(state)``. Early stopping, keep-best, the metrics file and the
-  checkpoint file are hooks (``EarlyStopping``, ``KeepBest``, ``MetricsWriter``,
-  ``Checkpointer``); a plain function is an ``on_epoch_end`` hook.
+- Hooks (``pyro_vae.hooks``): ``on_epoch_end(record, history, model)`` (return True to
+  stop) and ``on_checkpoint(state)``. Early stopping, keep-best, the metrics file and the
+  checkpoint file are hooks; a plain function is an ``on_epoch_end`` hook.
 """
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
 import warnings
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -31,12 +28,13 @@ from pyro.infer.util import torch_item
 from pyro.optim.clipped_adam import ClippedAdam
 
 from .checkpoints import (Position, TrainState, get_rng_state, load_optimizer_state,
-                          save_checkpoint, set_rng_state)
+                          set_rng_state)
 from .contract import guide_parameters
 from .datasets import as_dataset
 from .distributed import World
 from .errors import ArgumentError
 from .evaluation import elbo as evaluate_elbo
+from .hooks import EarlyStopping, Hook, _FunctionHook
 from .objectives import (Loss, beta_at, check_objective, is_latent, kl_weight, make_elbo,
                          plain_elbo, scales_with_data_size, warn_if_monte_carlo_kl)
 
@@ -274,94 +272,6 @@ def make_optimizer(name: str, params, lr: float = 1e-3,
         return ClippedAdam(params, lr=lr, clip_norm=clip_norm)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
 
-
-# --- Hooks -----------------------------------------------------------------------------
-
-class Hook:
-    """Called by the trainer on process 0. Override what you need."""
-
-    def on_epoch_end(self, record: Dict, history: List[Dict], model) -> Optional[bool]:
-        """After each epoch (``record`` is ``history[-1]``); return True to stop."""
-
-    def on_checkpoint(self, state: TrainState) -> None:
-        """With the training state, before the first step, after every epoch, every
-        ``checkpoint_every`` steps and before ``TrainingDiverged`` is raised."""
-
-
-class _FunctionHook(Hook):
-    def __init__(self, fn: Callable):
-        self.fn = fn
-
-    def on_epoch_end(self, record, history, model):
-        return self.fn(record, history, model)
-
-
-def stopped_early(history: Sequence[Dict], patience: int) -> bool:
-    """Whether ``patience`` epochs have passed since the best ``valid_elbo``."""
-    return bool(patience) and len(history) - best_epoch(history) >= patience
-
-
-def best_epoch(history: Sequence[Dict]) -> int:
-    """The epoch (1-based) of the best ``valid_elbo`` in ``history`` (the first, on a
-    tie); 0 when no epoch was validated."""
-    scored = [(r["valid_elbo"], -r["epoch"]) for r in history if r.get("valid_elbo") is not None]
-    return -max(scored)[1] if scored else 0
-
-
-class EarlyStopping(Hook):
-    """Stop after ``patience`` epochs without a better ``valid_elbo`` than the best so
-    far: a function of the history, so a resumed run stops where the uninterrupted one
-    would."""
-
-    def __init__(self, patience: int):
-        self.patience = patience
-
-    def on_epoch_end(self, record, history, model) -> bool:
-        stop = stopped_early(history, self.patience)
-        if stop:
-            logger.info("early stopping: no better validation ELBO in %d epochs; best "
-                        "epoch %d", self.patience, best_epoch(history))
-        return stop
-
-
-class KeepBest(Hook):
-    """Write the model to ``path`` (``save_checkpoint``, with ``extra``) whenever an
-    epoch's ``valid_elbo`` is the best so far."""
-
-    def __init__(self, path, model, **extra):
-        self.path, self.model, self.extra = Path(path), model, extra
-
-    def on_epoch_end(self, record, history, model):
-        if record.get("valid_elbo") is not None and best_epoch(history) == record["epoch"]:
-            save_checkpoint(self.path, self.model, epoch=record["epoch"],
-                            valid_elbo=record["valid_elbo"], **self.extra)
-
-
-class MetricsWriter(Hook):
-    """Append each epoch's record to a JSON-lines file, flushed at once."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def on_epoch_end(self, record, history, model):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-class Checkpointer(Hook):
-    """Write ``model``'s weights and the training state to ``path`` at every checkpoint
-    (atomically; ``extra`` plain values beside them). ``fit(..., resume=...)`` takes
-    ``read_checkpoint(path)["training"]`` back."""
-
-    def __init__(self, path, model, **extra):
-        self.path, self.model, self.extra = Path(path), model, extra
-
-    def on_checkpoint(self, state: TrainState) -> None:
-        save_checkpoint(self.path, self.model, epoch=state.epochs_done,
-                        training=state.to_dict(), **self.extra)
-
-
-# --- The trainer -----------------------------------------------------------------------
 
 class Trainer:
     """Trains ``model`` on ``train`` as ``options`` say (see ``fit``)."""

@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from pyro_vae import TrainConfig, VAE, fit, read_checkpoint, resume_run, save_checkpoint, train_run
+from pyro_vae import TrainConfig, VAE, fit, read_checkpoint, resume_run, train_run
 from pyro_vae.datasets import load
 from pyro_vae.runs import read_config, resume_config
-from pyro_vae.train import Checkpointer, TrainingDiverged
+from pyro_vae.hooks import Checkpointer
+from pyro_vae.train import TrainingDiverged
 
 from test_train import KeepStates
 

@@ -1,0 +1,100 @@
+"""Hooks: what the trainer calls on process 0 after each epoch and at each checkpoint.
+
+``on_epoch_end(record, history, model)`` (return True to stop) and
+``on_checkpoint(state)``; a plain function is an ``on_epoch_end`` hook. Early stopping,
+keep-best, the metrics file and the checkpoint file are hooks, so a run folder is the
+trainer plus four of them (``pyro_vae.runs.RunFolder.hooks``).
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .checkpoints import TrainState, save_checkpoint
+
+logger = logging.getLogger("pyro_vae")
+
+
+class Hook:
+    """Called by the trainer on process 0. Override what you need."""
+
+    def on_epoch_end(self, record: Dict, history: List[Dict], model) -> Optional[bool]:
+        """After each epoch (``record`` is ``history[-1]``); return True to stop."""
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        """With the training state, before the first step, after every epoch, every
+        ``checkpoint_every`` steps and before ``TrainingDiverged`` is raised."""
+
+
+class _FunctionHook(Hook):
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def on_epoch_end(self, record, history, model):
+        return self.fn(record, history, model)
+
+
+def stopped_early(history: Sequence[Dict], patience: int) -> bool:
+    """Whether ``patience`` epochs have passed since the best ``valid_elbo``."""
+    return bool(patience) and len(history) - best_epoch(history) >= patience
+
+
+def best_epoch(history: Sequence[Dict]) -> int:
+    """The epoch (1-based) of the best ``valid_elbo`` in ``history`` (the first, on a
+    tie); 0 when no epoch was validated."""
+    scored = [(r["valid_elbo"], -r["epoch"]) for r in history if r.get("valid_elbo") is not None]
+    return -max(scored)[1] if scored else 0
+
+
+class EarlyStopping(Hook):
+    """Stop after ``patience`` epochs without a better ``valid_elbo`` than the best so
+    far: a function of the history, so a resumed run stops where the uninterrupted one
+    would."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+
+    def on_epoch_end(self, record, history, model) -> bool:
+        stop = stopped_early(history, self.patience)
+        if stop:
+            logger.info("early stopping: no better validation ELBO in %d epochs; best "
+                        "epoch %d", self.patience, best_epoch(history))
+        return stop
+
+
+class KeepBest(Hook):
+    """Write the model to ``path`` (``save_checkpoint``, with ``extra``) whenever an
+    epoch's ``valid_elbo`` is the best so far."""
+
+    def __init__(self, path, model, **extra):
+        self.path, self.model, self.extra = Path(path), model, extra
+
+    def on_epoch_end(self, record, history, model):
+        if record.get("valid_elbo") is not None and best_epoch(history) == record["epoch"]:
+            save_checkpoint(self.path, self.model, epoch=record["epoch"],
+                            valid_elbo=record["valid_elbo"], **self.extra)
+
+
+class MetricsWriter(Hook):
+    """Append each epoch's record to a JSON-lines file, flushed at once."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def on_epoch_end(self, record, history, model):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Checkpointer(Hook):
+    """Write ``model``'s weights and the training state to ``path`` at every checkpoint
+    (atomically; ``extra`` plain values beside them). ``fit(..., resume=...)`` takes
+    ``read_checkpoint(path)["training"]`` back."""
+
+    def __init__(self, path, model, **extra):
+        self.path, self.model, self.extra = Path(path), model, extra
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        save_checkpoint(self.path, self.model, epoch=state.epochs_done,
+                        training=state.to_dict(), **self.extra)
