@@ -124,8 +124,9 @@ class scale_latents(Messenger):
     guide alike (beta-VAE, KL warm-up): with ``sites``, only those named. ``beta = 0``
     masks them out (``poutine.scale`` refuses 0).
 
-    An enumerated site (``infer={"enumerate": ...}``) is summed out, not weighted: it is
-    refused unless ``sites`` leaves it out.
+    A site marked for enumeration (``infer={"enumerate": ...}``) is summed out, not
+    weighted: it is refused unless ``sites`` leaves it out (and ``TraceEnum_ELBO`` takes
+    no beta at all: Pyro sums enumerated sites out under one common scale).
 
         with scale_latents(4.0):
             loss = Trace_ELBO().differentiable_loss(model, guide, x)
@@ -141,8 +142,8 @@ class scale_latents(Messenger):
             return
         if msg["infer"].get("enumerate"):
             raise ValueError(f"beta weights latent site {msg['name']!r}, which is "
-                             f"enumerated (summed out, no KL term to weight); name the "
-                             f"sites to weight with beta_sites")
+                             f"enumerated (summed out: no KL term to weight); leave it out "
+                             f"of beta_sites")
         if self.beta == 0:
             msg["mask"] = False if msg["mask"] is None else msg["mask"] & False
         else:

@@ -1,7 +1,9 @@
 """Every tutorial runs with --smoke on MNIST, writes its figures and prints what its text
 promises (the numbers of a one-epoch run on 1 000 points mean little; the checks are on
-what holds at any training length)."""
+what holds at any training length). Each runs in its own temporary folder: nothing in the
+working folder is read or written."""
 
+import math
 import re
 import subprocess
 import sys
@@ -26,13 +28,22 @@ FIGURES = {
     "08_hierarchical_vampprior.py": ["samples_hvae.png", "samples_vae.png",
                                      "pseudo_inputs.png"],
     "09_scaling_up.py": ["processes.png"],
+    "10_your_own_model.py": ["samples.png", "samples_per_component.png",
+                             "test_images_per_component.png"],
 }
 
+SMOKE_NOTE = "--smoke: one epoch on 1 000 points: the numbers below are not meaningful"
+NUMBER = r"-?\d+\.\d+"
 
-def run(name, out, data_root):
+
+def run(name, tmp_path, data_root, *options, out=None):
+    """Run tutorial ``name`` with --smoke (and ``options``) in the folder ``tmp_path``,
+    its figures going to ``out`` (default ``tmp_path``); its stdout and stderr."""
+    out = tmp_path if out is None else out
     r = subprocess.run([sys.executable, str(TUTORIALS[name]), "--smoke", "--data-dir",
-                        str(data_root.resolve()), "--device", "cpu", "--out", str(out)],
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
+                        str(data_root.resolve()), "--device", "cpu", "--out", str(out),
+                        *options],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     missing = [f for f in FIGURES[name]
                if not (out / f).is_file() or (out / f).stat().st_size == 0]
@@ -76,12 +87,20 @@ def test_03_beta_vae(tmp_path, data_root):
 
 @pytest.mark.slow
 def test_04_and_05_priors_and_elbo_surgery(tmp_path, data_root):
-    text = run("04_vampprior.py", tmp_path / "04", data_root)
-    assert {"normal.pt", "mog.pt", "vamp.pt"} <= {p.name for p in (tmp_path / "04").iterdir()}
+    models = tmp_path / "04"
+    text = run("04_vampprior.py", tmp_path, data_root, out=models)
+    assert SMOKE_NOTE in text  # its ranking of the priors is arbitrary after one epoch
+    assert {"normal.pt", "mog.pt", "vamp.pt"} <= {p.name for p in models.iterdir()}
     assert len(re.findall(r"^(standard normal|mixture of Gaussians|VampPrior)\s+-\d+\.\d+",
                           text, re.M)) == 3
-    text = run("05_elbo_surgery.py", tmp_path / "05", data_root)
-    assert text.count("valid ELBO") == 3  # no --models here: it trained the three itself
+    # Tutorial 5 on tutorial 4's models, named explicitly: nothing else is read.
+    text = run("05_elbo_surgery.py", tmp_path, data_root, "--models", str(models),
+               out=tmp_path / "05")
+    loaded = re.findall(r"^(?:standard normal|mixture of Gaussians|VampPrior): loaded (.+)$",
+                        text, re.M)
+    assert sorted(loaded) == sorted(str(models / f) for f in ("normal.pt", "mog.pt",
+                                                              "vamp.pt"))
+    assert "valid ELBO" not in text  # loaded, not trained
     log_n = float(re.search(r"log N = (\S+)\):", text).group(1))
     rows = re.findall(r"^(?:standard normal|mixture of Gaussians|VampPrior)"
                       r"((?:\s+-?\d+\.\d+){5})$", text, re.M)
@@ -97,7 +116,17 @@ def test_04_and_05_priors_and_elbo_surgery(tmp_path, data_root):
 def test_06_custom_model(tmp_path, data_root):
     text = run("06_custom_model.py", tmp_path, data_root)
     assert "no closed-form KL(Independent(Normal) || Independent(StudentT))" in text
-    assert "model graph" in text  # drawn, or skipped with the reason
+    valid, test = map(float, re.search(
+        rf"^conditional VAE, Student-t prior: valid ELBO ({NUMBER}) after 1 epochs; "
+        rf"test ELBO ({NUMBER})$", text, re.M).groups())
+    assert all(math.isfinite(v) and v < 0 for v in (valid, test))
+    # The graph is drawn (and the file is there), or skipped with graphviz named as why.
+    drawn = re.findall(r"^model graph: (.+)$", text, re.M)
+    skipped = re.findall(r"^model graph skipped: pyro\.render_model needs graphviz "
+                         r"\(\w+: .*\)$", text, re.M)
+    assert len(drawn) + len(skipped) == 1, text
+    if drawn:
+        assert drawn[0] == str(tmp_path / "model.png") and (tmp_path / "model.png").is_file()
 
 
 @pytest.mark.slow
@@ -118,3 +147,44 @@ def test_09_scaling_up(tmp_path, data_root):
     text = run("09_scaling_up.py", tmp_path, data_root)
     assert "2 processes: valid ELBO" in text
     assert (tmp_path / "2_processes" / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_10_your_own_model(tmp_path, data_root):
+    text = run("10_your_own_model.py", tmp_path, data_root)
+    assert (tmp_path / "checkpoint.pt").is_file()
+    # Stopped after epoch 1 of 2 and resumed: bitwise the uninterrupted run on the CPU.
+    resumed = re.search(rf"^stopped after epoch 1 of 2, .* weights (\S+); valid ELBO "
+                        rf"({NUMBER}) and ({NUMBER})$", text, re.M)
+    assert resumed, text
+    assert float(resumed.group(1)) == 0.0
+    assert resumed.group(2) == resumed.group(3)
+    # The ELBO (c summed out) <= log p(x) (c summed out: the IWAE bound with S = 50 against
+    # S = 1 on the same proposal), and summing c out beats drawing it (Rao-Blackwell): in
+    # expectation; 1 nat covers the Monte Carlo noise of 100 points.
+    elbo = float(re.search(rf"^  ELBO, c summed out\s+({NUMBER})$", text, re.M).group(1))
+    drawn, drawn_se = map(float, re.search(
+        rf"^  log p\(x\), c drawn from p\(c\)\s+({NUMBER}) \+- (\d+\.\d+)", text,
+        re.M).groups())
+    summed, summed_se = map(float, re.search(
+        rf"^  log p\(x\), c summed out\s+({NUMBER}) \+- (\d+\.\d+)", text,
+        re.M).groups())
+    assert all(math.isfinite(v) and v < 0 for v in (elbo, drawn, summed))
+    assert drawn_se > 0 and summed_se > 0
+    assert summed >= elbo - 1.0
+    assert summed >= drawn - 1.0
+    # q(c | x): six rows of K = 10 probabilities (rounded to 0.01) that sum to 1.
+    rows = re.findall(r"^\s*\d\s+((?:\s+\d\.\d\d){10})\s+c = \d$", text, re.M)
+    assert len(rows) == 6
+    for row in rows:
+        assert sum(map(float, row.split())) == pytest.approx(1.0, abs=0.06)
+    # infer_discrete and the sum by hand pick the same component for every image.
+    same, total = map(int, re.search(r"for (\d+) of (\d+) test images", text).groups())
+    assert same == total == 500
+    # Every test image is in one component; counting each component as its most common
+    # digit is right at least as often as the most common digit alone (>= 1/10).
+    sizes = [int(n) for n in re.findall(r"^  \d: +(\d+), digit \d", text, re.M)]
+    assert sum(sizes) == 500
+    agreement = float(re.search(r"cluster-label agreement .*: (\d+\.\d)% of 500", text)
+                      .group(1))
+    assert 10.0 <= agreement <= 100.0

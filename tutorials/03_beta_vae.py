@@ -39,6 +39,9 @@ import pyro_vae as pv
 from _common import mnist, options, save_figure, save_images
 
 args = options(__doc__, "tutorial03", epochs=10)
+if args.smoke:
+    print("--smoke: one epoch on 1 000 points: the numbers below are not meaningful "
+          "(any ranking among them is arbitrary)")
 train, valid, test = mnist(args)
 betas = [1.0, 4.0] if args.smoke else [0.5, 1.0, 2.0, 4.0, 8.0]
 Z = 10

@@ -41,6 +41,8 @@ args = options(__doc__, "tutorial04", epochs=10, extra=[
     ("--ll-samples", dict(type=int, default=1000, help="importance samples S"))])
 if args.smoke:
     args.ll_points, args.ll_samples = 100, 50
+    print("--smoke: one epoch on 1 000 points: the numbers below are not meaningful "
+          "(any ranking among them is arbitrary)")
 train, valid, test = mnist(args)
 models = prior_models(args, train, valid)
 

@@ -38,6 +38,8 @@ args = options(__doc__, "tutorial05", epochs=10, extra=[
     ("--points", dict(type=int, default=10000, help="test points (N) for the surgery"))])
 if args.smoke:
     args.points = 300
+    print("--smoke: one epoch on 1 000 points: the numbers below are not meaningful "
+          "(any ranking among them is arbitrary)")
 train, valid, test = mnist(args)
 models = prior_models(args, train, valid, folder=args.models)
 

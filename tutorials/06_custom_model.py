@@ -59,6 +59,8 @@ from _common import mnist, options, save_images
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 args = options(__doc__, "tutorial06", epochs=10)
+if args.smoke:
+    print("--smoke: one epoch on 1 000 points: the ELBOs below are not meaningful")
 X, Y, Z = 784, 10, 4
 
 

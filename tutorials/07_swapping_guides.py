@@ -48,6 +48,8 @@ args = options(__doc__, "tutorial07", epochs=10, extra=[
     ("--ll-samples", dict(type=int, default=1000, help="importance samples S"))])
 if args.smoke:
     args.guide_epochs, args.ll_points, args.ll_samples = 1, 100, 50
+    print("--smoke: one epoch on 1 000 points: the numbers below are not meaningful "
+          "(any ranking among them is arbitrary)")
 train, valid, test = mnist(args)
 subset = test.subset(args.ll_points)
 Z = 20

@@ -40,6 +40,8 @@ args = options(__doc__, "tutorial08", epochs=10, extra=[
 K = 50 if args.smoke else 500
 if args.smoke:
     args.ll_points, args.ll_samples = 100, 50
+    print("--smoke: one epoch on 1 000 points: the numbers below are not meaningful "
+          "(any ranking among them is arbitrary)")
 train, valid, test = mnist(args)
 subset = test.subset(args.ll_points)
 
