@@ -36,9 +36,8 @@ from pathlib import Path
 import torch
 
 from pyro_vae.plots import plt  # pyplot with the file-only (Agg) backend
-from pyro_vae.checkpoints import read_checkpoint
 from pyro_vae.config import TrainConfig, resolve_device
-from pyro_vae.runs import evaluate_run, read_config, resume_run, train_run
+from pyro_vae.runs import RunFolder, evaluate_run, read_config, resume_run, train_run
 from pyro_vae.hooks import best_epoch
 
 CONFIGS = {  # name: (model, prior), the paper's figure (Table 2, test log-likelihood)
@@ -67,7 +66,7 @@ def run_dir(name: str, args) -> Path:
 def epochs_done(folder: Path) -> int:
     if not (folder / "checkpoint.pt").exists():
         return 0
-    return len(read_checkpoint(folder / "checkpoint.pt")["training"]["history"])
+    return RunFolder(folder).training_state()[1].epochs_done
 
 
 def train(args) -> None:

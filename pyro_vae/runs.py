@@ -19,7 +19,8 @@ import torch
 import pyro
 
 from . import datasets, distributed, plots
-from .checkpoints import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoints import (TrainState, atomic_write, load_checkpoint, read_checkpoint,
+                          save_checkpoint)
 from .config import (MODEL_SETTINGS, RESUMABLE_CHANGES, TrainConfig, build_model,
                      config_from_dict, flag, resolve_device)
 from .evaluation import active_units, elbo_surgery, log_likelihood
@@ -99,6 +100,14 @@ class RunFolder:
         if early_stopping:
             hooks.append(KeepBest(self.best, vae, x_dim=x_dim))
         return hooks
+
+    def training_state(self) -> Tuple[dict, TrainState]:
+        """The checkpoint's content and the training state in it (to resume from)."""
+        state = read_checkpoint(self.checkpoint)
+        if not isinstance(state.get("training"), dict):
+            raise ValueError(f"{self.checkpoint}: holds weights only, no training state "
+                             f"to resume from")
+        return state, TrainState.from_dict(state["training"], str(self.checkpoint))
 
     def weights(self, config: TrainConfig) -> Path:
         """The checkpoint that holds the run's model: ``best.pt`` with early stopping."""
@@ -219,16 +228,12 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True) -
     if not run.checkpoint.exists():
         raise ValueError(f"--resume {out}: no checkpoint.pt (the run stopped before its "
                          f"first checkpoint); start it again with --overwrite")
-    state = read_checkpoint(run.checkpoint)
-    training = state.get("training")
-    if not isinstance(training, dict):
-        raise ValueError(f"{run.checkpoint}: holds weights only, no training state "
-                         f"to resume from")
-    done = len(training["history"])
-    if stopped_early(training["history"], config.early_stopping):
+    state, training = run.training_state()
+    done = training.epochs_done
+    if stopped_early(training.history, config.early_stopping):
         raise ValueError(f"--resume {out}: the run stopped early after {done} epochs (no "
                          f"better validation ELBO since epoch "
-                         f"{best_epoch(training['history'])}); give a larger "
+                         f"{best_epoch(training.history)}); give a larger "
                          f"--early-stopping to train on")
     if done >= config.epochs:
         raise ValueError(f"--resume {out}: the run has finished its {done} epochs; give "
@@ -245,14 +250,14 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True) -
 
 
 def _train_and_report(config: TrainConfig, run: RunFolder, vae, data, device,
-                      progress: bool, resume: Optional[dict] = None) -> dict:
+                      progress: bool, resume: Optional[TrainState] = None) -> dict:
     """Train (from the start, or from ``resume``) into the run folder: checkpoints and
     metrics as it goes (the folder's hooks), then the summary and figures. Of several
     processes, all train and process 0 alone writes (the others return {})."""
     train, valid, _ = data
     main = distributed.is_main()
     if main:
-        run.restart_metrics(resume["history"] if resume else [])
+        run.restart_metrics(resume.history if resume else [])
     hooks = run.hooks(vae, train.x.shape[1], config.early_stopping) if main else []
     options = {name: getattr(config, name) for name in config.group("training")
                if name in Options.__dataclass_fields__}
