@@ -45,7 +45,9 @@ def plot_reconstructions(vae, x: torch.Tensor, image_shape, path) -> None:
     ncols = min(len(x), 16)
     rows = []
     for i in range(0, len(x), ncols):
-        rows += [x[i:i + ncols], recon[i:i + ncols]]
+        data, back = x[i:i + ncols], recon[i:i + ncols]
+        pad = torch.ones(ncols - len(data), x.shape[-1], dtype=x.dtype, device=x.device)
+        rows += [torch.cat([data, pad]), torch.cat([back.to(x.dtype), pad])]  # a short pair
     save_grid(image_grid(torch.cat(rows), image_shape, ncols), path,
                "data (odd rows) and reconstructions (even rows)")
 
