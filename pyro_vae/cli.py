@@ -65,6 +65,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+_TRUST = ("let the run folder read (--resume, --init-from, evaluate) name classes by "
+          "import path, and import them: only for folders whose code you trust")
+
+
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pyro-vae", description="Variational autoencoders in Pyro.")
@@ -78,6 +82,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                                 "--" + flag(name) for name in RESUMABLE_CHANGES
                                 if name not in ("out", "overwrite")) + " may change")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--trust-imports", action="store_true", help=_TRUST)
 
     evaluate = sub.add_parser(
         "evaluate", help="log-likelihood, ELBO surgery and active units of a run folder")
@@ -99,6 +104,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0,
                           help="seed of the Monte Carlo draws (default: %(default)s)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument("--trust-imports", action="store_true", help=_TRUST)
     return parser
 
 
@@ -154,12 +160,14 @@ def _train(args: dict, argv) -> None:
                     args["resume"]).resolve():
                 raise ValueError(f"--out {changes['out']}: a resumed run stays in its "
                                  f"folder {args['resume']}")
-            summary = resume_run(args["resume"], changes, progress=not quiet)
-            config = read_config(Path(args["resume"]) / "config.json")
+            summary = resume_run(args["resume"], changes, progress=not quiet,
+                                 trust_imports=args["trust_imports"])
+            config = read_config(Path(args["resume"]) / "config.json", trust_imports=True)
         else:
             config = TrainConfig(**_config_values({k: v for k, v in args.items()
                                                    if k in fields}))
-            summary = train_run(config, progress=not quiet)
+            summary = train_run(config, progress=not quiet,
+                                trust_imports=args["trust_imports"])
     finally:
         distributed.teardown()
     if not summary:  # not process 0 of a torchrun
@@ -175,7 +183,8 @@ def _train(args: dict, argv) -> None:
 def _evaluate(args: dict) -> None:
     r = evaluate_run(args["run"], args["samples"], args["chunk"], args["split"],
                      args["limit"], args["device"], args["seed"],
-                     progress=not args["quiet"], surgery_points=args["surgery_points"])
+                     progress=not args["quiet"], surgery_points=args["surgery_points"],
+                     trust_imports=args["trust_imports"])
     n = f"{r['num_points']} {r['split']} points"
     print(f"ELBO:            {r['test_elbo']:.4f}   ({r['elbo_estimator']}, {n})")
     if "reconstruction" in r:

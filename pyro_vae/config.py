@@ -222,10 +222,29 @@ _OLD_FIELDS = {"components": ("prior_options", "components"),
                "prior_flow_steps": ("prior_guide_options", "flow_steps")}
 
 
-def config_from_dict(raw: dict, where: str) -> TrainConfig:
-    """A ``TrainConfig`` from a config.json's content; older layouts are converted."""
+# Settings that may name a class by import path ("package.module:ClassName").
+IMPORTABLE = ("prior", "guide", "prior_guide")
+
+
+def refuse_imports(raw: dict, where: str) -> None:
+    """A run folder is data: a setting naming code to import is refused in one line
+    (which module it would import), unless the caller trusts the folder."""
+    for name in IMPORTABLE:
+        value = raw.get(name)
+        if isinstance(value, str) and ":" in value:
+            raise ValueError(f"{where}: {name} {value!r} would import module "
+                             f"{value.partition(':')[0]!r}; run folders may name registry "
+                             f"entries only: pass trust_imports=True (--trust-imports) if "
+                             f"you trust that code")
+
+
+def config_from_dict(raw: dict, where: str, trust_imports: bool = False) -> TrainConfig:
+    """A ``TrainConfig`` from a config.json's content; older layouts are converted. An
+    import path in it is refused unless ``trust_imports`` (``refuse_imports``)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    if not trust_imports:
+        refuse_imports(raw, where)
     raw = dict(raw)
     for old, (field, key) in _OLD_FIELDS.items():
         value = raw.pop(old, None)

@@ -83,8 +83,8 @@ class RunFolder:
     def write_config(self, config: TrainConfig) -> None:
         self.write_json("config.json", dataclasses.asdict(config))
 
-    def read_config(self) -> TrainConfig:
-        return read_config(self.path / "config.json")
+    def read_config(self, trust_imports: bool = False) -> TrainConfig:
+        return read_config(self.path / "config.json", trust_imports)
 
     def restart_metrics(self, history) -> None:
         """``metrics.jsonl`` from ``history``: an epoch logged after the checkpoint was
@@ -123,13 +123,14 @@ def load_data(config: TrainConfig):
     return train, valid, test
 
 
-def from_source(config: TrainConfig) -> Tuple[TrainConfig, dict]:
+def from_source(config: TrainConfig, trust_imports: bool = False
+                ) -> Tuple[TrainConfig, dict]:
     """For ``--init-from SOURCE``: the config with SOURCE's model settings, and the weights
     to start from (a state dict for ``build_model(config)``: the model's from SOURCE; the
     guide's too when it is SOURCE's guide family, else left to its fresh initialization).
     The guide is what the model declares (``guide_modules``)."""
     source = RunFolder(config.init_from)
-    src = source.read_config()
+    src = source.read_config(trust_imports)
     state = read_checkpoint(source.weights(src))["model"]
     guide_settings = {k: getattr(config, k) for k in ("guide", "guide_options")}
     taken = MODEL_SETTINGS + ("dataset", "binarize")  # the model, and what it models
@@ -163,14 +164,15 @@ def _load_start(vae, state: dict, path: Path) -> None:
         raise ValueError(f"{path}: does not fit this model (e.g. {bad!r})")
 
 
-def train_run(config: TrainConfig, progress: bool = True) -> dict:
-    """Train as ``config`` says and fill its run folder; returns the summary."""
+def train_run(config: TrainConfig, progress: bool = True, trust_imports: bool = False) -> dict:
+    """Train as ``config`` says and fill its run folder; returns the summary.
+    ``trust_imports``: let ``init_from``'s run folder name classes by import path."""
     config.validate()
     start = None
     if config.init_from:
         if Path(config.out).resolve() == Path(config.init_from).resolve():
             raise ValueError(f"--out {config.out} is the --init-from run; write elsewhere")
-        config, start = from_source(config)
+        config, start = from_source(config, trust_imports)
     config = config.resolved()
     device = distributed.setup(resolve_device(config.device))
     data = load_data(config)
@@ -188,13 +190,14 @@ def train_run(config: TrainConfig, progress: bool = True) -> dict:
     return _train_and_report(config, run, vae, data, device, progress)
 
 
-def resume_config(run_dir, changes: Optional[dict] = None) -> TrainConfig:
+def resume_config(run_dir, changes: Optional[dict] = None,
+                  trust_imports: bool = False) -> TrainConfig:
     """The config of the run in ``run_dir`` with ``changes`` (option name -> value, e.g.
     the options given on the command line beside ``--resume``) applied. A change outside
     ``RESUMABLE_CHANGES`` is a one-line error naming the option: a resumed run keeps its
     model and what it was trained on."""
     run_dir = Path(run_dir)
-    saved = RunFolder(run_dir).read_config()
+    saved = RunFolder(run_dir).read_config(trust_imports)
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in (changes or {}).items()}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, value in changes.items():
@@ -218,11 +221,12 @@ def _show(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True) -> dict:
+def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True,
+               trust_imports: bool = False) -> dict:
     """Continue the run in ``run_dir`` from its checkpoint (``pyro-vae train --resume``):
     on the CPU a run killed at any point and resumed ends bitwise where the uninterrupted
     run would. ``changes``: see ``resume_config`` (e.g. ``{"epochs": 50}`` to train on)."""
-    config = resume_config(run_dir, changes)
+    config = resume_config(run_dir, changes, trust_imports)
     run = RunFolder(config.out)
     out = run.path
     if not run.checkpoint.exists():
@@ -297,8 +301,9 @@ def _report(config: TrainConfig, run: RunFolder, vae, data, device, history) -> 
     return summary
 
 
-def read_config(path) -> TrainConfig:
-    """The ``TrainConfig`` in a run folder's ``config.json``."""
+def read_config(path, trust_imports: bool = False) -> TrainConfig:
+    """The ``TrainConfig`` in a run folder's ``config.json``. A run folder is data: a
+    class named by import path in it is refused unless ``trust_imports``."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -306,14 +311,16 @@ def read_config(path) -> TrainConfig:
         raise FileNotFoundError(f"{path}: no such file; is this a pyro_vae run folder?") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(raw, str(path))
+    return config_from_dict(raw, str(path), trust_imports)
 
 
-def load_run(run_dir, device="cpu") -> Tuple[torch.nn.Module, TrainConfig]:
+def load_run(run_dir, device="cpu", trust_imports: bool = False
+             ) -> Tuple[torch.nn.Module, TrainConfig]:
     """The trained model and the config of a run folder, on ``device``: the best epoch's
-    (``best.pt``) for a run with ``--early-stopping``, else the last one's."""
+    (``best.pt``) for a run with ``--early-stopping``, else the last one's. A config that
+    names a class by import path is refused unless ``trust_imports`` (never imported)."""
     run = RunFolder(run_dir)
-    config = run.read_config()
+    config = run.read_config(trust_imports)
     path = run.weights(config)
     state = read_checkpoint(path)
     # x_dim is stored in the checkpoint, so the data need not be loaded to rebuild the net.
@@ -346,17 +353,19 @@ def save_run(run_dir, vae, config: TrainConfig, overwrite: bool = False) -> RunF
 
 def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "test",
                  limit: Optional[int] = None, device: str = "auto", seed: int = 0,
-                 progress: bool = True, surgery_points: Optional[int] = None) -> dict:
+                 progress: bool = True, surgery_points: Optional[int] = None,
+                 trust_imports: bool = False) -> dict:
     """Evaluate a run folder on one of its splits; writes ``eval.json`` and
     ``elbo_surgery.png`` there and returns the results. ``surgery_points``: ELBO surgery
-    on the first N evaluated points only (default: all)."""
+    on the first N evaluated points only (default: all). ``trust_imports``: see
+    ``load_run``."""
     if split not in ("train", "valid", "test"):
         raise ValueError(f"--split: {split!r} is not one of ['train', 'valid', 'test']")
     if any(v is not None and v < 1 for v in (samples, chunk, limit, surgery_points)):
         raise ValueError("--samples, --chunk, --limit and --surgery-points must be >= 1")
     run = RunFolder(run_dir)
     dev = resolve_device(device)
-    vae, config = load_run(run_dir, dev)
+    vae, config = load_run(run_dir, dev, trust_imports)
     data = dict(zip(("train", "valid", "test"), load_data(config)))[split]
     data = data.subset(limit).to(dev)
     vae.eval()
