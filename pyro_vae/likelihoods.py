@@ -110,8 +110,8 @@ class GaussianLikelihood(nn.Module):
             # softplus(0.5413) = 1.0: start from unit noise.
             self.raw_scale = nn.Parameter(torch.full((x_dim,), 0.5413))
         else:
-            if not scale > 0:
-                raise ValueError(f"likelihood scale must be > 0, got {scale!r}")
+            if not 0 < scale < float("inf"):
+                raise ValueError(f"likelihood scale must be finite and > 0, got {scale!r}")
             self.register_buffer("fixed_scale", torch.full((x_dim,), float(scale)))
 
     @property

@@ -2,7 +2,7 @@
 
 A run folder holds ``config.json`` (every setting), ``metrics.jsonl`` (one JSON object per
 epoch), ``checkpoint.pt`` (the weights, and everything needed to resume exactly),
-``best.pt`` (with early stopping: the best epoch's weights), ``summary.json`` (test ELBO,
+``best.pt`` (the best validated epoch's weights, which runs with early stopping use), ``summary.json`` (test ELBO,
 timings) and the figures ``samples.png``, ``reconstructions.png``, ``elbo.png``;
 ``pyro-vae evaluate`` adds ``eval.json`` and ``elbo_surgery.png``. ``RunFolder`` is the
 one place that knows these names.
@@ -93,13 +93,13 @@ class RunFolder:
                      lambda f: f.writelines(json.dumps(r) + "\n" for r in history),
                      binary=False)
 
-    def hooks(self, vae, x_dim: int, early_stopping: int):
-        """The hooks that fill the folder while training: metrics, checkpoint, best."""
-        hooks = [MetricsWriter(self.path / "metrics.jsonl"),
-                 Checkpointer(self.checkpoint, vae, x_dim=x_dim)]
-        if early_stopping:
-            hooks.append(KeepBest(self.best, vae, x_dim=x_dim))
-        return hooks
+    def hooks(self, vae, x_dim: int):
+        """The hooks that fill the folder while training: metrics, checkpoint, and the
+        best epoch's weights (kept whether or not the run stops early, so that early
+        stopping given on --resume still has the best epoch before it)."""
+        return [MetricsWriter(self.path / "metrics.jsonl"),
+                Checkpointer(self.checkpoint, vae, x_dim=x_dim),
+                KeepBest(self.best, vae, x_dim=x_dim)]
 
     def training_state(self) -> Tuple[dict, TrainState]:
         """The checkpoint's content and the training state in it (to resume from)."""
@@ -262,7 +262,7 @@ def _train_and_report(config: TrainConfig, run: RunFolder, vae, data, device,
     main = distributed.is_main()
     if main:
         run.restart_metrics(resume.history if resume else [])
-    hooks = run.hooks(vae, train.x.shape[1], config.early_stopping) if main else []
+    hooks = run.hooks(vae, train.x.shape[1]) if main else []
     options = {name: getattr(config, name) for name in config.group("training")
                if name in Options.__dataclass_fields__}
     history = fit(vae, train, valid, hooks=hooks, resume=resume, progress=progress,

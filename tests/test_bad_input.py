@@ -196,6 +196,19 @@ CASES: Sequence[Case] = [
          _crafted_checkpoint),  # and tmp/exploited is not created: the tree is unchanged
     Case("13+", "--resume of a finished run", ["--resume", "{tmp}/run"],
          "the run has finished its 1 epochs; give --epochs more than 1", _trained_run),
+    # --overwrite of a good run with a bad value: refused before the old run is touched.
+    Case("14+", "--overwrite with beta nan", DIGITS + ["--beta", "nan", "--overwrite"],
+         "--beta must be finite and >= 0, got nan", _trained_run),
+    Case("14+", "--overwrite with lr inf", DIGITS + ["--lr", "inf", "--overwrite"],
+         "--lr must be finite and > 0, got inf", _trained_run),
+    Case("14+", "--overwrite with an infinite likelihood scale",
+         DIGITS + ["--likelihood", "gaussian", "--likelihood-option", "scale=Infinity",
+                   "--overwrite"],
+         "likelihood scale must be finite and > 0, got inf", _trained_run),
+    Case("14+", "--overwrite with device mps", DIGITS + ["--device", "mps", "--overwrite"],
+         "--device: 'mps' is not a device this package trains on", _trained_run),
+    Case("14+", "--overwrite with device meta", DIGITS + ["--device", "meta", "--overwrite"],
+         "--device: 'meta' is not a device this package trains on", _trained_run),
     Case("14", "output folder holds a run", DIGITS + ["--z-dim", "8"],
          "--out {tmp}/run already holds a run (config.json, metrics.jsonl, checkpoint.pt, "
          "summary.json, samples.png, reconstructions.png, elbo.png); pass --overwrite",

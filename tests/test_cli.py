@@ -31,7 +31,7 @@ def test_train_on_digits_end_to_end(tmp_path):
                 "--hidden", "64", "32", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == sorted(f for f in RUN_FILES if f not in (
-        "best.pt", "eval.json", "elbo_surgery.png"))  # the last two: pyro-vae evaluate
+        "eval.json", "elbo_surgery.png"))  # written by pyro-vae evaluate
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert all({"epoch", "train_elbo", "valid_elbo", "seconds"} <= set(m) for m in metrics)
@@ -311,3 +311,27 @@ def test_early_stopping_keeps_the_best_epoch_for_summary_and_evaluation(tmp_path
     assert all(torch.equal(v, saved["model"][k]) for k, v in vae.state_dict().items())
     again = run_cli("train", "--resume", str(out), "--quiet")
     assert again.returncode == 2 and "stopped early" in again.stderr
+
+
+def test_early_stopping_given_on_resume_keeps_the_earlier_best_epoch(tmp_path):
+    """A run trained without early stopping, resumed with --early-stopping: when no
+    resumed epoch beats the earlier best, best.pt still holds that epoch (kept by every
+    run), and the summary and evaluation use it."""
+    out = tmp_path / "run"
+    r = run_cli("train", "--dataset", "digits", "--epochs", "6", "--lr", "3e-2",
+                "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = max(metrics, key=lambda m: m["valid_elbo"])
+    # A learning rate of 1e-9 leaves the weights as they are: no resumed epoch is better
+    # than the best by more than validation noise; the check below says which happened.
+    r = run_cli("train", "--resume", str(out), "--epochs", "9", "--early-stopping", "1",
+                "--lr", "1e-9", "--quiet")
+    assert r.returncode == 0, r.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(metrics, key=lambda m: m["valid_elbo"]) == best  # the earlier one
+    summary = json.loads((out / "summary.json").read_text())
+    saved = torch.load(out / "best.pt", weights_only=True)
+    assert summary["best_epoch"] == saved["epoch"] == best["epoch"] <= 6
+    vae, _ = load_run(out)
+    assert all(torch.equal(v, saved["model"][k]) for k, v in vae.state_dict().items())
