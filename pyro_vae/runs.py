@@ -36,6 +36,10 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "summar
              "elbo_surgery.png")
 
 
+# What a run writes once training has ended.
+REPORT_FILES = ("summary.json", "samples.png", "reconstructions.png", "elbo.png")
+
+
 class RunFolder:
     """The files of one run, by name: where each lives, how each is written (atomically)
     and read back."""
@@ -108,6 +112,10 @@ class RunFolder:
             raise ValueError(f"{self.checkpoint}: holds weights only, no training state "
                              f"to resume from")
         return state, TrainState.from_dict(state["training"], str(self.checkpoint))
+
+    def reported(self) -> bool:
+        """Whether the summary and figures of a finished run are all there."""
+        return all((self.path / f).exists() for f in REPORT_FILES)
 
     def weights(self, config: TrainConfig) -> Path:
         """The checkpoint that holds the run's model: ``best.pt`` with early stopping."""
@@ -234,6 +242,10 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True,
                          f"first checkpoint); start it again with --overwrite")
     state, training = run.training_state()
     done = training.epochs_done
+    finished = done >= config.epochs or stopped_early(training.history,
+                                                      config.early_stopping)
+    if finished and not run.reported():
+        return _finish(config, run, state, training)  # killed before its summary
     if stopped_early(training.history, config.early_stopping):
         raise ValueError(f"--resume {out}: the run stopped early after {done} epochs (no "
                          f"better validation ELBO since epoch "
@@ -251,6 +263,22 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True,
         run.remove_leftovers()
         run.write_config(config)
     return _train_and_report(config, run, vae, data, device, progress, resume=training)
+
+
+def _finish(config: TrainConfig, run: RunFolder, state: dict, training: TrainState) -> dict:
+    """Write the summary and figures of a run whose training ended (it was stopped
+    after its last checkpoint, before they were written)."""
+    device = resolve_device(config.device)
+    data = load_data(config)
+    vae = build_model(config, data[0].x.shape[1], data[0])
+    load_checkpoint(run.checkpoint, vae, state=state)
+    if distributed.is_main():
+        run.remove_leftovers()
+        run.restart_metrics(training.history)
+        if config.early_stopping:
+            load_checkpoint(run.best, vae)
+        return _report(config, run, vae.to(device), data, device, training.history)
+    return {}
 
 
 def _train_and_report(config: TrainConfig, run: RunFolder, vae, data, device,

@@ -211,7 +211,8 @@ CASES: Sequence[Case] = [
          "--device: 'meta' is not a device this package trains on", _trained_run),
     Case("14", "output folder holds a run", DIGITS + ["--z-dim", "8"],
          "--out {tmp}/run already holds a run (config.json, metrics.jsonl, checkpoint.pt, "
-         "summary.json, samples.png, reconstructions.png, elbo.png); pass --overwrite",
+         "best.pt, summary.json, samples.png, reconstructions.png, elbo.png); pass "
+         "--overwrite",
          _trained_run),
 ]
 

@@ -335,3 +335,24 @@ def test_early_stopping_given_on_resume_keeps_the_earlier_best_epoch(tmp_path):
     assert summary["best_epoch"] == saved["epoch"] == best["epoch"] <= 6
     vae, _ = load_run(out)
     assert all(torch.equal(v, saved["model"][k]) for k, v in vae.state_dict().items())
+
+
+def test_resume_finishes_a_run_stopped_before_its_summary(tmp_path):
+    """A run killed after its last checkpoint but before its summary and figures (a
+    temporary file of the summary's write left behind): --resume writes them, the same
+    as the uninterrupted run's, and removes the leftover."""
+    out = tmp_path / "run"
+    r = run_cli("train", "--dataset", "digits", "--epochs", "2", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("summary.json", "samples.png", "elbo.png"):
+        (out / name).unlink()
+    (out / "summary.json.x1y2z3.tmp").write_text("{")
+    r = run_cli("train", "--resume", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    again = json.loads((out / "summary.json").read_text())
+    assert again["test_elbo"] == summary["test_elbo"] and again["epochs_trained"] == 2
+    assert (out / "samples.png").stat().st_size > 0 and (out / "elbo.png").stat().st_size > 0
+    assert not list(out.glob("*.tmp"))
+    finished = run_cli("train", "--resume", str(out), "--quiet")  # nothing left to do
+    assert finished.returncode == 2 and "has finished its 2 epochs" in finished.stderr
