@@ -8,7 +8,9 @@ timings) and the figures ``samples.png``, ``reconstructions.png``, ``elbo.png``;
 one place that knows these names.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -35,6 +37,8 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "summar
              "samples.png", "reconstructions.png", "elbo.png", "eval.json",
              "elbo_surgery.png")
 
+
+LOCK_FILE = "run.lock"  # never removed: removing a lock file races with its next holder
 
 # What a run writes once training has ended.
 REPORT_FILES = ("summary.json", "samples.png", "reconstructions.png", "elbo.png")
@@ -73,6 +77,28 @@ class RunFolder:
         for f in existing:
             os.remove(self.path / f)
         self.remove_leftovers()
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the folder's write lock (``fcntl.flock`` on ``run.lock``) inside the
+        block: one writer per run folder. A second writer is refused in one line naming
+        the holder's PID; the kernel releases the lock when its holder exits or is
+        killed, so a stale lock never blocks."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RuntimeError(f"{self.path}: another process (PID {holder}) is writing "
+                               f"this run folder; wait for it to end or stop it") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
 
     def remove_leftovers(self) -> None:
         """Temporary files of writes cut short by a killed process (see ``atomic_write``)."""
@@ -191,11 +217,17 @@ def train_run(config: TrainConfig, progress: bool = True, trust_imports: bool = 
     check_data(vae, *data, batch_size=config.batch_size)
     run = RunFolder(config.out)
     # Everything that can fail on bad input has been checked: only now touch the folder
-    # (process 0 does, of several under torchrun).
-    if distributed.is_main():
-        run.prepare(config.overwrite)
-        run.write_config(config)
-    return _train_and_report(config, run, vae, data, device, progress)
+    # (process 0 does, of several under torchrun), holding its lock.
+    with _writing(run):
+        if distributed.is_main():
+            run.prepare(config.overwrite)
+            run.write_config(config)
+        return _train_and_report(config, run, vae, data, device, progress)
+
+
+def _writing(run: RunFolder):
+    """The run folder's lock, taken by the process that writes it (process 0)."""
+    return run.lock() if distributed.is_main() else contextlib.nullcontext()
 
 
 def resume_config(run_dir, changes: Optional[dict] = None,
@@ -236,16 +268,22 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True,
     run would. ``changes``: see ``resume_config`` (e.g. ``{"epochs": 50}`` to train on)."""
     config = resume_config(run_dir, changes, trust_imports)
     run = RunFolder(config.out)
-    out = run.path
     if not run.checkpoint.exists():
-        raise ValueError(f"--resume {out}: no checkpoint.pt (the run stopped before its "
-                         f"first checkpoint); start it again with --overwrite")
+        raise ValueError(f"--resume {run.path}: no checkpoint.pt (the run stopped before "
+                         f"its first checkpoint); start it again with --overwrite")
+    device = distributed.setup(resolve_device(config.device))
+    with _writing(run):
+        return _resume(config, run, device, progress)
+
+
+def _resume(config: TrainConfig, run: RunFolder, device, progress: bool) -> dict:
+    out = run.path
     state, training = run.training_state()
     done = training.epochs_done
     finished = done >= config.epochs or stopped_early(training.history,
                                                       config.early_stopping)
     if finished and not run.reported():
-        return _finish(config, run, state, training)  # killed before its summary
+        return _finish(config, run, state, training, device)  # killed before its summary
     if stopped_early(training.history, config.early_stopping):
         raise ValueError(f"--resume {out}: the run stopped early after {done} epochs (no "
                          f"better validation ELBO since epoch "
@@ -254,7 +292,6 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True,
     if done >= config.epochs:
         raise ValueError(f"--resume {out}: the run has finished its {done} epochs; give "
                          f"--epochs more than {done} to train on")
-    device = distributed.setup(resolve_device(config.device))
     data = load_data(config)
     vae = build_model(config, data[0].x.shape[1], data[0])
     load_checkpoint(run.checkpoint, vae, state=state)
@@ -265,10 +302,10 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True,
     return _train_and_report(config, run, vae, data, device, progress, resume=training)
 
 
-def _finish(config: TrainConfig, run: RunFolder, state: dict, training: TrainState) -> dict:
+def _finish(config: TrainConfig, run: RunFolder, state: dict, training: TrainState,
+            device) -> dict:
     """Write the summary and figures of a run whose training ended (it was stopped
     after its last checkpoint, before they were written)."""
-    device = resolve_device(config.device)
     data = load_data(config)
     vae = build_model(config, data[0].x.shape[1], data[0])
     load_checkpoint(run.checkpoint, vae, state=state)
@@ -409,17 +446,20 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
         "log_likelihood": ll.mean().item(),
         "log_likelihood_stderr": (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else 0.0,
     }
+    surgery = None
     try:
         surgery = elbo_surgery(vae, data.subset(surgery_points), seed=seed)
         results.update({k: surgery[k] for k in ("reconstruction", "avg_kl",
                                                 "mutual_information", "marginal_kl", "log_n")})
         results["surgery_elbo"] = surgery["elbo"]
         results["surgery_points"] = surgery["num_points"]
-        plots.plot_elbo_surgery(surgery, run / "elbo_surgery.png")
     except ValueError as e:  # a model with more than one latent layer
         results["surgery_skipped"] = str(e)
     diagnostics = active_units(vae, data)
     results.update(active_units=diagnostics["active_units"],
                    activity=diagnostics["activity"], kl_per_dim=diagnostics["kl_per_dim"])
-    run.write_json("eval.json", results)
+    with run.lock():  # not while another process writes the folder
+        if surgery is not None:
+            plots.plot_elbo_surgery(surgery, run / "elbo_surgery.png")
+        run.write_json("eval.json", results)
     return results

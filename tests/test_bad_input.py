@@ -218,8 +218,9 @@ CASES: Sequence[Case] = [
 
 
 def _tree(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's digest (run.lock: its presence; it holds its last holder's PID)."""
+    return {str(p.relative_to(folder)): p.name == "run.lock" or hashlib.sha256(
+        p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.item} {c.what}" for c in CASES])

@@ -22,7 +22,10 @@ def run_cli(*args, env=None):
 
 
 def _digests(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    """Every file's digest; run.lock holds the PID of its last holder, so its presence
+    counts, not its content."""
+    return {p.name: p.name == "run.lock" or hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.iterdir()}
 
 
 def test_train_on_digits_end_to_end(tmp_path):
@@ -30,8 +33,8 @@ def test_train_on_digits_end_to_end(tmp_path):
     r = run_cli("train", "--dataset", "digits", "--epochs", "3", "--z-dim", "8",
                 "--hidden", "64", "32", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == sorted(f for f in RUN_FILES if f not in (
-        "eval.json", "elbo_surgery.png"))  # written by pyro-vae evaluate
+    assert sorted(os.listdir(out)) == sorted(["run.lock"] + [f for f in RUN_FILES if f not in (
+        "eval.json", "elbo_surgery.png")])  # written by pyro-vae evaluate
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert all({"epoch", "train_elbo", "valid_elbo", "seconds"} <= set(m) for m in metrics)
@@ -356,3 +359,33 @@ def test_resume_finishes_a_run_stopped_before_its_summary(tmp_path):
     assert not list(out.glob("*.tmp"))
     finished = run_cli("train", "--resume", str(out), "--quiet")  # nothing left to do
     assert finished.returncode == 2 and "has finished its 2 epochs" in finished.stderr
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    """While one process holds a run folder (here: this test, through the lock that train,
+    --resume, --overwrite and evaluate take), a second writer is refused in one line
+    naming its PID and the folder is untouched; a killed holder leaves no stale lock."""
+    out = tmp_path / "run"
+    assert run_cli("train", "--dataset", "digits", "--epochs", "1", "--out", str(out),
+                   "--quiet").returncode == 0
+    before = _digests(out)
+    from pyro_vae.runs import RunFolder
+    with RunFolder(out).lock():
+        for args in (["train", "--resume", str(out), "--epochs", "2"],
+                     ["train", "--dataset", "digits", "--out", str(out), "--overwrite"],
+                     ["train", "--dataset", "digits", "--out", str(out)],
+                     ["evaluate", str(out), "--samples", "5", "--limit", "5"]):
+            r = run_cli(*args, "--quiet")
+            assert r.returncode == 2, args
+            assert (f"{out}: another process (PID {os.getpid()}) is writing this run "
+                    f"folder" in r.stderr) and r.stderr.strip().count("\n") == 0, r.stderr
+        assert _digests(out) == before
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pyro_vae.runs import RunFolder\n"
+        "with RunFolder(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(60)"),
+        str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    r = run_cli("train", "--resume", str(out), "--epochs", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
