@@ -20,11 +20,12 @@ from .config import TrainConfig
 from .runs import RunFolder, load_run, resume_run, save_run, train_run
 from .objectives import scale_latents
 from .hooks import Checkpointer, EarlyStopping, Hook, KeepBest, MetricsWriter
-from .train import Options, Step, Trainer, TrainingDiverged, fit
+from .train import Options, Step, Trainer, TrainingDiverged, TrainingInterrupted, fit
 
 __all__ = [
     "VAE", "HierarchicalVAE", "MODELS", "PyroModel", "LatentVariableModel",
-    "fit", "Options", "Trainer", "Step", "TrainState", "TrainingDiverged", "scale_latents",
+    "fit", "Options", "Trainer", "Step", "TrainState", "TrainingDiverged", "TrainingInterrupted",
+    "scale_latents",
     "Hook", "EarlyStopping", "KeepBest", "MetricsWriter", "Checkpointer",
     "elbo", "log_likelihood", "elbo_surgery",
     "train_run", "resume_run", "load_run", "save_run", "RunFolder", "TrainConfig",

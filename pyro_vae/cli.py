@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from . import __version__, distributed
 from .errors import ArgumentError
+from .train import TrainingInterrupted
 from .config import RESUMABLE_CHANGES, TrainConfig, flag, parse_options
 from .runs import evaluate_run, read_config, resume_run, train_run
 
@@ -143,6 +144,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             _train(args, argv)
         elif args["command"] == "evaluate":
             _evaluate(args)
+    except TrainingInterrupted as e:
+        run = args.get("resume") or args.get("out")
+        parser.exit(130, f"pyro-vae: {e}; continue with: pyro-vae train --resume {run}\n")
+    except KeyboardInterrupt:  # outside training: nothing to resume from
+        parser.exit(130, "pyro-vae: interrupted\n")
     except (ValueError, OSError, RuntimeError) as e:
         parser.exit(2, f"pyro-vae: error: {_as_flags(e)}\n")
     return 0

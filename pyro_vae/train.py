@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -45,6 +47,11 @@ logger = logging.getLogger("pyro_vae")
 
 class TrainingDiverged(RuntimeError):
     """The loss or a gradient became NaN or infinite."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT (Ctrl-C) or SIGTERM arrived: training stopped at the next step boundary,
+    after a checkpoint of the state there (resume from it)."""
 
 
 @dataclasses.dataclass
@@ -306,7 +313,7 @@ class Trainer:
         pyro.set_rng_seed(o.seed + self.world.rank)  # the model's noise: per process
         self.generator = torch.Generator(device=self.device).manual_seed(o.seed)  # data
         self.pos, self.history = Position(len(self.train), o.batch_size), []
-        with self._frozen_model() as model_fn:
+        with self._frozen_model() as model_fn, self._interruptible():
             self._build_step(model_fn)
             if resume is not None:  # after all set-up that draws random numbers
                 self._restore(TrainState.from_dict(resume))
@@ -320,6 +327,25 @@ class Trainer:
         return self.history
 
     # Set-up --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _interruptible(self):
+        """SIGINT and SIGTERM only note that a stop was asked for inside the block; the
+        step under way ends, a checkpoint is taken and ``TrainingInterrupted`` raised
+        (``_take_step``). One process in the main thread only: several processes would
+        have to agree on the step, and there a killed run resumes from its checkpoint."""
+        self.signals = []
+        if self.world.size > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        caught = (signal.SIGINT, signal.SIGTERM)
+        before = {s: signal.signal(s, lambda signum, _: self.signals.append(signum))
+                  for s in caught}
+        try:
+            yield
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
 
     @contextlib.contextmanager
     def _frozen_model(self):
@@ -413,10 +439,15 @@ class Trainer:
             self.pending.append((step, len(batch[0]), torch.tensor(math.nan),
                                  torch.tensor(False), bad))
         pos.step += 1
-        if check or self.pending[-1][4] is not None:
+        if check or self.pending[-1][4] is not None or self.signals:
             self._settle()
-        if due:
+        if due or self.signals:
             self._checkpoint(running=True)
+        if self.signals:
+            self.bar.close()
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(self.signals[0]).name} after epoch {pos.epoch}, "
+                f"step {pos.step}; the checkpoint holds the state there")
 
     def _settle(self) -> None:
         """Read the pending steps' losses and finite flags (one wait for the device),

@@ -128,3 +128,62 @@ def test_resume_config_keeps_the_runs_settings(tmp_path):
     # Options equal to the run's own are no change; --epochs is one that may change.
     got = resume_config(tmp_path / "run", {"epochs": 5, "z_dim": 4, "hidden": [16]})
     assert got == dataclasses.replace(saved, epochs=5)
+
+
+def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(tmp_path):
+    """SIGINT during training (sent here by a hook after epoch 1) stops at the next step
+    boundary with TrainingInterrupted, after a checkpoint of the state there; resumed from
+    that checkpoint, the run ends bitwise as the uninterrupted one."""
+    import os
+    import signal
+
+    from pyro_vae.train import TrainingInterrupted
+
+    train, valid, _ = load("digits")
+    torch.manual_seed(0)
+    reference = VAE(64, 4, (16,))
+    history = fit(reference, train, valid, epochs=3, batch_size=64, progress=False)
+    torch.manual_seed(0)
+    vae = VAE(64, 4, (16,))
+    path = tmp_path / "checkpoint.pt"
+    sent = lambda record, history, model: record["epoch"] == 1 and os.kill(  # noqa: E731
+        os.getpid(), signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT after epoch 2, step 1;"):
+        fit(vae, train, valid, epochs=3, batch_size=64, progress=False,
+            hooks=[sent, Checkpointer(path, vae)])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    saved = read_checkpoint(path)
+    assert (saved["training"]["position"]["epoch"], saved["training"]["position"]["step"]) \
+        == (2, 1)
+    torch.manual_seed(1)
+    resumed = VAE(64, 4, (16,))
+    resumed.load_state_dict(saved["model"])
+    again = fit(resumed, train, valid, epochs=3, batch_size=64, progress=False,
+                resume=saved["training"])
+    assert all(torch.equal(v, resumed.state_dict()[k])
+               for k, v in reference.state_dict().items())
+    assert [r["valid_elbo"] for r in again] == [r["valid_elbo"] for r in history]
+
+
+def test_ctrl_c_on_the_command_line_is_one_line_and_resumable(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", "--dataset",
+                              "digits", "--epochs", "200", "--out", str(out), "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert time.time() < deadline and child.poll() is None
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert err.strip().count("\n") == 0, err
+    assert "pyro-vae: stopped by SIGINT after epoch" in err
+    assert f"continue with: pyro-vae train --resume {out}" in err
+    position = read_checkpoint(out / "checkpoint.pt")["training"]["position"]
+    assert position["epoch"] >= 2 and position["step"] >= 1
