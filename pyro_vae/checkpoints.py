@@ -4,9 +4,11 @@ generators training draws from."""
 
 import copy
 import dataclasses
+import errno
 import logging
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -166,19 +168,57 @@ CHECKPOINT_FORMAT = "pyro_vae.checkpoint/1"
 def atomic_write(path, write: Callable, binary: bool = True) -> None:
     """Write ``path`` so that a crash leaves either the old file or the new one, never a
     mix: ``write(f)`` fills a temporary file in the same folder, which is flushed, fsynced
-    and renamed over ``path`` (``os.replace`` is atomic). On failure the temporary file is
-    removed; one left by a killed process is never read (readers open ``path`` only)."""
+    and renamed over ``path`` (``os.replace`` is atomic), and the folder is fsynced so the
+    rename itself survives a power loss. The file gets the permissions of any new file
+    (0666 less the umask). On failure the temporary file is removed and the old file is
+    left as it was; a full disk or a refused permission is one line naming the file. A
+    temporary file left by a killed process is never read (readers open ``path`` only)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        raise _write_error(path, e) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: Path, e: Exception) -> OSError:
+    """One line for a failed write: a full disk and a refused permission said plainly."""
+    code = getattr(e, "errno", None)
+    try:
+        full = code == errno.ENOSPC or shutil.disk_usage(path.parent).free == 0
+    except OSError:
+        full = False
+    if full:
+        return OSError(f"{path}: not written, the disk is full; free some space (the "
+                       f"previous version of the file is intact)")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OSError(f"{path}: not written, permission denied ({e.strerror})")
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return OSError(f"{path}: not written ({reason})")
 
 
 def save_checkpoint(path, vae, **extra) -> None:

@@ -108,6 +108,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting, as its command-line option."""
+        if not str(self.out).strip():
+            raise ValueError("--out: give the run folder to write (got an empty name)")
         for f in dataclasses.fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value is not None and value not in choices:

@@ -196,6 +196,9 @@ CASES: Sequence[Case] = [
          _crafted_checkpoint),  # and tmp/exploited is not created: the tree is unchanged
     Case("13+", "--resume of a finished run", ["--resume", "{tmp}/run"],
          "the run has finished its 1 epochs; give --epochs more than 1", _trained_run),
+    Case("14+", "an empty --out", lambda tmp: train_run(TrainConfig(dataset="digits",
+                                                                  out="")),
+         "--out: give the run folder to write (got an empty name)"),
     # --overwrite of a good run with a bad value: refused before the old run is touched.
     Case("14+", "--overwrite with beta nan", DIGITS + ["--beta", "nan", "--overwrite"],
          "--beta must be finite and >= 0, got nan", _trained_run),

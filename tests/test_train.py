@@ -2,6 +2,7 @@ import copy
 import math
 import os
 import pickle
+import stat
 import time
 
 import pytest
@@ -637,16 +638,17 @@ def test_empty_or_foreign_checkpoint_is_a_clear_error_naming_the_file(tmp_path, 
 
 def test_checkpoint_write_is_flushed_to_disk_and_leftovers_are_ignored(tmp_path,
                                                                        monkeypatch):
-    """The temporary file is fsynced before the rename; a temporary file left by a killed
-    writer does not disturb reading or the next write."""
+    """The temporary file is fsynced before the rename, the folder after it; a temporary
+    file left by a killed writer does not disturb reading or the next write."""
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_mode),
+                                                 real_fsync(fd)))
     path = tmp_path / "ckpt.pt"
     vae = VAE(64, 4, (16,))
     (tmp_path / "ckpt.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
     save_checkpoint(path, vae, epoch=1, x_dim=64)
-    assert len(synced) == 1
+    assert len(synced) == 2 and stat.S_ISREG(synced[0]) and stat.S_ISDIR(synced[1])
     other = VAE(64, 4, (16,))
     assert load_checkpoint(path, other) == {"epoch": 1, "x_dim": 64}
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(),
