@@ -15,6 +15,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -182,9 +183,13 @@ def _read_verified(path: Path, md5: str, gz: Optional[bool] = None) -> bytes:
                 raw = f.read()
         else:
             raw = path.read_bytes()
-    except (EOFError, gzip.BadGzipFile, OSError) as e:
-        raise ValueError(f"{path}: truncated or corrupt ({e}); delete it and download "
-                         f"it again") from None
+    except PermissionError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror}); check its "
+                         f"permissions") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: truncated or corrupt ({reason}); delete it and "
+                         f"download it again") from None
     got = hashlib.md5(raw).hexdigest()
     if got != md5:
         raise ValueError(f"{path}: md5 of the content is {got}, expected {md5}; the file "

@@ -59,6 +59,15 @@ def _wrong_md5(tmp, monkeypatch):
         "train-labels-idx1-ubyte": bytes(raw)}))
 
 
+def _corrupt_gz(tmp, monkeypatch):
+    """A .gz whose deflate stream is damaged (its first block's header: zlib.error)."""
+    mnist_files(tmp, monkeypatch)
+    path = tmp / "data" / "mnist" / "train-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[12] ^= 0xFF  # after the 10-byte gzip header
+    path.write_bytes(bytes(data))
+
+
 def _truncated_idx(tmp, monkeypatch):
     written = _payload()
     written["train-images-idx3-ubyte"] = written["train-images-idx3-ubyte"][:-100]
@@ -119,6 +128,9 @@ CASES: Sequence[Case] = [
     Case("2", "truncated gz", MNIST,
          "data/mnist/train-images-idx3-ubyte.gz: truncated or corrupt",
          lambda tmp, mp: mnist_files(tmp, mp, gz_cut="train-images-idx3-ubyte")),
+    Case("2+", "corrupt gz stream", MNIST,
+         "data/mnist/train-images-idx3-ubyte.gz: truncated or corrupt (Error -3 while "
+         "decompressing data", _corrupt_gz),
     Case("3", "truncated IDX", MNIST,
          "data/mnist/train-images-idx3-ubyte: IDX header says [12, 28, 28] but the payload "
          "has 9308 bytes", _truncated_idx),
