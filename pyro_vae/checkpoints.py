@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import errno
 import logging
+import math
 import os
 import random
 import shutil
@@ -75,19 +76,65 @@ class TrainState:
         if fmt not in (1, cls.FORMAT):
             raise ValueError(f"{where}: not a training state of a known format "
                              f"(format {fmt!r}; this version reads 1 and {cls.FORMAT})")
-        try:
-            return cls(Position(**state["position"]), [dict(r) for r in state["history"]],
-                       state["optimizer"], state["rng"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{where}: malformed training state ({type(e).__name__}: "
-                             f"{e})") from None
+        for key, kind in (("position", dict), ("history", list), ("optimizer", dict),
+                          ("rng", dict)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"{where}: training.{key} must be a "
+                                 f"{kind.__name__}, got {_short(state.get(key))}")
+        position = _checked_position(state["position"], f"{where}: training.position")
+        history = state["history"]
+        if not all(isinstance(r, dict) and r.get("epoch") == i + 1
+                   for i, r in enumerate(history)):
+            raise ValueError(f"{where}: training.history must be the records of epochs "
+                             f"1, 2, ... in order")
+        optimizer = state["optimizer"]
+        if not (isinstance(optimizer.get("parameters"), list)
+                and isinstance(optimizer.get("state"), dict)):
+            raise ValueError(f"{where}: training.optimizer must hold 'parameters' (a "
+                             f"list) and 'state' (a dict)")
+        return cls(position, [dict(r) for r in history], optimizer, state["rng"])
 
     def check_data(self, num_data: int, batch_size: int) -> None:
+        """Refuse a state saved on other data (its order and totals would not fit)."""
         pos = self.position
         if (pos.num_data, pos.batch_size) != (num_data, batch_size):
             raise ValueError(f"resume: the state was saved training on {pos.num_data} "
                              f"points in batches of {pos.batch_size}, not {num_data} "
                              f"in batches of {batch_size}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# Position's fields: (type, smallest value).
+_POSITION = {"num_data": (int, 1), "batch_size": (int, 1), "epoch": (int, 1),
+             "step": (int, 0), "seen": (int, 0), "skipped": (int, 0),
+             "total": (float, None), "seconds": (float, 0.0)}
+
+
+def _checked_position(raw: dict, where: str) -> Position:
+    """A ``Position`` from a checkpoint, each field of its type and range, and the
+    epoch's order a permutation of the data; one line naming the field otherwise."""
+    unknown = sorted(set(raw) - set(_POSITION) - {"order"})
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {unknown}")
+    for name, (kind, low) in _POSITION.items():
+        value = raw.get(name)
+        number = type(value) in ((int, float) if kind is float else (int,))
+        if not number or not math.isfinite(value) or (low is not None and value < low):
+            raise ValueError(f"{where}.{name} must be a finite {kind.__name__}"
+                             f"{f' >= {low}' if low is not None else ''}, got "
+                             f"{_short(value)}")
+    order = raw.get("order")
+    if order is not None and not (
+            isinstance(order, torch.Tensor) and order.dtype == torch.int64
+            and order.shape == (raw["num_data"],)
+            and torch.equal(order.sort().values, torch.arange(raw["num_data"]))):
+        raise ValueError(f"{where}.order must be a permutation of the "
+                         f"{raw['num_data']} points")
+    return Position(**raw)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, names: List[str], saved: Dict,
@@ -247,6 +294,15 @@ def read_checkpoint(path, map_location="cpu") -> Dict:
                          f"({type(e).__name__}: {reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a pyro_vae checkpoint (no {CHECKPOINT_FORMAT!r} tag)")
+    model = state.get("model")
+    if not (isinstance(model, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in model.items())):
+        raise ValueError(f"{path}: model must be a state dict (names to tensors), got "
+                         f"{type(model).__name__}")
+    bad = next((k for k, v in model.items()
+                if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"{path}: model.{bad} holds NaN or infinite values")
     return state
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import json
 import math
+import typing
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -243,14 +244,43 @@ def refuse_imports(raw: dict, where: str) -> None:
                              f"you trust that code")
 
 
+CONFIG_FORMAT = 2  # 1: flat fixed part options (components, flow_steps, ...), no "format"
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """What config.json holds: the format, then every setting."""
+    return {"format": CONFIG_FORMAT, **dataclasses.asdict(config)}
+
+
 def config_from_dict(raw: dict, where: str, trust_imports: bool = False) -> TrainConfig:
-    """A ``TrainConfig`` from a config.json's content; older layouts are converted. An
-    import path in it is refused unless ``trust_imports`` (``refuse_imports``)."""
+    """A ``TrainConfig`` from a config.json's content, checked against its schema (every
+    setting present, of its type; one line naming the file and the field); format 1 is
+    converted. An import path in it is refused unless ``trust_imports``."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     if not trust_imports:
         refuse_imports(raw, where)
     raw = dict(raw)
+    fmt = raw.pop("format", 1)
+    if fmt not in (1, CONFIG_FORMAT):
+        raise ValueError(f"{where}: format {fmt!r} is not one this version reads (1, "
+                         f"{CONFIG_FORMAT})")
+    _legacy(raw)
+    _check_schema(raw, where, fmt)
+    if isinstance(raw.get("hidden"), list):
+        raw["hidden"] = tuple(raw["hidden"])
+    if raw["z_dim"] is None or raw["hidden"] is None:
+        raise ValueError(f"{where}: z_dim and hidden must be set")
+    config = TrainConfig(**raw)
+    try:
+        config.validate()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return config
+
+
+def _legacy(raw: dict) -> None:
+    """Format 1's fixed part options, moved into the parts' option dicts."""
     for old, (field, key) in _OLD_FIELDS.items():
         value = raw.pop(old, None)
         part = {"flow_steps": "guide", "prior_flow_steps": "prior_guide"}.get(old)
@@ -261,17 +291,41 @@ def config_from_dict(raw: dict, where: str, trust_imports: bool = False) -> Trai
             raw[field] = dict(raw.get(field) or {}, **{key: value})
     if raw.get("prior_guide") is not None and raw.get("prior_guide_options") is None:
         raw["prior_guide_options"] = {}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(raw) - names)
+
+
+def _check_schema(raw: dict, where: str, fmt: int) -> None:
+    """Every setting known, present (format 1 lacks the option dicts) and of its type."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown settings {unknown}")
-    if isinstance(raw.get("hidden"), list):
-        raw["hidden"] = tuple(raw["hidden"])
-    if not isinstance(raw.get("z_dim"), int) or not raw.get("hidden"):
-        raise ValueError(f"{where}: z_dim and hidden must be set")
-    config = TrainConfig(**raw)
-    try:
-        config.validate()
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    return config
+    hints = typing.get_type_hints(TrainConfig)
+    for name, f in fields.items():
+        if name not in raw:
+            added_in_2 = f.default_factory is not dataclasses.MISSING
+            if f.metadata.get("derived") or (fmt == 1 and added_in_2):
+                continue
+            raise ValueError(f"{where}: setting {name!r} is missing")
+        expected = _kind_ok(hints[name], raw[name])
+        if expected:
+            raise ValueError(f"{where}: {name} must be {expected}, got {raw[name]!r}")
+
+
+def _kind_ok(hint, value) -> str:
+    """'' if ``value`` fits the type ``hint``, else what was expected."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        if value is None:
+            return ""
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint) or hint
+    if origin is tuple:
+        ok = isinstance(value, list) and all(type(v) is int for v in value)
+        return "" if ok else "a list of integers"
+    if origin is dict:
+        return "" if isinstance(value, dict) else "an object of KEY: VALUE"
+    if origin is float:
+        return "" if type(value) in (int, float) else "a number"
+    return "" if type(value) is origin else f"{'an' if origin is int else 'a'} " \
+        f"{ {int: 'integer', str: 'string', bool: 'boolean (true or false)'}[origin]}"

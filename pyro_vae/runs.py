@@ -24,7 +24,7 @@ from . import datasets, distributed, plots
 from .checkpoints import (TrainState, atomic_write, load_checkpoint, read_checkpoint,
                           save_checkpoint)
 from .config import (MODEL_SETTINGS, RESUMABLE_CHANGES, TrainConfig, build_model,
-                     config_from_dict, flag, resolve_device)
+                     config_from_dict, config_to_dict, flag, resolve_device)
 from .evaluation import active_units, elbo_surgery, log_likelihood
 from .evaluation import elbo as evaluate_elbo
 from .models import MODELS
@@ -111,7 +111,7 @@ class RunFolder:
                      binary=False)
 
     def write_config(self, config: TrainConfig) -> None:
-        self.write_json("config.json", dataclasses.asdict(config))
+        self.write_json("config.json", config_to_dict(config))
 
     def read_config(self, trust_imports: bool = False) -> TrainConfig:
         return read_config(self.path / "config.json", trust_imports)
@@ -190,7 +190,11 @@ def from_source(config: TrainConfig, trust_imports: bool = False
 
 def _load_start(vae, state: dict, path: Path) -> None:
     """Load ``state``; only the guide (``guide_modules``) may be missing, to start fresh."""
-    result = vae.load_state_dict(state, strict=False)
+    try:
+        result = vae.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        reason = str(e).splitlines()[-1].strip() if str(e) else ""
+        raise ValueError(f"{path}: does not fit this model ({reason})") from None
     guide = tuple(name + "." for name in vae.guide_modules)
     missing = [k for k in result.missing_keys if not k.startswith(guide)]
     if missing or result.unexpected_keys:

@@ -6,6 +6,7 @@ cases of the same kind.
 """
 
 import gzip
+import json
 import hashlib
 import os
 import warnings
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae import VAE, TrainConfig, cli, fit, train_run
+from pyro_vae import VAE, TrainConfig, cli, fit, load_run, resume_run, train_run
 from pyro_vae.datasets import SOURCES, TensorDataset
 from pyro_vae.likelihoods import GaussianLikelihood
 
@@ -265,3 +266,74 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch, c
 
 def test_the_table_covers_every_kind_of_bad_input():
     assert {c.item.rstrip("+") for c in CASES} == {str(i) for i in range(1, 15)}
+
+
+@pytest.fixture
+def a_run(tmp_path):
+    _trained_run(tmp_path, None)
+    return tmp_path / "run"
+
+
+def _edit_config(run, change):
+    path = run / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps(change(raw)))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: dict(c, lr="0.1"), "lr must be a number, got '0.1'"),
+    (lambda c: dict(c, hidden="abc"), "hidden must be a list of integers, got 'abc'"),
+    (lambda c: dict(c, epochs=True), "epochs must be an integer, got True"),
+    (lambda c: dict(c, seed=1.5), "seed must be an integer, got 1.5"),
+    (lambda c: {k: v for k, v in c.items() if k != "dataset"},
+     "setting 'dataset' is missing"),
+    (lambda c: [], "expected a JSON object, got list"),
+    (lambda c: None, "expected a JSON object, got NoneType"),
+    (lambda c: dict(c, format=7), "format 7 is not one this version reads"),
+], ids=["lr-text", "hidden-text", "epochs-bool", "seed-float", "no-dataset", "list", "null",
+        "format"])
+def test_a_malformed_config_is_one_line_naming_file_and_field(a_run, change, message):
+    _edit_config(a_run, change)
+    with pytest.raises(ValueError) as e:
+        load_run(a_run)
+    assert str(e.value).startswith(f"{a_run / 'config.json'}: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def _edit_checkpoint(run, change):
+    path = run / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(training={}), "training.position must be a dict, got None"),
+    (lambda s: s.update(model=[]), "model must be a state dict (names to tensors), got list"),
+    (lambda s: s["training"]["position"].update(order=torch.arange(5)),
+     "training.position.order must be a permutation of the 1297 points"),
+    (lambda s: s["training"]["position"].update(step=-1),
+     "training.position.step must be a finite int >= 0, got -1"),
+    (lambda s: s["training"]["position"].update(batch_size=0),
+     "training.position.batch_size must be a finite int >= 1, got 0"),
+    (lambda s: s["training"].update(history=[{"epoch": 3}]),
+     "training.history must be the records of epochs 1, 2, ... in order"),
+    (lambda s: s["model"]["decoder.0.weight"].fill_(float("nan")),
+     "model.decoder.0.weight holds NaN or infinite values"),
+], ids=["training-empty", "model-list", "order", "step", "batch-size", "history", "nan"])
+def test_a_malformed_checkpoint_is_one_line_naming_file_and_field(a_run, change, message):
+    _edit_checkpoint(a_run, change)
+    with pytest.raises(ValueError) as e:
+        resume_run(a_run, {"epochs": 2}, progress=False)
+    assert str(e.value).startswith(f"{a_run / 'checkpoint.pt'}: ") and message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_init_from_a_checkpoint_with_a_wrong_shaped_tensor_is_one_line(a_run, tmp_path):
+    _edit_checkpoint(a_run, lambda s: s["model"].update(
+        {"decoder.0.weight": torch.zeros(3, 3)}))
+    with pytest.raises(ValueError) as e:
+        train_run(TrainConfig(init_from=str(a_run), out=str(tmp_path / "new")),
+                  progress=False)
+    assert "does not fit this model (size mismatch for decoder.0.weight" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "new").exists()

@@ -32,7 +32,7 @@ def test_gaussian_log_prob_with_fixed_scale():
     expected = (-0.5 * (x / 2.0) ** 2 - math.log(2.0) - 0.5 * math.log(2 * math.pi)).sum(-1)
     assert torch.allclose(d.log_prob(x), expected)
     assert not list(GaussianLikelihood(3, scale=2.0).parameters())
-    with pytest.raises(ValueError, match="scale must be > 0"):
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):
         GaussianLikelihood(3, scale=0.0)
 
 
