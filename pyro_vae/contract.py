@@ -27,6 +27,9 @@ from torch import nn
 
 import pyro.distributions as dist
 
+from .datasets import as_dataset
+from .errors import ArgumentError
+
 
 @runtime_checkable
 class PyroModel(Protocol):
@@ -82,3 +85,23 @@ def guide_parameters(model: nn.Module) -> dict:
                          f"guide: give it a guide_modules attribute (e.g. ('encoder',))")
     prefixes = tuple(n + "." for n in names)
     return {k: p for k, p in model.named_parameters() if k.startswith(prefixes)}
+
+
+def check_data(model, *splits, batch_size: Optional[int] = None) -> None:
+    """One-line errors for data the model cannot take (an empty split, non-finite
+    values, what the model's ``check_data`` refuses), and for a batch size larger than the
+    first split, before anything is trained or written."""
+    splits = [as_dataset(s) for s in splits if s is not None]
+    for data in splits:
+        what = f"the {data.split} split of {data.name!r}"
+        if len(data) == 0:
+            raise ValueError(f"{what} is empty")
+        if hasattr(model, "check_data"):
+            model.check_data(*data.support_view(), what=what)
+        for t in data.tensors:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{what} has NaN or infinite values")
+    if batch_size is not None and splits and batch_size > len(splits[0]):
+        first = splits[0]
+        raise ArgumentError("batch_size", f"{batch_size} is larger than the {first.split} "
+                            f"split of {first.name!r} ({len(first)} points)")

@@ -241,7 +241,8 @@ def fetch(name: str, data_dir=None, download: bool = True) -> Dict[str, bytes]:
         raise FileNotFoundError(
             f"{folder} lacks {', '.join(m + src['suffix'] for m in missing)} "
             f"(expected: {', '.join(f + src['suffix'] for f in src['files'])}); "
-            + ("download failed" if download else "downloads are off")
+            + (f"download failed ({errors[-1]})" if download and errors
+               else "downloads are off")
             + f"; put the files there or point --data-dir / ${ENV_VAR} at a folder "
               f"holding {src['folder']}/")
     return out

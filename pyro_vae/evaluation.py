@@ -15,7 +15,9 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from .contract import check_data
 from .datasets import as_dataset
+from .errors import ArgumentError
 from .objectives import Loss, kl_weight, make_elbo
 from .guides import posterior_mean
 from .priors import Mixture, logsumexp
@@ -61,6 +63,7 @@ def elbo(model, data, loss: Loss = "meanfield", num_particles: int = 1,
     E_q[log p(x|z)] alone.
     """
     data = as_dataset(data)
+    check_data(model, data)
     objective = make_elbo(loss, num_particles)
     total = 0.0
     with _evaluating(model), seeded(seed, data.device), kl_weight(beta, beta_sites):
@@ -129,6 +132,9 @@ def _prior_computed_once(model):
         model.prior = prior
 
 
+MAX_SAMPLES = 10 ** 7  # S beyond this would run for days; a typo, most likely
+
+
 @torch.no_grad()
 def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
                    batch_size: int = 40, seed: Optional[int] = 0,
@@ -145,6 +151,10 @@ def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
     Pyro's distribution checks are off here: the model was checked when it trained.
     """
     data = as_dataset(data)
+    check_data(model, data)
+    if num_samples > MAX_SAMPLES:
+        raise ArgumentError("num_samples", f"{num_samples} is more than {MAX_SAMPLES} "
+                            f"importance samples per point")
     out = []
     batches = data.batches(batch_size, shuffle=False)
     bar = tqdm(batches, total=-(-len(data) // batch_size), disable=not progress,

@@ -119,9 +119,10 @@ class _LatentModel(PyroModule):
     def check_data(self, x: torch.Tensor, *rest, what: str = "data") -> None:
         """One-line errors for points of the wrong width or outside the likelihood's
         support (see ``pyro_vae.contract``)."""
-        if not x.is_floating_point():
-            raise ValueError(f"{what} has dtype {x.dtype}; the model needs floating-point "
-                             f"data (convert it with x.float())")
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype:
+            raise ValueError(f"{what} has dtype {x.dtype}; the model's parameters are "
+                             f"{dtype} (convert the data with x.to({dtype}))")
         if x.dim() != 2 or x.shape[1] != self.x_dim:
             raise ValueError(f"{what} has points of shape {tuple(x.shape[1:])}; the model "
                              f"takes x_dim = {self.x_dim} features per point")

@@ -25,7 +25,7 @@ from .checkpoints import (TrainState, atomic_write, load_checkpoint, read_checkp
                           save_checkpoint)
 from .config import (MODEL_SETTINGS, RESUMABLE_CHANGES, TrainConfig, build_model,
                      config_from_dict, config_to_dict, flag, resolve_device)
-from .evaluation import active_units, elbo_surgery, log_likelihood
+from .evaluation import MAX_SAMPLES, active_units, elbo_surgery, log_likelihood
 from .evaluation import elbo as evaluate_elbo
 from .models import MODELS
 from .objectives import make_elbo, plain_elbo
@@ -432,6 +432,9 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
         raise ValueError(f"--split: {split!r} is not one of ['train', 'valid', 'test']")
     if any(v is not None and v < 1 for v in (samples, chunk, limit, surgery_points)):
         raise ValueError("--samples, --chunk, --limit and --surgery-points must be >= 1")
+    if samples > MAX_SAMPLES:
+        raise ValueError(f"--samples {samples} is more than {MAX_SAMPLES} importance "
+                         f"samples per point")
     run = RunFolder(run_dir)
     dev = resolve_device(device)
     vae, config = load_run(run_dir, dev, trust_imports)

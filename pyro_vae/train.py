@@ -31,7 +31,7 @@ from pyro.optim.clipped_adam import ClippedAdam
 
 from .checkpoints import (Position, TrainState, get_rng_state, load_optimizer_state,
                           set_rng_state)
-from .contract import guide_parameters
+from .contract import check_data, guide_parameters
 from .datasets import as_dataset
 from .distributed import World
 from .errors import ArgumentError
@@ -619,26 +619,6 @@ def _refuse_prior_on_guide(module, batch, guide_ids) -> None:
             log_p, ours, allow_unused=True)):
         raise ValueError("freeze_model: the prior is built on the guide's encoder and would "
                          "train with it; give the model its own (VAE.swap_guide)")
-
-
-def check_data(model, *splits, batch_size: Optional[int] = None) -> None:
-    """One-line errors for data the model cannot take (an empty split, non-finite
-    values, what the model's ``check_data`` refuses), and for a batch size larger than the
-    first split, before anything is trained or written."""
-    splits = [as_dataset(s) for s in splits if s is not None]
-    for data in splits:
-        what = f"the {data.split} split of {data.name!r}"
-        if len(data) == 0:
-            raise ValueError(f"{what} is empty")
-        if hasattr(model, "check_data"):
-            model.check_data(*data.support_view(), what=what)
-        for t in data.tensors:
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"{what} has NaN or infinite values")
-    if batch_size is not None and splits and batch_size > len(splits[0]):
-        first = splits[0]
-        raise ArgumentError("batch_size", f"{batch_size} is larger than the {first.split} "
-                            f"split of {first.name!r} ({len(first)} points)")
 
 
 def _format(record: Dict) -> str:

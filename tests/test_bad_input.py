@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from pyro_vae import VAE, TrainConfig, cli, fit, load_run, resume_run, train_run
+from pyro_vae import elbo as pv_elbo
+from pyro_vae.evaluation import log_likelihood
 from pyro_vae.datasets import SOURCES, TensorDataset
 from pyro_vae.likelihoods import GaussianLikelihood
 
@@ -154,8 +156,8 @@ CASES: Sequence[Case] = [
          "likelihood 'bernoulli' needs x in {0, 1} but the train split of 'digits' has "
          "other values (e.g. 0.0625); binarize it (binarize=True in "),
     Case("9", "integer data", _api(torch.randint(0, 2, (50, 64))),
-         "the train split of 'mine' has dtype torch.int64; the model needs floating-point "
-         "data (convert it with x.float())"),
+         "the train split of 'mine' has dtype torch.int64; the model's parameters are "
+         "torch.float32 (convert the data with x.to(torch.float32))"),
     Case("10", "input dimension not the model's", _api(torch.zeros(50, 32)),
          "the train split of 'mine' has points of shape (32,); the model takes x_dim = 64"),
     Case("11", "unknown --prior", DIGITS + ["--prior", "flat"],
@@ -337,3 +339,34 @@ def test_init_from_a_checkpoint_with_a_wrong_shaped_tensor_is_one_line(a_run, tm
                   progress=False)
     assert "does not fit this model (size mismatch for decoder.0.weight" in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("data, message", [
+    (torch.full((5, 64), float("nan")), "the given split of 'data' has NaN or inf"),
+    (torch.zeros(5, 64, dtype=torch.float64),
+     "has dtype torch.float64; the model's parameters are torch.float32 (convert the data "
+     "with x.to(torch.float32))"),
+], ids=["nan", "float64"])
+def test_the_evaluation_api_checks_its_data_in_one_line(data, message):
+    vae = VAE(64, 4, (16,))
+    for evaluate in (lambda: pv_elbo(vae, data), lambda: log_likelihood(vae, data, 10)):
+        with pytest.raises(ValueError) as e:
+            evaluate()
+        assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="num_samples 1000000000000 is more than 10000000"):
+        log_likelihood(vae, torch.zeros(5, 64), 10 ** 12)
+
+
+def test_a_failed_download_says_why(tmp_path, monkeypatch):
+    import urllib.error
+
+    from pyro_vae import datasets
+
+    def refuse(url, timeout):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", refuse)
+    with pytest.raises(FileNotFoundError) as e:
+        datasets.load("mnist", tmp_path)
+    assert "download failed (" in str(e.value) and "no route to host" in str(e.value)
+    assert "\n" not in str(e.value)

@@ -314,6 +314,11 @@ def test_early_stopping_keeps_the_best_epoch_for_summary_and_evaluation(tmp_path
     assert all(torch.equal(v, saved["model"][k]) for k, v in vae.state_dict().items())
     again = run_cli("train", "--resume", str(out), "--quiet")
     assert again.returncode == 2 and "stopped early" in again.stderr
+    # --init-from takes the model the run stands for: its best epoch's, as load_run does.
+    _, start = from_source(TrainConfig(init_from=str(out)))
+    last = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(start[k], v) for k, v in saved["model"].items())
+    assert not all(torch.equal(last[k], v) for k, v in saved["model"].items())
 
 
 def test_early_stopping_given_on_resume_keeps_the_earlier_best_epoch(tmp_path):

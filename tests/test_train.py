@@ -26,12 +26,17 @@ class KeepStates(Hook):
     def on_checkpoint(self, state):
         self.states.append(state.to_dict())
 
+
 class _OnCheckpoint(Hook):
+    """Calls ``fn(state)`` at each checkpoint (the first comes after all set-up, before
+    the first training step)."""
+
     def __init__(self, fn):
         self.fn = fn
 
     def on_checkpoint(self, state):
         self.fn(state)
+
 
 from conftest import requires_cuda
 
@@ -115,9 +120,9 @@ def test_history_elbos_are_the_frozen_models_elbos():
     seeds (0.013 nats here, for ELBOs of -46.4; the records are 0.01 and 0.04 away). A
     train_elbo off by the N / B scaling (10x here) or summed instead of averaged would
     be off by hundreds of nats."""
-    from pyro_vae.objectives import make_elbo
-
     import dataclasses
+
+    from pyro_vae.objectives import make_elbo
 
     train, valid, _ = _digits()
     # Binarized once (as valid is), not per batch: each point is then the same in every
@@ -658,7 +663,7 @@ def test_checkpoint_write_is_flushed_to_disk_and_leftovers_are_ignored(tmp_path,
 
 @pytest.mark.parametrize("x, message", [
     (torch.zeros(0, 64), "the train split of 'toy' is empty"),
-    (torch.randint(0, 2, (50, 64)), "has dtype torch.int64; the model needs floating-point"),
+    (torch.randint(0, 2, (50, 64)), "has dtype torch.int64; the model's parameters are torch.float32"),
     (torch.bernoulli(torch.full((50, 32), 0.5)),
      r"has points of shape \(32,\); the model takes x_dim = 64"),
     (torch.full((50, 64), float("nan")), "needs x in {0, 1}"),
