@@ -209,6 +209,9 @@ CASES: Sequence[Case] = [
          ["--resume", "{tmp}/run", "--epochs", "2"],
          "{tmp}/run/checkpoint.pt: not a readable pyro_vae checkpoint (UnpicklingError",
          _crafted_checkpoint),  # and tmp/exploited is not created: the tree is unchanged
+    Case("13+", "--resume with an infinite lr", ["--resume", "{tmp}/run", "--epochs", "2",
+                                                 "--lr", "inf"],
+         "--lr must be finite and > 0, got inf", _trained_run),
     Case("13+", "--resume of a finished run", ["--resume", "{tmp}/run"],
          "the run has finished its 1 epochs; give --epochs more than 1", _trained_run),
     Case("14+", "an empty --out", lambda tmp: train_run(TrainConfig(dataset="digits",

@@ -63,11 +63,17 @@ def test_train_on_digits_end_to_end(tmp_path):
 
 
 def test_overwrite_replaces_a_run(tmp_path):
+    """--overwrite replaces every file of the old run, its evaluation included: the new
+    run never shows the old model's eval.json or ELBO-surgery figure."""
     out = tmp_path / "run"
     assert run_cli("train", "--epochs", "1", "--out", str(out), "--quiet").returncode == 0
+    assert run_cli("evaluate", str(out), "--samples", "5", "--limit", "5",
+                   "--quiet").returncode == 0
+    assert (out / "eval.json").exists() and (out / "elbo_surgery.png").exists()
     r = run_cli("train", "--epochs", "2", "--out", str(out), "--overwrite", "--quiet")
     assert r.returncode == 0, r.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (out / "eval.json").exists() and not (out / "elbo_surgery.png").exists()
 
 
 @pytest.mark.slow
