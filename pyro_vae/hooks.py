@@ -2,8 +2,9 @@
 
 ``on_epoch_end(record, history, model)`` (return True to stop) and
 ``on_checkpoint(state)``; a plain function is an ``on_epoch_end`` hook. Early stopping,
-keep-best, the metrics file and the checkpoint file are hooks, so a run folder is the
-trainer plus four of them (``pyro_vae.runs.RunFolder.hooks``).
+keep-best, the metrics file and the checkpoint file are hooks: a run folder is the
+trainer plus the last three (``pyro_vae.runs.RunFolder.hooks``), and early stopping when
+asked for.
 """
 
 import json
