@@ -343,7 +343,7 @@ class Trainer:
         if self.world.main:
             if self.valid is not None:
                 record["valid_elbo"] = evaluate_elbo(self.model, self.valid,
-                                                     plain_elbo(self.objective))
+                                                     plain_elbo(self.objective), check=False)
             if self.progress:
                 tqdm.write(_format(record))
             # Every hook sees the epoch, even after one has asked to stop.
