@@ -18,7 +18,7 @@ from pyro.poutine.util import site_is_subsample
 from .contract import check_data
 from .datasets import as_dataset
 from .errors import ArgumentError
-from .objectives import Loss, kl_weight, make_elbo
+from .objectives import Loss, is_latent, kl_weight, make_elbo
 from .guides import posterior_mean
 from .priors import Mixture, logsumexp
 
@@ -187,8 +187,7 @@ def _all_points(model, data, what: str) -> torch.Tensor:
 def _check_single_latent(vae, x: torch.Tensor) -> None:
     """ELBO surgery is defined here for one latent site, "z"."""
     trace = poutine.trace(vae.guide).get_trace(x[:1])
-    latents = [name for name, site in trace.nodes.items()
-               if site["type"] == "sample" and not site_is_subsample(site)]
+    latents = [name for name, site in trace.nodes.items() if is_latent(site)]
     if latents != ["z"]:
         raise ValueError(f"ELBO surgery needs one latent site 'z'; this guide samples "
                          f"{latents}")

@@ -75,15 +75,10 @@ def scales_with_data_size(objective: Loss) -> bool:
     return not isinstance(make_elbo(objective), RenyiELBO)
 
 
-def is_plain_elbo(objective: ELBO) -> bool:
-    """Whether the objective's value is the ELBO (not a Renyi bound)."""
-    return scales_with_data_size(objective)
-
-
 def plain_elbo(objective: ELBO) -> ELBO:
     """An ELBO estimator for a run trained with ``objective``: the objective itself, or
     for a Renyi bound ``Trace_ELBO`` with the same particles and plates."""
-    if is_plain_elbo(objective):
+    if scales_with_data_size(objective):  # not a Renyi bound: its value is the ELBO
         return objective
     return Trace_ELBO(num_particles=objective.num_particles,
                       vectorize_particles=objective.vectorize_particles,
@@ -99,7 +94,7 @@ def check_objective(objective: ELBO, beta: float = 1.0, warmup_epochs: int = 0) 
         raise ValueError("beta and warm-up cannot weight a model's sites under "
                          "TraceEnum_ELBO: Pyro sums enumerated sites out under one common "
                          "scale for every site they touch")
-    if not is_plain_elbo(objective) and (beta != 1 or warmup_epochs):
+    if not scales_with_data_size(objective) and (beta != 1 or warmup_epochs):
         name = "IWAE" if objective.alpha == 0 else f"Renyi (alpha {objective.alpha})"
         raise ValueError(f"beta and warm-up weight the KL term of the ELBO; the {name} "
                          f"bound has none: use loss trace or meanfield with them")
