@@ -182,8 +182,10 @@ def _train(args: dict, argv) -> None:
     if "test_iwae" in summary:
         print(f"test IWAE bound (K = {config.particles}): {summary['test_iwae']:.4f} "
               f"nats per data point")
-    print(f"test ELBO: {summary['test_elbo']:.4f} nats per data point "
-          f"({summary['num_test']} test points)")
+    bits = (f", {summary['test_elbo_bits_per_dim']:.4f} bits/dim"
+            if "test_elbo_bits_per_dim" in summary else "")
+    print(f"test ELBO: {summary['test_elbo']:.4f} {summary['units']} (log-"
+          f"{summary['likelihood_of']}{bits}; {summary['num_test']} test points)")
 
 
 def _evaluate(args: dict) -> None:
@@ -203,7 +205,11 @@ def _evaluate(args: dict) -> None:
     print(f"active units:    {r['active_units']}")
     print(f"eval.json and elbo_surgery.png in {args['run']}")
     print(f"log-likelihood: {r['log_likelihood']:.4f} +- {r['log_likelihood_stderr']:.4f} "
-          f"nats per data point ({n}, S = {r['num_samples']})")
+          f"{r['units']} (log-{r['likelihood_of']}; {n}, S = {r['num_samples']})")
+    if "log_likelihood_bits_per_dim" in r:
+        print(f"                = {r['log_likelihood_bits_per_dim']:.4f} +- "
+              f"{r['log_likelihood_stderr_bits_per_dim']:.4f} bits/dim "
+              f"(D = {r['dims']})")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Data sets as whole tensors: the MNIST family, binarization, and the embedded default.
+"""Data sets as whole tensors: the MNIST family, Caltech 101 Silhouettes, Frey Faces,
+binarization, and the embedded default.
 
 ``load(name, data_dir=None)`` returns ``(train, valid, test)`` ``TensorDataset``s. The data
 root is ``data_dir``, else ``$PYRO_VAE_DATA``, else ``~/.cache/pyro_vae``; it holds one
-folder per data set (``mnist/``, ``fashion-mnist/``, ``binarized-mnist/``). Missing files
-are downloaded into a temporary file, md5-checked, then renamed into place. Every file is
+folder per data set (``mnist/``, ``fashion-mnist/``, ``binarized-mnist/``,
+``caltech101-silhouettes/``, ``frey-faces/``). Missing files are downloaded where a
+mirror is known into a temporary file, md5-checked, then renamed into place. Every file is
 md5-checked on its decompressed content, so a gzipped or a plain copy both pass and a
 truncated or corrupt one is an error naming it.
 """
@@ -11,6 +13,7 @@ truncated or corrupt one is an error naming it.
 import dataclasses
 import gzip
 import hashlib
+import io
 import os
 import tempfile
 import urllib.error
@@ -51,8 +54,21 @@ SOURCES: Dict[str, dict] = {
             "binarized_mnist_valid.amat": "bf37822a04e94123630de6a7dfd9c9ef",
             "binarized_mnist_test.amat": "14e41ae11040adba6ab8cb291eda0dd8",
         }),
+    "caltech101": dict(
+        folder="caltech101-silhouettes", suffix="",
+        mirrors=["https://people.cs.umass.edu/~marlin/data/"],
+        files={"caltech101_silhouettes_28.mat": "1432d2809e8bf111f1104a234731ddb1"}),
+    "frey-faces": dict(  # the VampPrior paper's array, saved with numpy.save; no mirror
+        folder="frey-faces", suffix="", mirrors=[],
+        files={"freyfaces_uint8_1965x560.npy": "ba92189c966bec4ac7b48dd0f55cb805"}),
 }
-DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist")
+DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist", "caltech101",
+            "frey-faces")
+#: Split sizes of the data sets that come unsplit (train, valid, test), drawn by a
+#: permutation seeded with ``split_seed``: Caltech 101 Silhouettes with the sizes of the
+#: papers' split file (not its points: that file is not public), Frey Faces as the
+#: VampPrior paper's code.
+SPLIT_SIZES = {"caltech101": (4100, 2264, 2307), "frey-faces": (1565, 200, 200)}
 
 
 @dataclasses.dataclass
@@ -242,7 +258,7 @@ def fetch(name: str, data_dir=None, download: bool = True) -> Dict[str, bytes]:
             f"{folder} lacks {', '.join(m + src['suffix'] for m in missing)} "
             f"(expected: {', '.join(f + src['suffix'] for f in src['files'])}); "
             + (f"download failed ({errors[-1]})" if download and errors
-               else "downloads are off")
+               else "it has no download mirror" if download else "downloads are off")
             + f"; put the files there or point --data-dir / ${ENV_VAR} at a folder "
               f"holding {src['folder']}/")
     return out
@@ -309,6 +325,53 @@ def _load_binarized(data_dir, download):
     return splits, (28, 28)
 
 
+def _seeded_split(x, y, sizes, seed):
+    """``[(x, y) of each split]``: one permutation seeded with ``seed``, cut by sizes."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x = x[order]
+    y = None if y is None else y[order]
+    bounds = np.cumsum((0,) + tuple(sizes))
+    return [(x[a:b], None if y is None else y[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _load_caltech101(data_dir, download, split_seed):
+    """Caltech 101 Silhouettes 28 x 28 (Marlin et al. 2010): 8671 binary images, stored
+    column-major with 1 for the background; read with the object as 1, as the papers'
+    code does. Labels are the classes 0-100."""
+    from scipy.io import loadmat  # a MATLAB v5 reader: parses data, runs no code
+
+    fname = "caltech101_silhouettes_28.mat"
+    path = data_root(data_dir) / SOURCES["caltech101"]["folder"] / fname
+    raw = fetch("caltech101", data_dir, download)[fname]
+    try:
+        mat = loadmat(io.BytesIO(raw))
+        images, classes = np.asarray(mat["X"]), np.asarray(mat["Y"]).reshape(-1)
+    except Exception as e:
+        raise ValueError(f"{path}: not a Caltech 101 Silhouettes .mat file with X and Y "
+                         f"({type(e).__name__})") from None
+    if images.shape != (8671, 784) or len(classes) != 8671:
+        raise ValueError(f"{path}: X has shape {images.shape}, expected (8671, 784)")
+    images = images.reshape(-1, 28, 28).transpose(0, 2, 1).reshape(-1, 784)  # column-major
+    x = torch.from_numpy(1.0 - images.astype(np.float32))
+    y = torch.from_numpy(classes.astype(np.int64) - 1)
+    return _seeded_split(x, y, SPLIT_SIZES["caltech101"], split_seed), (28, 28)
+
+
+def _load_frey(data_dir, download, split_seed):
+    """Frey Faces: 1965 gray 28 x 20 images, uint8 / 255 (so on the 256-level grid)."""
+    fname = "freyfaces_uint8_1965x560.npy"
+    path = data_root(data_dir) / SOURCES["frey-faces"]["folder"] / fname
+    raw = fetch("frey-faces", data_dir, download)[fname]
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a .npy array ({str(e).splitlines()[0]})") from None
+    if arr.shape != (1965, 560) or arr.dtype != np.uint8:
+        raise ValueError(f"{path}: holds {arr.dtype} {arr.shape}, expected uint8 "
+                         f"(1965, 560)")
+    return _seeded_split(_gray(arr), None, SPLIT_SIZES["frey-faces"], split_seed), (28, 20)
+
+
 def _load_digits():
     from sklearn.datasets import load_digits
 
@@ -322,20 +385,25 @@ def _load_digits():
 
 
 def load(name: str, data_dir=None, binarize: bool = True, seed: int = 0,
-         download: bool = True) -> List[TensorDataset]:
+         download: bool = True, split_seed: int = 0) -> List[TensorDataset]:
     """``[train, valid, test]`` of data set ``name`` (one of ``DATASETS``), on the CPU.
 
     Gray data with ``binarize=True``: training batches are binarized dynamically; the
     validation and test splits are binarized once with a fixed ``seed``, so every
-    evaluation sees the same binary images. ``binarized-mnist`` is binary already.
+    evaluation sees the same binary images. ``binarized-mnist`` and ``caltech101`` are
+    binary already. ``caltech101`` and ``frey-faces`` come unsplit: ``split_seed`` draws
+    their split (``SPLIT_SIZES``), the same for every run unless changed.
     """
     if name == "digits":
         splits, shape = _load_digits()
     elif name in ("mnist", "fashion-mnist"):
         splits, shape = _load_idx_family(name, data_dir, download)
-    elif name == "binarized-mnist":
-        splits, shape = _load_binarized(data_dir, download)
+    elif name in ("binarized-mnist", "caltech101"):
+        splits, shape = (_load_binarized(data_dir, download) if name == "binarized-mnist"
+                         else _load_caltech101(data_dir, download, split_seed))
         binarize = False
+    elif name == "frey-faces":
+        splits, shape = _load_frey(data_dir, download, split_seed)
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
     gen = torch.Generator().manual_seed(seed)

@@ -49,6 +49,24 @@ def _evaluating(model):
 
 
 @torch.no_grad()
+def units(model, data) -> dict:
+    """What a log-likelihood (or ELBO) of ``model`` on ``data`` is measured in: nats per
+    data point (per image for image data) of a probability (a discrete likelihood head:
+    ``discrete = True``, see ``pyro_vae.likelihoods``) or of a density. Densities of
+    continuous x are not comparable with probabilities, nor across rescalings of x."""
+    data = as_dataset(data)
+    discrete = bool(getattr(getattr(model, "likelihood", None), "discrete", False))
+    per = "image" if data.image_shape else "data point"
+    return {"units": f"nats per {per}",
+            "likelihood_of": "probability" if discrete else "density",
+            "dims": int(data.x[0].numel())}
+
+
+def bits_per_dim(nats: float, dims: int) -> float:
+    """-nats / (dims ln 2): a log-probability per point in bits per dimension."""
+    return -nats / (dims * math.log(2))
+
+
 def elbo(model, data, loss: Loss = "meanfield", num_particles: int = 1,
          batch_size: int = 1000, seed: Optional[int] = None, beta: float = 1.0,
          beta_sites=None, check: bool = True) -> float:

@@ -129,6 +129,36 @@ class _LatentModel(PyroModule):
         self.likelihood.check(x, what)
 
 
+def likelihood_and_decoder(likelihood, options: Optional[Dict], x_dim: int,
+                           network_args: tuple, act: str):
+    """The likelihood head p(x | .) and a decoder network sized for it: the head's
+    ``outputs_per_feature`` (k, default 1) times x_dim outputs. A head whose distribution,
+    given k * x_dim features per point, is not over x_dim features is refused in one line
+    (see ``pyro_vae.likelihoods``)."""
+    head = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim), options)
+    k = getattr(head, "outputs_per_feature", 1)
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"likelihood {type(head).__name__}: outputs_per_feature must be "
+                         f"an integer >= 1, got {k!r}")
+    name = likelihood if isinstance(likelihood, str) else type(head).__name__
+    try:
+        with torch.no_grad(), dist.validation_enabled(False):
+            device = next(head.parameters(), torch.zeros(())).device
+            d = head(torch.zeros(2, k * x_dim, device=device))
+            shape = (tuple(d.batch_shape), tuple(d.event_shape))
+    except Exception as e:
+        raise ValueError(f"likelihood {name!r} cannot take {k} x {x_dim} decoder outputs "
+                         f"per point (outputs_per_feature = {k}; {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if shape != ((2,), (x_dim,)):
+        raise ValueError(f"likelihood {name!r} turns {k} x {x_dim} decoder outputs for each "
+                         f"of 2 points into batch shape {shape[0]}, event shape {shape[1]}; "
+                         f"expected (2,), ({x_dim},): declare outputs_per_feature (decoder "
+                         f"outputs per feature of x) on the head, and .to_event(1)")
+    arch, in_features, hidden = network_args
+    return head, network(arch, in_features, hidden, k * x_dim, act)
+
+
 def _check_encoder(encoder: nn.Module, x_dim: int, z_dim: int) -> None:
     """Refuse, in one line, a guide whose q(z | x) is not over ``z_dim`` dimensions."""
     try:
@@ -170,9 +200,9 @@ class VAE(_LatentModel):
         hidden = tuple(hidden)
         self.encoder = build(encoder, GUIDES, "guide", dict(
             x_dim=x_dim, z_dim=z_dim, hidden=hidden, act=act, arch=arch), guide_options)
-        self.decoder = network(arch, z_dim, hidden[::-1], x_dim, act)
-        self.likelihood = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim),
-                                likelihood_options)
+        self.likelihood, self.decoder = likelihood_and_decoder(
+            likelihood, likelihood_options, x_dim, network_args=(arch, z_dim, hidden[::-1]),
+            act=act)
         self.prior = build(prior, PRIORS, "prior", dict(z_dim=z_dim, x_dim=x_dim),
                            prior_options)
 
@@ -241,9 +271,9 @@ class HierarchicalVAE(_LatentModel):
             x_dim=x_dim, z_dim=z_dim, **conditional), guide_options)
         self.encoder_z1 = DiagonalNormalEncoder(x_dim + z_dim, z_dim, **conditional)
         self.p_z1 = DiagonalNormalEncoder(z_dim, z_dim, **conditional)          # p(z1|z2)
-        self.decoder = network(arch, 2 * z_dim, hidden[::-1], x_dim, act)
-        self.likelihood = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim),
-                                likelihood_options)
+        self.likelihood, self.decoder = likelihood_and_decoder(
+            likelihood, likelihood_options, x_dim,
+            network_args=(arch, 2 * z_dim, hidden[::-1]), act=act)
         self.prior = build(prior, PRIORS, "prior", dict(z_dim=z_dim, x_dim=x_dim),
                            prior_options)
 

@@ -25,7 +25,8 @@ from .checkpoints import (TrainState, atomic_write, load_checkpoint, read_checkp
                           save_checkpoint)
 from .config import (MODEL_SETTINGS, RESUMABLE_CHANGES, TrainConfig, build_model,
                      config_from_dict, config_to_dict, flag, resolve_device)
-from .evaluation import MAX_SAMPLES, active_units, elbo_surgery, log_likelihood
+from .evaluation import (MAX_SAMPLES, active_units, bits_per_dim, elbo_surgery,
+                         log_likelihood, units)
 from .evaluation import elbo as evaluate_elbo
 from .models import MODELS
 from .objectives import make_elbo, plain_elbo
@@ -359,9 +360,13 @@ def _report(config: TrainConfig, run: RunFolder, vae, data, device, history) -> 
         "device": str(device),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
+        **units(vae, test),
     }
     if config.loss == "iwae":
         summary["test_iwae"] = evaluate_elbo(vae, test, objective, seed=config.seed)
+    if summary["likelihood_of"] == "probability":
+        summary["test_elbo_bits_per_dim"] = bits_per_dim(summary["test_elbo"],
+                                                         summary["dims"])
     run.write_json("summary.json", summary)
     vae.eval()
     plots.plot_samples(vae, train.image_shape, run / "samples.png")
@@ -452,7 +457,12 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
         "elbo_estimator": type(elbo_objective).__name__,
         "log_likelihood": ll.mean().item(),
         "log_likelihood_stderr": (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else 0.0,
+        **units(vae, data),
     }
+    if results["likelihood_of"] == "probability":
+        for key in ("log_likelihood", "log_likelihood_stderr", "test_elbo"):
+            bits = bits_per_dim(results[key], results["dims"])
+            results[key + "_bits_per_dim"] = abs(bits) if key.endswith("stderr") else bits
     surgery = None
     try:
         surgery = elbo_surgery(vae, data.subset(surgery_points), seed=seed)
