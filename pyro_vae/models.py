@@ -126,7 +126,8 @@ class _LatentModel(PyroModule):
         if x.dim() != 2 or x.shape[1] != self.x_dim:
             raise ValueError(f"{what} has points of shape {tuple(x.shape[1:])}; the model "
                              f"takes x_dim = {self.x_dim} features per point")
-        self.likelihood.check(x, what)
+        if hasattr(self.likelihood, "check"):  # optional for a head of your own
+            self.likelihood.check(x, what)
 
 
 def likelihood_and_decoder(likelihood, options: Optional[Dict], x_dim: int,

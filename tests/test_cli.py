@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -45,8 +46,11 @@ def test_train_on_digits_end_to_end(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The last line is the test ELBO; reloading the run reproduces it.
     last = r.stdout.strip().splitlines()[-1]
-    assert last.startswith("test ELBO: ") and last.endswith("(250 test points)")
+    assert last.startswith("test ELBO: ") and last.endswith("; 250 test points)")
     printed = float(last.split()[2])
+    # nats per 8 x 8 image of binary pixels (a probability), and the same in bits/dim
+    bits = float(re.search(r"nats per image \(log-probability, (\S+) bits/dim", last)[1])
+    assert bits == pytest.approx(-printed / (64 * math.log(2)), abs=1e-4)
     vae, config = load_run(out)
     test = load("digits", seed=config.seed)[2]
     assert printed == pytest.approx(elbo(vae, test, config.loss, seed=config.seed), abs=1e-3)
@@ -85,7 +89,7 @@ def test_train_on_real_mnist(tmp_path, data_root):
     test_elbo = float(r.stdout.strip().splitlines()[-1].split()[2])
     # 80 steps from about -545 nats (untrained); the full run reaches about -102.
     assert -250 < test_elbo < -100
-    assert "(10000 test points)" in r.stdout
+    assert "; 10000 test points)" in r.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[1]["valid_elbo"] > metrics[0]["valid_elbo"]
 
@@ -185,8 +189,14 @@ def test_evaluate_a_run(tmp_path):
     assert lines[0] == (f"ELBO:            {result['test_elbo']:.4f}   "
                         f"(TraceMeanField_ELBO, 60 test points)")
     assert f"  reconstruction - average KL: {result['surgery_elbo']:.4f}" in lines
-    last = r.stdout.strip().splitlines()[-1]
-    assert last.startswith(f"log-likelihood: {result['log_likelihood']:.4f} +- ")
+    ll, bits = r.stdout.strip().splitlines()[-2:]
+    assert ll.startswith(f"log-likelihood: {result['log_likelihood']:.4f} +- ")
+    assert ll.endswith(f"nats per image (log-probability; 60 test points, S = 200)")
+    assert bits.split()[:2] == ["=", f"{result['log_likelihood_bits_per_dim']:.4f}"]
+    assert result["log_likelihood_bits_per_dim"] == pytest.approx(
+        -result["log_likelihood"] / (64 * math.log(2)), rel=1e-9)
+    assert (result["units"], result["likelihood_of"], result["dims"]) == (
+        "nats per image", "probability", 64)
 
     bad = run_cli("evaluate", str(out), "--split", "nope")
     assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr

@@ -259,3 +259,71 @@ def test_real_fashion_mnist(data_root):
     assert test.x.mean().item() * 255 == pytest.approx(73.1466, abs=1e-3)
     assert torch.cat([train.labels, valid.labels]).bincount().tolist() == [6000] * 10
     assert train.labels[0].item() == 9
+
+
+def _needs(data_root, folder):
+    if not (data_root / folder).is_dir():
+        pytest.skip(f"{data_root / folder} not found")
+
+
+def test_real_caltech101_silhouettes(data_root):
+    _needs(data_root, "caltech101-silhouettes")
+    from scipy.io import loadmat
+
+    splits = load("caltech101", data_root)  # binary already: never binarized
+    assert [len(s) for s in splits] == [4100, 2264, 2307]
+    assert all(s.image_shape == (28, 28) and not s.dynamic_binarize for s in splits)
+    x = torch.cat([s.x for s in splits])
+    assert set(x.unique().tolist()) == {0.0, 1.0}
+    # From the data's README: X has mean 0.5439 with 1 for the background; read with the
+    # object as 1, as the papers' code does.
+    assert x.mean().item() == pytest.approx(1 - 0.5439, abs=5e-5)
+    y = torch.cat([s.labels for s in splits])
+    assert y.min().item() == 0 and y.max().item() == 100 and len(y.unique()) == 101
+    # Each image is the file's column-major 28 x 28, in the order the seeded split drew.
+    mat = loadmat(str(data_root / "caltech101-silhouettes" / "caltech101_silhouettes_28.mat"))
+    order = torch.randperm(8671, generator=torch.Generator().manual_seed(0))
+    for i in (0, 5000, 8670):
+        j = order[i].item()
+        image = 1.0 - mat["X"][j].reshape(28, 28, order="F").astype(np.float32)
+        assert torch.equal(x[i].reshape(28, 28), torch.from_numpy(image))
+        assert y[i].item() == int(mat["Y"][0, j]) - 1
+
+
+def test_real_frey_faces_and_its_seeded_split(data_root):
+    _needs(data_root, "frey-faces")
+    train, valid, test = load("frey-faces", data_root, binarize=False)
+    assert [len(s) for s in (train, valid, test)] == [1565, 200, 200]
+    assert train.image_shape == (28, 20) and train.x.shape[1] == 560
+    assert train.labels is None and not train.dynamic_binarize
+    x = torch.cat([train.x, valid.x, test.x])
+    # From the data's README: uint8 values 8-238, mean 154.46; read as value / 255.
+    assert (x.min().item() * 255, x.max().item() * 255) == pytest.approx((8, 238))
+    assert x.mean().item() * 255 == pytest.approx(154.46, abs=5e-3)
+    assert torch.allclose(x * 255, (x * 255).round(), atol=1e-4)
+    # The split is a function of split_seed alone (not of the run's seed) ...
+    again = load("frey-faces", data_root, binarize=False, seed=7)
+    assert all(torch.equal(a.x, b.x) for a, b in zip((train, valid, test), again))
+    other = load("frey-faces", data_root, binarize=False, split_seed=1)
+    assert not torch.equal(other[2].x, test.x)
+    # ... and a partition of the 1965 images.
+    raw = np.load(data_root / "frey-faces" / "freyfaces_uint8_1965x560.npy")
+    key = lambda t: sorted(map(tuple, (t * 255).round().to(torch.int64).tolist()))  # noqa
+    assert key(x) == sorted(map(tuple, raw.astype(np.int64).tolist()))
+    assert key(torch.cat([o.x for o in other])) == key(x)
+
+
+def test_frey_faces_damaged_or_missing_file_is_one_line_naming_it(data_root, tmp_path):
+    _needs(data_root, "frey-faces")
+    name = "freyfaces_uint8_1965x560.npy"
+    folder = tmp_path / "frey-faces"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{folder} lacks {name} .*it has no "
+                                                f"download mirror") as missing:
+        load("frey-faces", tmp_path)
+    raw = bytearray((data_root / "frey-faces" / name).read_bytes())
+    raw[-1] ^= 1
+    (folder / name).write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{folder / name}: md5 of the content is") as bad:
+        load("frey-faces", tmp_path)
+    assert "\n" not in str(missing.value) + str(bad.value)
