@@ -18,6 +18,12 @@ Everything else is optional and discovered (``hasattr``); ``LatentVariableModel`
 with its meaning. A model without a piece simply does not get what needs it: ``sample``
 and ``reconstruct`` for figures, ``encode``/``decode``/``p_z`` for ELBO surgery and active
 units, ``guide_modules`` for freezing the model and starting a fresh guide.
+
+The package's ``VAE`` and ``HierarchicalVAE`` take parts with contracts of their own; the
+likelihood head is the one that shapes the model: it declares ``outputs_per_feature`` (the
+decoder's outputs per feature of x) and ``discrete`` (a probability, so evaluation gives
+bits per dimension too), see ``pyro_vae.likelihoods``. A model of your own with a
+``likelihood`` attribute gets the same bits per dimension from ``discrete``.
 """
 
 from typing import ContextManager, Optional, Protocol, Sequence, runtime_checkable

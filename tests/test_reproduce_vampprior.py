@@ -3,6 +3,7 @@ pieces equal to training in one go, a changed protocol refused, and the table it
 holding the package's own evaluation."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_protocol_pieces_and_table(tmp_path, data_root):
     text = ok(script(data_root, pieces, "evaluate", "--samples", "10", "--limit", "30"))
     assert (pieces / "mnist" / "valid_curves.png").stat().st_size > 0
     assert "10 importance samples, 30 test points" in text
-    for name, paper in zip(CONFIGS, ("-88.56", "-83.19")):
+    for name in CONFIGS:
         result = json.loads((pieces / "mnist" / name / "eval.json").read_text())
         history = [json.loads(line) for line in
                    (pieces / "mnist" / name / "metrics.jsonl").read_text().splitlines()]
@@ -72,6 +73,8 @@ def test_protocol_pieces_and_table(tmp_path, data_root):
         assert cells[1] == f"2 ({best})"
         assert cells[2] == (f"{result['log_likelihood']:.2f} ± "
                             f"{result['log_likelihood_stderr']:.2f}")
-        assert cells[3] == paper and cells[4] == f"{result['test_elbo']:.2f}"
-        assert cells[5] == "n/a"  # too few epochs to say whether it was still improving
-        assert re.fullmatch(r"\d+\.\d", cells[6])
+        assert cells[3] == f"{-result['log_likelihood'] / (784 * math.log(2)):.3f}"
+        # the paper's figures are for statically binarized MNIST, not this data set
+        assert cells[4] == "not read" and cells[5] == f"{result['test_elbo']:.2f}"
+        assert cells[6] == "n/a"  # too few epochs to say whether it was still improving
+        assert re.fullmatch(r"\d+\.\d", cells[7])
