@@ -168,7 +168,7 @@ CASES: Sequence[Case] = [
          "argument --loss: invalid choice: 'kl' (choose from 'trace', 'meanfield', 'iwae')"),
     Case("11+", "unknown --dataset", ["--dataset", "cifar"],
          "argument --dataset: invalid choice: 'cifar' (choose from 'digits', 'mnist', "
-         "'fashion-mnist', 'binarized-mnist')"),
+         "'fashion-mnist', 'binarized-mnist', 'caltech101', 'frey-faces')"),
     Case("12", "z-dim <= 0", DIGITS + ["--z-dim", "0"], "--z-dim must be > 0, got 0"),
     Case("12+", "batch size > data set", DIGITS + ["--batch-size", "5000"],
          "--batch-size 5000 is larger than the train split of 'digits' (1297 points)"),
