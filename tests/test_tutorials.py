@@ -1,7 +1,7 @@
-"""Every tutorial runs with --smoke on MNIST, writes its figures and prints what its text
-promises (the numbers of a one-epoch run on 1 000 points mean little; the checks are on
-what holds at any training length). Each runs in its own temporary folder: nothing in the
-working folder is read or written."""
+"""Every tutorial runs with --smoke on MNIST (tutorial 12 on Frey Faces), writes its
+figures and prints what its text promises (the numbers of a one-epoch run on 1 000 points
+mean little; the checks are on what holds at any training length). Each runs in its own
+temporary folder: nothing in the working folder is read or written."""
 
 import math
 import re
@@ -30,6 +30,7 @@ FIGURES = {
     "09_scaling_up.py": ["processes.png"],
     "10_your_own_model.py": ["samples.png", "samples_per_component.png",
                              "test_images_per_component.png"],
+    "12_continuous_data.py": ["reconstructions.png", "samples.png", "sigma_start.png"],
 }
 
 SMOKE_NOTE = "--smoke: one epoch on 1 000 points: the numbers below are not meaningful"
@@ -188,3 +189,46 @@ def test_10_your_own_model(tmp_path, data_root):
     agreement = float(re.search(r"cluster-label agreement .*: (\d+\.\d)% of 500", text)
                       .group(1))
     assert 10.0 <= agreement <= 100.0
+
+
+@pytest.mark.slow
+def test_12_continuous_data(tmp_path, data_root):
+    if not (data_root / "frey-faces").is_dir():
+        pytest.skip(f"Frey Faces not found: {data_root}/frey-faces/ (not downloaded)")
+    text = run("12_continuous_data.py", tmp_path, data_root)
+    assert "--smoke: one epoch on 500 points: the numbers below are not meaningful" in text
+    assert "500 train, 100 valid, 100 test images of 28 x 20" in text
+    heads = ["continuous_bernoulli", "discretized_logistic", "gaussian_decoded"]
+    # Per head: what its log p(x) is of, the test ELBO, log p(x) +- se and bits/dim.
+    rows = {m[0]: m[1:] for m in re.findall(
+        rf"^({'|'.join(heads)})\s+(density|probability)\s+({NUMBER})\s+({NUMBER}) \+-"
+        rf"\s+(\d+\.\d+)\s+(-|\d+\.\d+)$", text, re.M)}
+    assert sorted(rows) == heads, text
+    for name, (of, elbo, ll, se, bits) in rows.items():
+        discrete = name == "discretized_logistic"
+        assert of == ("probability" if discrete else "density")
+        assert all(math.isfinite(float(v)) for v in (elbo, ll, se)) and float(se) > 0
+        if discrete:  # a log-probability: <= 0, and bits/dim from the printed nats
+            assert float(ll) < 0 and float(elbo) < 0
+            assert float(bits) == pytest.approx(-float(ll) / (560 * math.log(2)),
+                                                abs=1e-3)
+        else:
+            assert bits == "-"
+    # Per head: the KL term (>= 0: a Gaussian KL in closed form), the codes' spread and
+    # the reconstruction error; the mean face's error.
+    codes = {m[0]: [float(v) for v in m[1:]] for m in re.findall(
+        rf"^({'|'.join(heads)})\s+({NUMBER})\s+(\d+\.\d+)\s+(\d+\.\d+)$", text, re.M)}
+    assert sorted(codes) == heads, text
+    for kl, spread, recon in codes.values():
+        assert kl >= 0 and spread > 0 and recon > 0
+    mean_face = float(re.search(r"^the mean face\s+(\d+\.\d+)   \(the training", text,
+                                re.M).group(1))
+    assert 0 < mean_face < 0.1
+    # sigma started at 1 is still above sigma started at 0.1 after any number of epochs.
+    sigmas = {m[0]: float(m[1]) for m in re.findall(
+        r"^(1\.0|0\.1 \(default\))\s+(\d+\.\d+)\s+\d+\.\d+$", text, re.M)}
+    assert sigmas.keys() == {"1.0", "0.1 (default)"}, text
+    assert sigmas["1.0"] > sigmas["0.1 (default)"] > 0
+    by_epoch = re.findall(r"^  sigma start (?:1\.0|0\.1 \(default\))\s+(\d+\.\d+)$",
+                          text, re.M)
+    assert len(by_epoch) == 2  # one epoch: one column
