@@ -48,7 +48,6 @@ def _evaluating(model):
         model.train(was_training)
 
 
-@torch.no_grad()
 def units(model, data) -> dict:
     """What a log-likelihood (or ELBO) of ``model`` on ``data`` is measured in: nats per
     data point (per image for image data) of a probability (a discrete likelihood head:
@@ -67,6 +66,7 @@ def bits_per_dim(nats: float, dims: int) -> float:
     return -nats / (dims * math.log(2))
 
 
+@torch.no_grad()
 def elbo(model, data, loss: Loss = "meanfield", num_particles: int = 1,
          batch_size: int = 1000, seed: Optional[int] = None, beta: float = 1.0,
          beta_sites=None, check: bool = True) -> float:

@@ -158,3 +158,18 @@ def test_surgery_refuses_two_layer_models():
     hvae = HierarchicalVAE(12, 3, (8,), arch="mlp")
     with pytest.raises(ValueError, match=r"one latent site 'z'; this guide samples \['z2', 'z1'\]"):
         elbo_surgery(hvae, _lg_data(torch.ones(4, 12)))
+
+
+def test_elbo_builds_no_autograd_graph():
+    """Evaluation runs under torch.no_grad: the model sees gradients switched off."""
+    vae = VAE(6, 2, (4,))
+    seen = []
+    original = vae.model
+
+    def model(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    vae.model = model
+    elbo(vae, torch.bernoulli(torch.full((10, 6), 0.5)))
+    assert seen and not any(seen)
