@@ -7,8 +7,13 @@ and ``forward`` returns a ``pyro.distributions`` object with ``event_shape == (x
 ``VAE`` and ``HierarchicalVAE`` size their decoder from it, and refuse a head whose
 distribution does not have that shape in one line. ``discrete = True`` says ``log_prob``
 is a log-probability (a mass function), so evaluation also reports bits per dimension;
-a density on continuous x is not comparable with it. ``check(x, what)`` rejects data
-outside the head's support with a one-line error before any training starts.
+a density on continuous x is not comparable with it. Both default (1, False) when a
+head of your own leaves them out. ``check(x, what)`` (optional) rejects data outside the
+head's support with a one-line error before any training starts.
+
+Heads that predict a scale (k = 2) learn sharp posteriors: their codes may fill a small
+part of the prior's space, so samples from p(z) can look worse than the test likelihood
+suggests (``tutorials/12_continuous_data.py``).
 
 ============================  ===  ========  ==========================================
 head                          k    discrete  data
