@@ -398,14 +398,15 @@ def load(name: str, data_dir=None, binarize: bool = True, seed: int = 0,
         splits, shape = _load_digits()
     elif name in ("mnist", "fashion-mnist"):
         splits, shape = _load_idx_family(name, data_dir, download)
-    elif name in ("binarized-mnist", "caltech101"):
-        splits, shape = (_load_binarized(data_dir, download) if name == "binarized-mnist"
-                         else _load_caltech101(data_dir, download, split_seed))
-        binarize = False
+    elif name == "binarized-mnist":
+        splits, shape = _load_binarized(data_dir, download)
+    elif name == "caltech101":
+        splits, shape = _load_caltech101(data_dir, download, split_seed)
     elif name == "frey-faces":
         splits, shape = _load_frey(data_dir, download, split_seed)
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+    binarize = binarize and name not in ("binarized-mnist", "caltech101")  # binary already
     gen = torch.Generator().manual_seed(seed)
     out = []
     for split, (x, y) in zip(("train", "valid", "test"), splits):

@@ -130,9 +130,10 @@ class _LatentModel(PyroModule):
             self.likelihood.check(x, what)
 
 
-def likelihood_and_decoder(likelihood, options: Optional[Dict], x_dim: int,
-                           network_args: tuple, act: str):
-    """The likelihood head p(x | .) and a decoder network sized for it: the head's
+def likelihood_and_decoder(likelihood, options: Optional[Dict], x_dim: int, arch: str,
+                           in_features: int, hidden: Sequence[int], act: str):
+    """The likelihood head p(x | .) and an ``arch`` decoder network from ``in_features``
+    through ``hidden`` sized for it: the head's
     ``outputs_per_feature`` (k, default 1) times x_dim outputs. A head whose distribution,
     given k * x_dim features per point, is not over x_dim features is refused in one line
     (see ``pyro_vae.likelihoods``)."""
@@ -156,7 +157,6 @@ def likelihood_and_decoder(likelihood, options: Optional[Dict], x_dim: int,
                          f"of 2 points into batch shape {shape[0]}, event shape {shape[1]}; "
                          f"expected (2,), ({x_dim},): declare outputs_per_feature (decoder "
                          f"outputs per feature of x) on the head, and .to_event(1)")
-    arch, in_features, hidden = network_args
     return head, network(arch, in_features, hidden, k * x_dim, act)
 
 
@@ -202,8 +202,7 @@ class VAE(_LatentModel):
         self.encoder = build(encoder, GUIDES, "guide", dict(
             x_dim=x_dim, z_dim=z_dim, hidden=hidden, act=act, arch=arch), guide_options)
         self.likelihood, self.decoder = likelihood_and_decoder(
-            likelihood, likelihood_options, x_dim, network_args=(arch, z_dim, hidden[::-1]),
-            act=act)
+            likelihood, likelihood_options, x_dim, arch, z_dim, hidden[::-1], act)
         self.prior = build(prior, PRIORS, "prior", dict(z_dim=z_dim, x_dim=x_dim),
                            prior_options)
 
@@ -273,8 +272,7 @@ class HierarchicalVAE(_LatentModel):
         self.encoder_z1 = DiagonalNormalEncoder(x_dim + z_dim, z_dim, **conditional)
         self.p_z1 = DiagonalNormalEncoder(z_dim, z_dim, **conditional)          # p(z1|z2)
         self.likelihood, self.decoder = likelihood_and_decoder(
-            likelihood, likelihood_options, x_dim,
-            network_args=(arch, 2 * z_dim, hidden[::-1]), act=act)
+            likelihood, likelihood_options, x_dim, arch, 2 * z_dim, hidden[::-1], act)
         self.prior = build(prior, PRIORS, "prior", dict(z_dim=z_dim, x_dim=x_dim),
                            prior_options)
 

@@ -448,6 +448,7 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
     vae.eval()
     elbo_objective = plain_elbo(make_elbo(config.loss))
     ll = log_likelihood(vae, data, samples, chunk, seed=seed, progress=progress)
+    ll_stderr = (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else 0.0
     results = {
         "split": split,
         "guide": config.guide,
@@ -456,13 +457,15 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
         "test_elbo": evaluate_elbo(vae, data, elbo_objective, seed=seed),
         "elbo_estimator": type(elbo_objective).__name__,
         "log_likelihood": ll.mean().item(),
-        "log_likelihood_stderr": (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else 0.0,
+        "log_likelihood_stderr": ll_stderr,
         **units(vae, data),
     }
     if results["likelihood_of"] == "probability":
-        for key in ("log_likelihood", "log_likelihood_stderr", "test_elbo"):
-            bits = bits_per_dim(results[key], results["dims"])
-            results[key + "_bits_per_dim"] = abs(bits) if key.endswith("stderr") else bits
+        dims = results["dims"]
+        results.update(
+            log_likelihood_bits_per_dim=bits_per_dim(results["log_likelihood"], dims),
+            log_likelihood_stderr_bits_per_dim=-bits_per_dim(ll_stderr, dims),
+            test_elbo_bits_per_dim=bits_per_dim(results["test_elbo"], dims))
     surgery = None
     try:
         surgery = elbo_surgery(vae, data.subset(surgery_points), seed=seed)
