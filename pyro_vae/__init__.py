@@ -8,13 +8,14 @@ tour, and tutorials/ for lessons.
 __version__ = "0.1.0"
 
 from . import (checkpoints, config, contract, datasets, evaluation, guides, likelihoods,
-               nn, objectives, plots, priors, runs, train)
+               nn, objectives, plots, priors, runs, semisupervised, train)
 from .checkpoints import TrainState, load_checkpoint, read_checkpoint, save_checkpoint
 from .contract import LatentVariableModel, PyroModel
 from .evaluation import elbo, elbo_surgery, log_likelihood
 from .guides import GUIDES, DiagonalNormalEncoder, FullRankNormalEncoder, IAFEncoder
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood
 from .models import MODELS, VAE, HierarchicalVAE
+from .semisupervised import SemiSupervisedVAE
 from .priors import PRIORS, LearnedNormal, Mixture, MixtureOfGaussians, StandardNormal, VampPrior
 from .config import TrainConfig
 from .runs import RunFolder, load_run, resume_run, save_run, train_run
@@ -23,7 +24,7 @@ from .hooks import Checkpointer, EarlyStopping, Hook, KeepBest, MetricsWriter
 from .train import Options, Step, Trainer, TrainingDiverged, TrainingInterrupted, fit
 
 __all__ = [
-    "VAE", "HierarchicalVAE", "MODELS", "PyroModel", "LatentVariableModel",
+    "VAE", "HierarchicalVAE", "SemiSupervisedVAE", "MODELS", "PyroModel", "LatentVariableModel",
     "fit", "Options", "Trainer", "Step", "TrainState", "TrainingDiverged", "TrainingInterrupted",
     "scale_latents",
     "Hook", "EarlyStopping", "KeepBest", "MetricsWriter", "Checkpointer",
@@ -34,5 +35,5 @@ __all__ = [
     "GUIDES", "DiagonalNormalEncoder", "FullRankNormalEncoder", "IAFEncoder",
     "LIKELIHOODS", "BernoulliLikelihood", "GaussianLikelihood",
     "checkpoints", "config", "contract", "datasets", "runs", "evaluation", "guides", "likelihoods", "nn",
-    "objectives", "plots", "priors", "train",
+    "objectives", "plots", "priors", "semisupervised", "train",
 ]

@@ -186,6 +186,9 @@ def _train(args: dict, argv) -> None:
             if "test_elbo_bits_per_dim" in summary else "")
     print(f"test ELBO: {summary['test_elbo']:.4f} {summary['units']} (log-"
           f"{summary['likelihood_of']}{bits}; {summary['num_test']} test points)")
+    if "test_error" in summary:
+        print(f"test error: {summary['test_error']:.2f}% (classifier q(y|x), "
+              f"{summary['labels']} training labels)")
 
 
 def _evaluate(args: dict) -> None:
@@ -202,7 +205,10 @@ def _evaluate(args: dict) -> None:
               f"{r['mutual_information']:.4f} + KL(q(z) || p(z)) {r['marginal_kl']:.4f}"
               f"   (log N = {r['log_n']:.4f})")
         print(f"  reconstruction - average KL: {r['surgery_elbo']:.4f}")
-    print(f"active units:    {r['active_units']}")
+    if "active_units" in r:
+        print(f"active units:    {r['active_units']}")
+    if "test_error" in r:
+        print(f"error of q(y|x): {r['test_error']:.2f}%   ({n})")
     print(f"eval.json and elbo_surgery.png in {args['run']}")
     print(f"log-likelihood: {r['log_likelihood']:.4f} +- {r['log_likelihood_stderr']:.4f} "
           f"{r['units']} (log-{r['likelihood_of']}; {n}, S = {r['num_samples']})")

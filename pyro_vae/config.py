@@ -25,6 +25,7 @@ from .models import MODELS, build, resolve
 from .nn import ACTIVATIONS, ARCHS
 from .objectives import LOSSES, check_objective, make_elbo
 from .priors import PRIORS
+from .semisupervised import SemiSupervisedVAE, paper_aux_weight
 from .train import OPTIMIZERS
 
 
@@ -48,17 +49,23 @@ class TrainConfig:
     limit: Optional[int] = _opt(None, "train on the first N training points only", "data")
     binarize: Optional[bool] = _opt(None, "binarize gray data (default: with the "
                                           "bernoulli likelihood)", "data")
-    model: str = _opt("vae", "vae, or hvae (two stochastic layers)", "model",
-                      choices=tuple(MODELS))
+    labels: Optional[int] = _opt(None, "ssvae: keep the labels of N training points, N/10 "
+                                       "per class chosen by --seed (labels.json lists "
+                                       "them); the rest are unlabelled", "data", added=True)
+    model: str = _opt("vae", "vae, hvae (two stochastic layers), or ssvae (M2, "
+                             "semi-supervised: the label a latent variable; needs --labels)",
+                      "model", choices=tuple(MODELS))
     arch: str = _opt("mlp", "networks: mlp, or gated (GatedDense, the VampPrior paper's)",
                      "model", choices=ARCHS)
     z_dim: Optional[int] = _opt(None, "latent dimension (default: 50 for mlp, 40 for "
                                       "gated)", "model")
     hidden: Optional[Tuple[int, ...]] = _opt(None, "hidden layer sizes of the encoder; the "
                                                    "decoder mirrors them (default: 400 for "
-                                                   "mlp, 300 300 for gated)", "model")
-    act: str = _opt("relu", "hidden activation of mlp networks", "model",
-                    choices=tuple(ACTIVATIONS))
+                                                   "mlp, 500 for ssvae, 300 300 for gated)",
+                                             "model")
+    act: Optional[str] = _opt(None, "hidden activation of mlp networks (default: relu; "
+                                    "softplus for ssvae)", "model",
+                              choices=tuple(ACTIVATIONS))
     prior: str = _opt("normal", f"p(z): one of {', '.join(PRIORS)}, or "
                                 f"package.module:ClassName", "model")
     prior_options: Dict[str, Any] = _opt({}, "an option of the prior's constructor, e.g. "
@@ -85,8 +92,13 @@ class TrainConfig:
                                      "and prior stay fixed")
     fresh_guide: bool = _opt(False, "with --init-from: start the guide from scratch even "
                                     "when it is that run's own family")
-    loss: str = _opt("meanfield", "trace (Trace_ELBO), meanfield (TraceMeanField_ELBO) or "
-                                  "iwae (RenyiELBO, alpha=0)", choices=tuple(LOSSES))
+    loss: Optional[str] = _opt(None, "trace (Trace_ELBO), meanfield (TraceMeanField_ELBO), "
+                                     "iwae (RenyiELBO, alpha=0) or enum (TraceEnum_ELBO) "
+                                     "(default: meanfield; enum for ssvae)",
+                               choices=tuple(LOSSES))
+    alpha: float = _opt(0.1, "ssvae: weight of the classification term log q(y|x) on "
+                             "labelled points, as the paper's alpha: each weighs alpha N / "
+                             "N_labelled (0: off)", added=True)
     particles: int = _opt(1, "vectorized samples per data point (K of the IWAE bound)")
     beta: float = _opt(1.0, "weight of the KL term (beta-VAE)")
     warmup_epochs: int = _opt(0, "KL warm-up: beta rises linearly from 0 over these epochs")
@@ -99,9 +111,14 @@ class TrainConfig:
                                   "+-clip-norm")
     skip_nonfinite: int = _opt(0, "skip up to K steps whose loss or gradient is not "
                                   "finite (each is logged), instead of stopping")
-    early_stopping: int = _opt(0, "stop after N epochs without a better validation ELBO; "
+    early_stopping: int = _opt(0, "stop after N epochs without a better --monitor value; "
                                   "best.pt keeps the best epoch's model, which the "
                                   "summary, figures and evaluate use (0: off)")
+    monitor: str = _opt("valid_elbo", "what --early-stopping and best.pt watch: valid_elbo "
+                                      "(highest), or valid_error (lowest; ssvae's "
+                                      "classification error)", choices=("valid_elbo",
+                                                                         "valid_error"),
+                        added=True)
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: after each epoch "
                                     "only)")
     seed: int = _opt(0, "random seed")
@@ -115,7 +132,7 @@ class TrainConfig:
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise ValueError(f"--{flag(f.name)}: {value!r} is not one of {list(choices)}")
-        for name in ("z_dim", "particles", "epochs", "batch_size", "limit"):
+        for name in ("z_dim", "particles", "epochs", "batch_size", "limit", "labels"):
             value = getattr(self, name)
             if value is not None and not value > 0:  # None: the default applies
                 raise ValueError(f"--{flag(name)} must be > 0, got {value}")
@@ -132,17 +149,44 @@ class TrainConfig:
         for option in ("freeze_model", "fresh_guide"):
             if getattr(self, option) and not self.init_from:
                 raise ValueError(f"--{flag(option)} needs --init-from RUN (a trained model)")
-        check_objective(make_elbo(self.loss, self.particles), self.beta, self.warmup_epochs)
+        if not 0 <= self.alpha < math.inf:
+            raise ValueError(f"--alpha must be finite and >= 0, got {self.alpha}")
+        self._check_semisupervised()
+        check_objective(make_elbo(self.resolved().loss, self.particles), self.beta,
+                        self.warmup_epochs)
         resolve(self.prior, PRIORS, "prior")
         resolve(self.guide, GUIDES, "guide")
         resolve_device(self.device)
 
+    def _check_semisupervised(self) -> None:
+        """ssvae's settings: labels of a 10-class data set, its own guide and losses."""
+        if self.model != "ssvae":
+            for name, value in (("labels", self.labels), ("monitor", self.monitor != "valid_elbo")):
+                if value:
+                    raise ValueError(f"--{name} is for --model ssvae (a classifier)")
+            return
+        if self.labels is None:
+            raise ValueError("--model ssvae needs --labels N (how many training labels "
+                             "to keep)")
+        if self.dataset not in SEMI_SUPERVISED_DATASETS:
+            raise ValueError(f"--dataset {self.dataset}: --model ssvae needs 10 classes "
+                             f"of labels; choose one of {list(SEMI_SUPERVISED_DATASETS)}")
+        if self.loss not in (None, "enum", "trace"):
+            raise ValueError(f"--loss {self.loss}: --model ssvae sums the label out with "
+                             f"enum, or samples it with trace (a score-function gradient)")
+        if self.guide != "diagonal" or self.guide_options or self.init_from:
+            bad = "--init-from" if self.init_from else "--guide"
+            raise ValueError(f"{bad}: --model ssvae has its own guide q(y|x) q(z|x,y)")
+
     def resolved(self) -> "TrainConfig":
-        """A copy with the arch-dependent defaults filled in (what config.json records)."""
-        gated = self.arch == "gated"
+        """A copy with the model- and arch-dependent defaults filled in (what config.json
+        records)."""
+        gated, m2 = self.arch == "gated", self.model == "ssvae"
         return dataclasses.replace(
             self, z_dim=self.z_dim or (40 if gated else 50),
-            hidden=tuple(self.hidden or ((300, 300) if gated else (400,))))
+            hidden=tuple(self.hidden or ((300, 300) if gated else (500,) if m2 else (400,))),
+            act=self.act or ("softplus" if m2 else "relu"),
+            loss=self.loss or ("enum" if m2 else "meanfield"))
 
     def group(self, name: str) -> Dict[str, Any]:
         """The settings of one group (``data``, ``model`` or ``training``)."""
@@ -153,6 +197,9 @@ class TrainConfig:
     def binarize_data(self) -> bool:
         return self.likelihood == "bernoulli" if self.binarize is None else self.binarize
 
+
+#: Data sets with the 10 classes ``--model ssvae`` needs.
+SEMI_SUPERVISED_DATASETS = ("digits", "mnist", "fashion-mnist")
 
 MODEL_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig)
                        if f.metadata["group"] == "model")
@@ -205,6 +252,14 @@ def build_model(config: TrainConfig, x_dim: int, train=None):
         # Loading a trained run overwrites them; any images of the right shape will do.
         prior_options["data"] = train.x if train is not None else torch.rand(
             prior_options.get("components", 500), x_dim)
+    if config.model == "ssvae":
+        # The weight of log q(y|x) needs the split's size; a trained model's is not used.
+        aux = paper_aux_weight(len(train), config.labels, config.alpha) \
+            if train is not None else 0.0
+        return SemiSupervisedVAE(
+            x_dim, config.z_dim, config.hidden, likelihood=config.likelihood,
+            prior=config.prior, act=config.act, arch=config.arch, aux_weight=aux,
+            prior_options=prior_options, likelihood_options=config.likelihood_options)
     swapped = config.prior_guide is not None
     vae = MODELS[config.model](
         x_dim, config.z_dim, config.hidden, likelihood=config.likelihood,
@@ -303,8 +358,9 @@ def _check_schema(raw: dict, where: str, fmt: int) -> None:
     for name, f in fields.items():
         if name not in raw:
             added_in_2 = f.default_factory is not dataclasses.MISSING
-            if f.metadata.get("derived") or (fmt == 1 and added_in_2):
-                continue
+            if f.metadata.get("derived") or f.metadata.get("added") or (
+                    fmt == 1 and added_in_2):
+                continue  # its default applies
             raise ValueError(f"{where}: setting {name!r} is missing")
         expected = _kind_ok(hints[name], raw[name])
         if expected:

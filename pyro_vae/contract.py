@@ -17,7 +17,8 @@ log-likelihood estimator). ``TraceEnum_ELBO`` needs the usual ``config_enumerate
 Everything else is optional and discovered (``hasattr``); ``LatentVariableModel`` lists it
 with its meaning. A model without a piece simply does not get what needs it: ``sample``
 and ``reconstruct`` for figures, ``encode``/``decode``/``p_z`` for ELBO surgery and active
-units, ``guide_modules`` for freezing the model and starting a fresh guide.
+units, ``guide_modules`` for freezing the model and starting a fresh guide, ``metrics``
+for validation numbers beside the ELBO (a classifier's error).
 
 The package's ``VAE`` and ``HierarchicalVAE`` take parts with contracts of their own; the
 likelihood head is the one that shapes the model: it declares ``outputs_per_feature`` (the
@@ -76,6 +77,11 @@ class LatentVariableModel(PyroModel, Protocol):
 
     def p_z(self) -> dist.Distribution:
         """The prior p(z): ELBO surgery, active units."""
+
+    def metrics(self, data) -> dict:
+        """Numbers to record per epoch on the validation data beside its ELBO, e.g.
+        ``{"error": 3.1}``: ``fit`` adds them as ``valid_error``, which early stopping
+        and keep-best may watch (``monitor``)."""
 
     def unregistered(self) -> ContextManager:
         """A block in which ``model`` and ``guide`` emit no ``param`` sites (faster

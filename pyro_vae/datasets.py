@@ -81,6 +81,9 @@ class TensorDataset:
     of the gray values (Salakhutdinov & Murray 2008), as for training on gray MNIST.
     ``labels``: the points' classes where known (the built-in data sets keep them here,
     not in the batches; ``with_labels`` puts them there).
+    ``spread``: a boolean mask of points to spread evenly over the batches of every
+    shuffled epoch (the labelled points of a semi-supervised split): each batch of B
+    holds about B * spread.mean() of them, in the random order the epoch drew.
     """
 
     x: torch.Tensor
@@ -90,6 +93,7 @@ class TensorDataset:
     dynamic_binarize: bool = False
     labels: Optional[torch.Tensor] = None
     extras: Tuple[torch.Tensor, ...] = ()
+    spread: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.x.dim() < 1:
@@ -119,7 +123,8 @@ class TensorDataset:
 
     def _map(self, f) -> "TensorDataset":
         labels = None if self.labels is None else f(self.labels)
-        return dataclasses.replace(self, x=f(self.x), labels=labels,
+        spread = None if self.spread is None else f(self.spread)
+        return dataclasses.replace(self, x=f(self.x), labels=labels, spread=spread,
                                    extras=tuple(f(t) for t in self.extras))
 
     def to(self, device) -> "TensorDataset":
@@ -151,6 +156,8 @@ class TensorDataset:
         n = len(self.x)
         if order is None and shuffle:
             order = torch.randperm(n, device=self.device, generator=generator)
+        if order is not None and self.spread is not None:
+            order = spread_evenly(order, self.spread)
         for i in range(start * batch_size, n, batch_size):
             batch = tuple(t[i:i + batch_size] if order is None  # index_select: no sync
                           else t.index_select(0, order[i:i + batch_size])
@@ -164,6 +171,20 @@ class TensorDataset:
         replaced by one possible draw (``ceil``), for support checks."""
         x = self.x.ceil() if self.dynamic_binarize else self.x
         return (x,) + self.extras
+
+
+def spread_evenly(order: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``order`` (a permutation) rearranged so that the points where ``mask`` is True
+    sit evenly among the others, each group keeping its order in ``order``: the j-th
+    of the n1 marked points goes to relative position (j + 1/2) / n1, the k-th of the n0
+    others to (k + 1/2) / n0, and the two sequences are merged by position."""
+    marked = mask[order]
+    n1 = marked.sum()
+    n0 = len(order) - n1
+    rank1 = marked.cumsum(0) - 0.5
+    rank0 = (~marked).cumsum(0) - 0.5
+    position = torch.where(marked, rank1 / n1.clamp(min=1), rank0 / n0.clamp(min=1))
+    return order[torch.sort(position, stable=True).indices]
 
 
 def as_dataset(data, name: str = "data", split: str = "given") -> TensorDataset:

@@ -101,9 +101,15 @@ def _log_weights(model, batch, num_samples: int, dim: int = -2) -> torch.Tensor:
     the guide does not sample is drawn by the model from its own conditional, which is
     then its proposal: its density cancels and is left out. So any model and guide (any
     prior, both layers of the HVAE, any guide family, a discrete latent of the model).
+
+    A guide site marked ``infer={"enumerate": "parallel"}`` (M2's label) is summed out
+    exactly: the guide runs at each of its values (a dimension left of ``dim``), its
+    own density is left out, and the weights are summed over it, so that
+    exp(log w_s) = sum_y p(x, y, z_sy) / q(z_sy | x, y), z_sy ~ q(z | x, y).
     """
     particles = pyro.plate("_eval_particles", num_samples, dim=dim)
-    guide_trace = poutine.trace(particles(model.guide)).get_trace(*batch)
+    guide = poutine.enum(particles(model.guide), first_available_dim=dim - 1)
+    guide_trace = poutine.trace(guide).get_trace(*batch)
     model_trace = poutine.trace(poutine.replay(particles(model.model), trace=guide_trace)
                                 ).get_trace(*batch)
     log_w = 0.0
@@ -113,16 +119,22 @@ def _log_weights(model, batch, num_samples: int, dim: int = -2) -> torch.Tensor:
                 continue
             if trace is model_trace and not site["is_observed"] and name not in guide_trace:
                 continue
+            if trace is guide_trace and site["infer"].get("_enumerate_dim") is not None:
+                continue  # summed out below, weighted by p(y) alone
             log_w = log_w + sign * _sum_right(site["fn"].log_prob(site["value"]), dim)
+    if torch.is_tensor(log_w) and log_w.dim() > 2:  # enumerated values, left of dim
+        log_w = log_w.logsumexp(dim=tuple(range(log_w.dim() - 2)))
     return log_w.expand(num_samples, len(batch[0]))
 
 
 def _sum_right(log_p: torch.Tensor, dim: int) -> torch.Tensor:
-    """A site's log-density, shape (S, ..., B) right-aligned to ``-dim`` dimensions, summed
-    over the plates nested in the data plate (which Pyro puts at dim -1, the first entered)."""
+    """A site's log-density, shape (E..., S, ..., B) right-aligned to ``-dim`` dimensions,
+    summed over the plates nested in the data plate (which Pyro puts at dim -1, the first
+    entered): shape (E..., S, B), E the enumerated dimensions left of the particles'."""
     while log_p.dim() < -dim:
         log_p = log_p.unsqueeze(0)
-    return log_p.sum(dim=tuple(range(1, log_p.dim() - 1))) if log_p.dim() > 2 else log_p
+    nested = tuple(range(dim + 1, -1))
+    return log_p.sum(dim=nested) if nested else log_p
 
 
 class _Fixed(nn.Module):

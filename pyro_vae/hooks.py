@@ -36,43 +36,52 @@ class _FunctionHook(Hook):
         return self.fn(record, history, model)
 
 
-def stopped_early(history: Sequence[Dict], patience: int) -> bool:
-    """Whether ``patience`` epochs have passed since the best ``valid_elbo``."""
-    return bool(patience) and len(history) - best_epoch(history) >= patience
+def stopped_early(history: Sequence[Dict], patience: int, monitor: str = "valid_elbo") -> bool:
+    """Whether ``patience`` epochs have passed since the best ``monitor`` value."""
+    return bool(patience) and len(history) - best_epoch(history, monitor) >= patience
 
 
-def best_epoch(history: Sequence[Dict]) -> int:
-    """The epoch (1-based) of the best ``valid_elbo`` in ``history`` (the first, on a
-    tie); 0 when no epoch was validated."""
-    scored = [(r["valid_elbo"], -r["epoch"]) for r in history if r.get("valid_elbo") is not None]
+def higher_is_better(monitor: str) -> bool:
+    """An ELBO is maximized; a record field named ``..._error`` (a classification error,
+    in percent) is minimized."""
+    return not monitor.endswith("error")
+
+
+def best_epoch(history: Sequence[Dict], monitor: str = "valid_elbo") -> int:
+    """The epoch (1-based) of the best ``monitor`` value in ``history`` (``valid_elbo``,
+    highest, by default; ``valid_error``, lowest), the first on a tie; 0 when no epoch
+    has one."""
+    sign = 1 if higher_is_better(monitor) else -1
+    scored = [(sign * r[monitor], -r["epoch"]) for r in history if r.get(monitor) is not None]
     return -max(scored)[1] if scored else 0
 
 
 class EarlyStopping(Hook):
-    """Stop after ``patience`` epochs without a better ``valid_elbo`` than the best so
-    far: a function of the history, so a resumed run stops where the uninterrupted one
-    would."""
+    """Stop after ``patience`` epochs without a better ``monitor`` value (the validation
+    ELBO by default) than the best so far: a function of the history, so a resumed run
+    stops where the uninterrupted one would."""
 
-    def __init__(self, patience: int):
-        self.patience = patience
+    def __init__(self, patience: int, monitor: str = "valid_elbo"):
+        self.patience, self.monitor = patience, monitor
 
     def on_epoch_end(self, record, history, model) -> bool:
-        stop = stopped_early(history, self.patience)
+        stop = stopped_early(history, self.patience, self.monitor)
         if stop:
-            logger.info("early stopping: no better validation ELBO in %d epochs; best "
-                        "epoch %d", self.patience, best_epoch(history))
+            logger.info("early stopping: no better %s in %d epochs; best epoch %d",
+                        self.monitor, self.patience, best_epoch(history, self.monitor))
         return stop
 
 
 class KeepBest(Hook):
     """Write the model to ``path`` (``save_checkpoint``, with ``extra``) whenever an
-    epoch's ``valid_elbo`` is the best so far."""
+    epoch's ``monitor`` value (the validation ELBO by default) is the best so far."""
 
-    def __init__(self, path, model, **extra):
-        self.path, self.model, self.extra = Path(path), model, extra
+    def __init__(self, path, model, monitor: str = "valid_elbo", **extra):
+        self.path, self.model, self.monitor, self.extra = Path(path), model, monitor, extra
 
     def on_epoch_end(self, record, history, model):
-        if record.get("valid_elbo") is not None and best_epoch(history) == record["epoch"]:
+        if record.get(self.monitor) is not None and \
+                best_epoch(history, self.monitor) == record["epoch"]:
             save_checkpoint(self.path, self.model, epoch=record["epoch"],
                             valid_elbo=record["valid_elbo"], **self.extra)
 

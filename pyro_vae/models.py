@@ -134,9 +134,15 @@ def likelihood_and_decoder(likelihood, options: Optional[Dict], x_dim: int, arch
                            in_features: int, hidden: Sequence[int], act: str):
     """The likelihood head p(x | .) and an ``arch`` decoder network from ``in_features``
     through ``hidden`` sized for it: the head's
-    ``outputs_per_feature`` (k, default 1) times x_dim outputs. A head whose distribution,
-    given k * x_dim features per point, is not over x_dim features is refused in one line
-    (see ``pyro_vae.likelihoods``)."""
+    ``outputs_per_feature`` (k, default 1) times x_dim outputs (``likelihood_head``)."""
+    head, k = likelihood_head(likelihood, options, x_dim)
+    return head, network(arch, in_features, hidden, k * x_dim, act)
+
+
+def likelihood_head(likelihood, options: Optional[Dict], x_dim: int):
+    """The likelihood head p(x | .) and k, its ``outputs_per_feature`` (default 1): the
+    decoder gives it k * x_dim features per point. A head whose distribution, given those,
+    is not over x_dim features is refused in one line (see ``pyro_vae.likelihoods``)."""
     head = build(likelihood, LIKELIHOODS, "likelihood", dict(x_dim=x_dim), options)
     k = getattr(head, "outputs_per_feature", 1)
     if not (isinstance(k, int) and k >= 1):
@@ -157,7 +163,7 @@ def likelihood_and_decoder(likelihood, options: Optional[Dict], x_dim: int, arch
                          f"of 2 points into batch shape {shape[0]}, event shape {shape[1]}; "
                          f"expected (2,), ({x_dim},): declare outputs_per_feature (decoder "
                          f"outputs per feature of x) on the head, and .to_event(1)")
-    return head, network(arch, in_features, hidden, k * x_dim, act)
+    return head, k
 
 
 def _check_encoder(encoder: nn.Module, x_dim: int, z_dim: int) -> None:
@@ -330,3 +336,4 @@ MODELS = {
     "vae": VAE,
     "hvae": HierarchicalVAE,
 }
+# pyro_vae.semisupervised adds "ssvae" (M2), built on this module's parts.

@@ -9,6 +9,8 @@
   one-sample Monte Carlo KL; ``warn_if_monte_carlo_kl`` logs that once per pair.
 - ``"iwae"``: ``RenyiELBO(alpha=0)``, the importance-weighted bound of Burda et al. (2015),
   log (1/K) sum_k p(x, z_k) / q(z_k|x) per data point, z_k ~ q(z|x), K = num_particles.
+- ``"enum"``: ``TraceEnum_ELBO``, the ELBO with the sites marked
+  ``infer={"enumerate": "parallel"}`` summed out exactly (M2's label).
 - an ELBO object: ``TraceEnum_ELBO(max_plate_nesting=1)`` for discrete latents summed out
   by enumeration, ``TraceGraph_ELBO``, ``RenyiELBO(alpha=0.5)``, a subclass of your own.
 
@@ -40,6 +42,7 @@ LOSSES = {
     "trace": Trace_ELBO,
     "meanfield": TraceMeanField_ELBO,
     "iwae": RenyiELBO,
+    "enum": TraceEnum_ELBO,
 }
 
 Loss = Union[str, ELBO]

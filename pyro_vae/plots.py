@@ -1,5 +1,7 @@
-"""Matplotlib figures of a trained VAE: samples, reconstructions, ELBO curves."""
+"""Matplotlib figures of a trained VAE: samples, reconstructions, ELBO curves; and of a
+semi-supervised one: analogies, confusion matrix, error curve."""
 
+from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
 import matplotlib
@@ -7,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; works on machines with no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+from .semisupervised import classification_error, confusion_matrix  # noqa: E402
 
 
 def image_grid(images: torch.Tensor, image_shape: Tuple[int, int], ncols: int) -> torch.Tensor:
@@ -87,3 +91,61 @@ def plot_elbo_surgery(terms: Dict, path) -> None:
     ax.tick_params(axis="x", labelsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_analogies(vae, x: torch.Tensor, image_shape, path) -> None:
+    """The M2 paper's analogy figure: the first column holds test images; row i then
+    decodes image i's style z (the mean of q(z | x, y), y the classifier's label) with
+    each label 0, 1, ... in turn."""
+    styles = vae.analogies(x)  # (C, B, D)
+    c, b = styles.shape[:2]
+    rows = torch.cat([x.unsqueeze(0).to(styles.dtype), styles]).transpose(0, 1)
+    save_grid(image_grid(rows.reshape((c + 1) * b, -1), image_shape, c + 1), path,
+              "test image, then its style decoded with each label")
+
+
+def plot_confusion(counts: torch.Tensor, path, title: str = "") -> None:
+    """A confusion matrix: row = true label, column = predicted, as counts."""
+    c = len(counts)
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.imshow(counts.float().log1p().numpy(), cmap="Blues")
+    for i in range(c):
+        for j in range(c):
+            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=6,
+                    color="white" if i == j else "black")
+    ax.set_xticks(range(c))
+    ax.set_yticks(range(c))
+    ax.set_xlabel("label of q(y|x)")
+    ax.set_ylabel("true label")
+    ax.set_title(title, fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_error(history: Sequence[Dict], path, test_error=None) -> None:
+    """Validation classification error (%) per epoch, and the final test error."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    valid = [(r["epoch"], r["valid_error"]) for r in history
+             if r.get("valid_error") is not None]
+    if valid:
+        ax.plot(*zip(*valid), marker="o", label="validation")
+    if test_error is not None:
+        ax.axhline(test_error, color="C1", linestyle="--", label=f"test {test_error:.2f}%")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("classification error (%)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_classifier(vae, test, history: Sequence[Dict], folder) -> None:
+    """A semi-supervised run's figures in ``folder``: analogies.png, confusion.png,
+    error.png."""
+    folder = Path(folder)
+    error = classification_error(vae, test)
+    plot_analogies(vae, test.x[:10], test.image_shape, folder / "analogies.png")
+    plot_confusion(confusion_matrix(vae, test), folder / "confusion.png",
+                   f"test set: {error:.2f}% error ({len(test)} points)")
+    plot_error(history, folder / "error.png", error)

@@ -2,9 +2,12 @@
 
 A run folder holds ``config.json`` (every setting), ``metrics.jsonl`` (one JSON object per
 epoch), ``checkpoint.pt`` (the weights, and everything needed to resume exactly),
-``best.pt`` (the best validated epoch's weights, which runs with early stopping use), ``summary.json`` (test ELBO,
-timings) and the figures ``samples.png``, ``reconstructions.png``, ``elbo.png``;
-``pyro-vae evaluate`` adds ``eval.json`` and ``elbo_surgery.png``. ``RunFolder`` is the
+``best.pt`` (the best validated epoch's weights, which runs with early stopping use),
+``summary.json`` (test ELBO, timings) and the figures ``samples.png``,
+``reconstructions.png``, ``elbo.png``; ``pyro-vae evaluate`` adds ``eval.json`` and
+``elbo_surgery.png``. A semi-supervised run (``--model ssvae``) adds ``labels.json`` (the
+labelled training points) and the figures ``analogies.png``, ``confusion.png`` and
+``error.png``. ``RunFolder`` is the
 one place that knows these names.
 """
 
@@ -31,18 +34,20 @@ from .evaluation import elbo as evaluate_elbo
 from .models import MODELS
 from .objectives import make_elbo, plain_elbo
 from .hooks import Checkpointer, KeepBest, MetricsWriter, best_epoch, stopped_early
+from .semisupervised import classification_error, labelled_split
 from .train import Options, check_data, fit
 
 # Every file a run folder may hold.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "summary.json",
              "samples.png", "reconstructions.png", "elbo.png", "eval.json",
-             "elbo_surgery.png")
+             "elbo_surgery.png", "labels.json", "analogies.png", "confusion.png", "error.png")
 
 
 LOCK_FILE = "run.lock"  # never removed: removing a lock file races with its next holder
 
-# What a run writes once training has ended.
+# What a run writes once training has ended (and a semi-supervised one besides).
 REPORT_FILES = ("summary.json", "samples.png", "reconstructions.png", "elbo.png")
+CLASSIFIER_FILES = ("analogies.png", "confusion.png", "error.png")
 
 
 class RunFolder:
@@ -124,13 +129,13 @@ class RunFolder:
                      lambda f: f.writelines(json.dumps(r) + "\n" for r in history),
                      binary=False)
 
-    def hooks(self, vae, x_dim: int):
+    def hooks(self, vae, x_dim: int, monitor: str = "valid_elbo"):
         """The hooks that fill the folder while training: metrics, checkpoint, and the
-        best epoch's weights (kept whether or not the run stops early, so that early
-        stopping given on --resume still has the best epoch before it)."""
+        best epoch's weights by ``monitor`` (kept whether or not the run stops early, so
+        that early stopping given on --resume still has the best epoch before it)."""
         return [MetricsWriter(self.path / "metrics.jsonl"),
                 Checkpointer(self.checkpoint, vae, x_dim=x_dim),
-                KeepBest(self.best, vae, x_dim=x_dim)]
+                KeepBest(self.best, vae, monitor, x_dim=x_dim)]
 
     def training_state(self) -> Tuple[dict, TrainState]:
         """The checkpoint's content and the training state in it (to resume from)."""
@@ -140,9 +145,10 @@ class RunFolder:
                              f"to resume from")
         return state, TrainState.from_dict(state["training"], str(self.checkpoint))
 
-    def reported(self) -> bool:
+    def reported(self, config: TrainConfig) -> bool:
         """Whether the summary and figures of a finished run are all there."""
-        return all((self.path / f).exists() for f in REPORT_FILES)
+        files = REPORT_FILES + (CLASSIFIER_FILES if config.model == "ssvae" else ())
+        return all((self.path / f).exists() for f in files)
 
     def weights(self, config: TrainConfig) -> Path:
         """The checkpoint that holds the run's model: ``best.pt`` with early stopping."""
@@ -150,12 +156,24 @@ class RunFolder:
 
 
 def load_data(config: TrainConfig):
+    """The config's (train, valid, test); with ``labels``, the training split keeps that
+    many labels (``semisupervised.labelled_split``)."""
     train, valid, test = datasets.load(config.dataset, config.data_dir,
                                        binarize=config.binarize_data, seed=config.seed,
                                        download=config.download)
     if config.limit:
         train = train.subset(config.limit)
+    if config.labels:
+        train = labelled_split(train, config.labels, config.seed)
     return train, valid, test
+
+
+def _labels_record(config: TrainConfig, train) -> dict:
+    """What labels.json holds: which training points kept their label, and how chosen."""
+    index = train.spread.nonzero().squeeze(-1)
+    return {"count": len(index), "per_class": len(index) // 10, "seed": config.seed,
+            "rule": "N/10 per class, each class's drawn by a permutation seeded with seed",
+            "indices": index.tolist(), "labels": train.labels[index].tolist()}
 
 
 def from_source(config: TrainConfig, trust_imports: bool = False
@@ -227,6 +245,8 @@ def train_run(config: TrainConfig, progress: bool = True, trust_imports: bool = 
         if distributed.is_main():
             run.prepare(config.overwrite)
             run.write_config(config)
+            if config.labels:
+                run.write_json("labels.json", _labels_record(config, data[0]))
         return _train_and_report(config, run, vae, data, device, progress)
 
 
@@ -286,13 +306,13 @@ def _resume(config: TrainConfig, run: RunFolder, device, progress: bool) -> dict
     state, training = run.training_state()
     done = training.epochs_done
     finished = done >= config.epochs or stopped_early(training.history,
-                                                      config.early_stopping)
-    if finished and not run.reported():
+                                                      config.early_stopping, config.monitor)
+    if finished and not run.reported(config):
         return _finish(config, run, state, training, device)  # killed before its summary
-    if stopped_early(training.history, config.early_stopping):
+    if stopped_early(training.history, config.early_stopping, config.monitor):
         raise ValueError(f"--resume {out}: the run stopped early after {done} epochs (no "
-                         f"better validation ELBO since epoch "
-                         f"{best_epoch(training.history)}); give a larger "
+                         f"better {config.monitor} since epoch "
+                         f"{best_epoch(training.history, config.monitor)}); give a larger "
                          f"--early-stopping to train on")
     if done >= config.epochs:
         raise ValueError(f"--resume {out}: the run has finished its {done} epochs; give "
@@ -332,7 +352,7 @@ def _train_and_report(config: TrainConfig, run: RunFolder, vae, data, device,
     main = distributed.is_main()
     if main:
         run.restart_metrics(resume.history if resume else [])
-    hooks = run.hooks(vae, train.x.shape[1]) if main else []
+    hooks = run.hooks(vae, train.x.shape[1], config.monitor) if main else []
     options = {name: getattr(config, name) for name in config.group("training")
                if name in Options.__dataclass_fields__}
     history = fit(vae, train, valid, hooks=hooks, resume=resume, progress=progress,
@@ -355,7 +375,7 @@ def _report(config: TrainConfig, run: RunFolder, vae, data, device, history) -> 
         "num_test": len(test),
         "epochs": config.epochs,
         "epochs_trained": len(history),
-        "best_epoch": best_epoch(history),
+        "best_epoch": best_epoch(history, config.monitor),
         "seconds_per_epoch": sum(r["seconds"] for r in history) / max(len(history), 1),
         "device": str(device),
         "torch": torch.__version__,
@@ -367,11 +387,16 @@ def _report(config: TrainConfig, run: RunFolder, vae, data, device, history) -> 
     if summary["likelihood_of"] == "probability":
         summary["test_elbo_bits_per_dim"] = bits_per_dim(summary["test_elbo"],
                                                          summary["dims"])
+    if config.model == "ssvae":
+        summary["test_error"] = classification_error(vae, test)
+        summary["labels"] = config.labels
     run.write_json("summary.json", summary)
     vae.eval()
     plots.plot_samples(vae, train.image_shape, run / "samples.png")
     plots.plot_reconstructions(vae, test.x[:32], train.image_shape, run / "reconstructions.png")
     plots.plot_elbo(history, run / "elbo.png")
+    if config.model == "ssvae":
+        plots.plot_classifier(vae, test, history, run.path)
     return summary
 
 
@@ -460,6 +485,8 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
         "log_likelihood_stderr": ll_stderr,
         **units(vae, data),
     }
+    if config.model == "ssvae":  # y summed out in both; the classifier's error too
+        results["test_error"] = classification_error(vae, data)
     if results["likelihood_of"] == "probability":
         dims = results["dims"]
         results.update(
@@ -475,9 +502,12 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
         results["surgery_points"] = surgery["num_points"]
     except ValueError as e:  # a model with more than one latent layer
         results["surgery_skipped"] = str(e)
-    diagnostics = active_units(vae, data)
-    results.update(active_units=diagnostics["active_units"],
-                   activity=diagnostics["activity"], kl_per_dim=diagnostics["kl_per_dim"])
+    try:
+        diagnostics = active_units(vae, data)
+        results.update(active_units=diagnostics["active_units"],
+                       activity=diagnostics["activity"], kl_per_dim=diagnostics["kl_per_dim"])
+    except ValueError as e:  # a model without q(z | x) alone (M2's needs a label)
+        results["active_units_skipped"] = str(e)
     with run.lock():  # not while another process writes the folder
         if surgery is not None:
             plots.plot_elbo_surgery(surgery, run / "elbo_surgery.png")

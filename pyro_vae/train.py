@@ -73,7 +73,10 @@ class Options:
     skip_nonfinite: skip (and log) up to this many non-finite steps before stopping.
     checkpoint_every: also checkpoint every N steps (0: after each epoch only).
     check_every: read the finite checks every N steps (default 1 on the CPU, 50 on GPU).
-    early_stopping: stop after P epochs without a better validation ELBO (0: off).
+    early_stopping: stop after P epochs without a better ``monitor`` value (0: off).
+    monitor: the record field early stopping watches: ``"valid_elbo"`` (maximized) or a
+        validation metric of the model's, e.g. ``"valid_error"`` (minimized; see
+        ``pyro_vae.hooks.higher_is_better``).
     """
 
     epochs: int = 10
@@ -94,6 +97,7 @@ class Options:
     checkpoint_every: int = 0
     check_every: Optional[int] = None
     early_stopping: int = 0
+    monitor: str = "valid_elbo"
 
     def check(self) -> None:
         """One-line errors naming the argument, before anything is trained."""
@@ -137,8 +141,11 @@ class Trainer:
             _check_distributed(self.objective, len(self.train), o.batch_size, self.world)
         self.check_every = o.check_every or (1 if self.device.type == "cpu" else 50)
         self.hooks = [h if isinstance(h, Hook) else _FunctionHook(h) for h in hooks]
+        if o.monitor != "valid_elbo" and not (valid is not None and hasattr(model, "metrics")):
+            raise ArgumentError("monitor", f"{o.monitor!r} is a validation metric of the "
+                                f"model's: give validation data and a model with metrics()")
         if o.early_stopping:
-            self.hooks.append(EarlyStopping(o.early_stopping))
+            self.hooks.append(EarlyStopping(o.early_stopping, o.monitor))
         self.progress = progress and self.world.main
         self.pending = []  # steps since the last check: (step, points, loss, ok, bad)
 
@@ -344,6 +351,9 @@ class Trainer:
             if self.valid is not None:
                 record["valid_elbo"] = evaluate_elbo(self.model, self.valid,
                                                      plain_elbo(self.objective), check=False)
+                if hasattr(self.model, "metrics"):  # e.g. a classifier's error
+                    record.update({f"valid_{k}": v
+                                   for k, v in self.model.metrics(self.valid).items()})
             if self.progress:
                 tqdm.write(_format(record))
             # Every hook sees the epoch, even after one has asked to stop.
@@ -462,6 +472,8 @@ def _format(record: Dict) -> str:
     text = f"epoch {record['epoch']:>3}  train ELBO {record['train_elbo']:9.3f}"
     if record.get("valid_elbo") is not None:
         text += f"  valid ELBO {record['valid_elbo']:9.3f}"
+    if record.get("valid_error") is not None:
+        text += f"  valid error {record['valid_error']:.2f}%"
     return text + f"  ({record['seconds']:.1f}s)"
 
 
