@@ -25,7 +25,7 @@ from .models import MODELS, build, resolve
 from .nn import ACTIVATIONS, ARCHS
 from .objectives import LOSSES, check_objective, make_elbo
 from .priors import PRIORS
-from .semisupervised import SemiSupervisedVAE, paper_aux_weight
+from .semisupervised import SemiSupervisedVAE, paper_aux_weight, repeats
 from .train import OPTIMIZERS
 
 
@@ -52,6 +52,11 @@ class TrainConfig:
     labels: Optional[int] = _opt(None, "ssvae: keep the labels of N training points, N/10 "
                                        "per class chosen by --seed (labels.json lists "
                                        "them); the rest are unlabelled", "data", added=True)
+    labelled_share: Optional[float] = _opt(None, "ssvae: repeat the labelled points so "
+                                                 "that about this fraction of every batch is "
+                                                 "labelled (each repeat counts in the "
+                                                 "objective); default: each once per epoch, "
+                                                 "the paper's rate", "data", added=True)
     model: str = _opt("vae", "vae, hvae (two stochastic layers), or ssvae (M2, "
                              "semi-supervised: the label a latent variable; needs --labels)",
                       "model", choices=tuple(MODELS))
@@ -161,10 +166,14 @@ class TrainConfig:
     def _check_semisupervised(self) -> None:
         """ssvae's settings: labels of a 10-class data set, its own guide and losses."""
         if self.model != "ssvae":
-            for name, value in (("labels", self.labels), ("monitor", self.monitor != "valid_elbo")):
+            for name, value in (("labels", self.labels), ("monitor", self.monitor != "valid_elbo"),
+                                ("labelled-share", self.labelled_share is not None)):
                 if value:
                     raise ValueError(f"--{name} is for --model ssvae (a classifier)")
             return
+        if self.labelled_share is not None and not 0 < self.labelled_share < 1:
+            raise ValueError(f"--labelled-share must lie between 0 and 1, got "
+                             f"{self.labelled_share}")
         if self.labels is None:
             raise ValueError("--model ssvae needs --labels N (how many training labels "
                              "to keep)")
@@ -254,8 +263,8 @@ def build_model(config: TrainConfig, x_dim: int, train=None):
             prior_options.get("components", 500), x_dim)
     if config.model == "ssvae":
         # The weight of log q(y|x) needs the split's size; a trained model's is not used.
-        aux = paper_aux_weight(len(train), config.labels, config.alpha) \
-            if train is not None else 0.0
+        aux = paper_aux_weight(repeats(train, config.labels)[0], config.labels,
+                               config.alpha) if train is not None else 0.0
         return SemiSupervisedVAE(
             x_dim, config.z_dim, config.hidden, likelihood=config.likelihood,
             prior=config.prior, act=config.act, arch=config.arch, aux_weight=aux,

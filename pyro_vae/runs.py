@@ -34,7 +34,7 @@ from .evaluation import elbo as evaluate_elbo
 from .models import MODELS
 from .objectives import make_elbo, plain_elbo
 from .hooks import Checkpointer, KeepBest, MetricsWriter, best_epoch, stopped_early
-from .semisupervised import classification_error, labelled_split
+from .semisupervised import classification_error, labelled_split, repeats
 from .train import Options, check_data, fit
 
 # Every file a run folder may hold.
@@ -164,15 +164,19 @@ def load_data(config: TrainConfig):
     if config.limit:
         train = train.subset(config.limit)
     if config.labels:
-        train = labelled_split(train, config.labels, config.seed)
+        train = labelled_split(train, config.labels, config.seed,
+                               share=config.labelled_share)
     return train, valid, test
 
 
 def _labels_record(config: TrainConfig, train) -> dict:
-    """What labels.json holds: which training points kept their label, and how chosen."""
-    index = train.spread.nonzero().squeeze(-1)
+    """What labels.json holds: which training points kept their label, how they were
+    chosen, and how often each is repeated per epoch."""
+    size, r = repeats(train, config.labels)
+    index = train.spread[:size].nonzero().squeeze(-1)
     return {"count": len(index), "per_class": len(index) // 10, "seed": config.seed,
             "rule": "N/10 per class, each class's drawn by a permutation seeded with seed",
+            "repeats_per_epoch": r, "labelled_share_of_batches": r * len(index) / len(train),
             "indices": index.tolist(), "labels": train.labels[index].tolist()}
 
 

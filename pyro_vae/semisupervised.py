@@ -30,7 +30,7 @@ evenly over every epoch's batches (``TensorDataset.spread``).
 
 import contextlib
 import dataclasses
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ from pyro.nn import PyroModule, pyro_method
 
 from .datasets import TensorDataset, as_dataset
 from .errors import ArgumentError
+from .evaluation import seeded
 from .guides import _check_scale, _positive
 from .models import MODELS, _plate_size, build, likelihood_head
 from .nn import GatedDense, network
@@ -222,33 +223,38 @@ class SemiSupervisedVAE(PyroModule):
 # Labels ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict(model, data, batch_size: int = 1000) -> torch.Tensor:
-    """The most probable label under q(y | x) for every point of ``data``: (N,)."""
+def predict(model, data, batch_size: int = 1000, seed: Optional[int] = 0) -> torch.Tensor:
+    """The most probable label under q(y | x) for every point of ``data``: (N,). Data
+    binarized afresh for every batch (``dynamic_binarize``) are drawn once with ``seed``,
+    leaving the caller's random state alone: the same images every time."""
     data = as_dataset(data)
     was = model.training
     model.eval()
     try:
-        return torch.cat([model.classifier(batch[0]).argmax(-1)
-                          for batch in data.batches(batch_size, shuffle=False)])
+        with seeded(seed, data.device):
+            return torch.cat([model.classifier(batch[0]).argmax(-1)
+                              for batch in data.batches(batch_size, shuffle=False)])
     finally:
         model.train(was)
 
 
-def classification_error(model, data, batch_size: int = 1000) -> float:
+def classification_error(model, data, batch_size: int = 1000, seed: Optional[int] = 0
+                         ) -> float:
     """Percentage of ``data``'s points whose label q(y | x) gets wrong (most probable
-    label against ``data.labels``)."""
+    label against ``data.labels``; see ``predict``)."""
     data = as_dataset(data)
     if data.labels is None:
         raise ValueError(f"{data.name} {data.split}: no labels to measure an error on")
-    wrong = predict(model, data, batch_size) != data.labels.to(data.device)
+    wrong = predict(model, data, batch_size, seed) != data.labels.to(data.device)
     return 100.0 * wrong.double().mean().item()
 
 
-def confusion_matrix(model, data, batch_size: int = 1000) -> torch.Tensor:
+def confusion_matrix(model, data, batch_size: int = 1000, seed: Optional[int] = 0
+                     ) -> torch.Tensor:
     """Counts (C, C): row = true label, column = q(y | x)'s most probable label."""
     data = as_dataset(data)
     c = model.num_classes
-    pairs = data.labels.to(data.device) * c + predict(model, data, batch_size)
+    pairs = data.labels.to(data.device) * c + predict(model, data, batch_size, seed)
     return torch.bincount(pairs, minlength=c * c).reshape(c, c).cpu()
 
 
@@ -272,19 +278,37 @@ def choose_labelled(labels: torch.Tensor, n: int, seed: int = 0,
     return torch.cat(chosen).sort().values
 
 
-def labelled_split(train: TensorDataset, n: int, seed: int = 0,
-                   num_classes: int = 10) -> TensorDataset:
+def labelled_split(train: TensorDataset, n: int, seed: int = 0, num_classes: int = 10,
+                   share: Optional[float] = None) -> TensorDataset:
     """``train`` for semi-supervised training with the labels of ``n`` points kept
     (``choose_labelled``): batches ``(x, y, known)`` with y set to 0 wherever it is not
     known (the model never sees a discarded label), and the labelled points spread evenly
-    over every epoch's batches (each seen once per epoch, N_labelled / N of each batch)."""
+    over every epoch's batches.
+
+    ``share``: None (the paper's rate), each labelled point once per epoch, n / N of each
+    batch; or the fraction of each batch to be labelled: the labelled points are then
+    repeated r times (r from ``share``, at least 1; ``repeats`` reads it back), and every
+    term of a labelled point counts r times in the objective, as if each were r points.
+    """
     if train.labels is None:
         raise ValueError(f"{train.name} {train.split}: the data set has no labels")
-    index = choose_labelled(train.labels, n, seed, num_classes)
+    if share is not None and not 0 < share < 1:
+        raise ArgumentError("share", f"{share}: give a fraction of the batch, 0 < share < 1")
+    index = choose_labelled(train.labels, n, seed, num_classes).to(train.device)
     known = torch.zeros(len(train), dtype=torch.bool, device=train.device)
-    known[index.to(train.device)] = True
-    y = torch.where(known, train.labels.to(train.device), 0)
-    return dataclasses.replace(train, extras=(y, known), spread=known)
+    known[index] = True
+    r = 1 if share is None else max(1, round(share * (len(train) - n) / ((1 - share) * n)))
+    rows = torch.cat([torch.arange(len(train), device=train.device)] + [index] * (r - 1))
+    part = train._map(lambda t: t[rows])
+    y = torch.where(known[rows], part.labels, 0)
+    return dataclasses.replace(part, extras=(y, known[rows]), spread=known[rows])
+
+
+def repeats(split: TensorDataset, n: int) -> Tuple[int, int]:
+    """(points of the split before repetition, r): what ``labelled_split(train, n, ...,
+    share)`` made of ``train`` (its first rows are ``train``'s, in order)."""
+    r = int(split.spread.sum()) // n
+    return len(split) - (r - 1) * n, r
 
 
 def paper_aux_weight(num_data: int, num_labelled: int, alpha: float = 0.1) -> float:

@@ -35,13 +35,14 @@ def test_train_on_digits_end_to_end(tmp_path):
                 "--hidden", "64", "32", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == sorted(["run.lock"] + [f for f in RUN_FILES if f not in (
-        "eval.json", "elbo_surgery.png")])  # written by pyro-vae evaluate
+        "eval.json", "elbo_surgery.png",  # written by pyro-vae evaluate
+        "labels.json", "analogies.png", "confusion.png", "error.png")])  # by ssvae runs
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert all({"epoch", "train_elbo", "valid_elbo", "seconds"} <= set(m) for m in metrics)
     config = read_config(out / "config.json")
     assert config == TrainConfig(dataset="digits", epochs=3, z_dim=8, hidden=(64, 32),
-                                 out=str(out))
+                                 out=str(out), act="relu", loss="meanfield")
     for png in ("samples.png", "reconstructions.png", "elbo.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The last line is the test ELBO; reloading the run reproduces it.
