@@ -8,7 +8,12 @@ units for the classifier q(y|x), for q(z|x,y) and for p(x|y,z); z = 50), dynamic
 binarized MNIST (50 000 training images, of which N keep their label, N/10 per class
 drawn by the run's seed), the label summed out by ``TraceEnum_ELBO``, the classification
 term weighted as the paper's alpha = 0.1 (each labelled point alpha N / N_labelled),
-batches of 100 with the labelled points spread evenly over them, Adam. The model kept is
+batches of 100, Adam. Half of every batch is labelled (``--labelled-share 0.5``: the
+labelled points repeated, each repeat counting in the objective), where the paper's code
+sees each labelled point once per epoch (N / 50 000 of a batch): measured on this
+machine, that rate left the classifier at 36% (N = 100) and 20% (N = 600) validation
+error after 10 epochs, while a half-labelled batch reached 26% and 13% in 2 000 steps
+(2 epochs of the repeated set). ``--labelled-share 0`` restores the paper's rate. The model kept is
 the epoch with the lowest validation error (10 000 labelled validation images; early
 stopping after ``--patience`` epochs without a better one), and its test error is
 reported.
@@ -45,6 +50,7 @@ def protocol(labels: int, seed: int, args) -> TrainConfig:
     return TrainConfig(
         dataset="mnist", data_dir=args.data_dir, out=str(run_dir(labels, seed, args)),
         model="ssvae", labels=labels, alpha=args.alpha, epochs=args.max_epochs,
+        labelled_share=args.labelled_share or None,
         batch_size=100, lr=args.lr, monitor="valid_error", early_stopping=args.patience,
         seed=seed, device=args.device, download=False, limit=args.train_limit)
 
@@ -69,7 +75,7 @@ def train_one(labels: int, seed: int, args) -> None:
                   progress=not args.quiet)
     else:
         saved = read_config(folder / "config.json")
-        for field in ("labels", "alpha", "lr", "early_stopping", "limit"):
+        for field in ("labels", "alpha", "lr", "early_stopping", "limit", "labelled_share"):
             if getattr(saved, field) != getattr(config, field):
                 raise SystemExit(f"{folder}: --{field.replace('_', '-')} is "
                                  f"{getattr(saved, field)} there; it cannot change")
@@ -154,6 +160,9 @@ def main() -> None:
                         help="early stopping on the validation error")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--labelled-share", type=float, default=0.5,
+                        help="fraction of every batch that is labelled (0: the paper's "
+                             "rate, each labelled point once per epoch)")
     parser.add_argument("--train-limit", type=int,
                         help="train on the first N training points only (a quick check)")
     parser.add_argument("--device", default="auto")

@@ -30,6 +30,7 @@ FIGURES = {
     "09_scaling_up.py": ["processes.png"],
     "10_your_own_model.py": ["samples.png", "samples_per_component.png",
                              "test_images_per_component.png"],
+    "11_semi_supervised.py": ["analogies.png", "confusion.png", "error.png"],
     "12_continuous_data.py": ["reconstructions.png", "samples.png", "sigma_start.png"],
 }
 
@@ -189,6 +190,47 @@ def test_10_your_own_model(tmp_path, data_root):
     agreement = float(re.search(r"cluster-label agreement .*: (\d+\.\d)% of 500", text)
                       .group(1))
     assert 10.0 <= agreement <= 100.0
+
+
+@pytest.mark.slow
+def test_11_semi_supervised(tmp_path, data_root):
+    text = run("11_semi_supervised.py", tmp_path, data_root)
+    assert SMOKE_NOTE in text
+    assert "1000 training images, 100 of them labelled (10 per class" in text
+    # Enumerated: the ten labels in one dimension; drawn: one label per image, scored.
+    assert "y_unlabelled enumerated: shape (10, 1)" in text
+    assert ("y_unlabelled drawn: shape (100,), one per image; rsample: False; "
+            "score function: yes") in text
+    # The gradient table: at initialization and after 2 smoke epochs of 10 steps, each
+    # estimator's time, total variance and mean +- se along the mean gradient; the
+    # batch's ELBO (nats per image) below each model's name.
+    rows = re.findall(rf"^(at initialization|after 20 steps|\(ELBO -\d+\))\s+"
+                      rf"y (summed|drawn) \(\w+\)\s+(\d+\.\d)\s+(\S+)\s+({NUMBER})"
+                      rf" \+-\s+(\d+\.\d)$", text, re.M)
+    assert [r[1] for r in rows] == ["summed", "drawn"] * 2, text
+    assert [rows[0][0], rows[2][0]] == ["at initialization", "after 20 steps"]
+    for summed, drawn in (rows[0:2], rows[2:4]):
+        assert float(drawn[3]) > 10 * float(summed[3]) > 0  # REINFORCE's variance
+        assert all(float(r[5]) > 0 for r in (summed, drawn))
+    ratios = [float(v) for v in re.findall(r"drawn / summed: variance x (\S+),", text)]
+    assert len(ratios) == 2 and min(ratios) > 10
+    # Both unbiased: the means agree (a loose bound: 20 heavy-tailed draws).
+    apart = [float(v) for v in re.findall(r"; means (\d+\.\d+) se apart$", text, re.M)]
+    assert len(apart) == 2 and max(apart) < 4
+    # The alpha table: a = alpha N / N_labelled = 0.1 x 1000 / 100 = 1; errors are
+    # percentages and entropies at most log 10.
+    table = {m[0]: m[1:] for m in re.findall(
+        rf"^(alpha = 0|alpha = 0\.1|classifier alone)\s+(\S+)\s+({NUMBER})%\s+"
+        rf"({NUMBER})\s", text, re.M)}
+    assert sorted(table) == ["alpha = 0", "alpha = 0.1", "classifier alone"], text
+    assert [table["alpha = 0"][0], table["alpha = 0.1"][0]] == ["0", "1"]
+    for _, error, h in table.values():
+        assert 0 <= float(error) <= 100 and 0 <= float(h) <= math.log(10) + 1e-3
+    decoder = re.findall(rf"^alpha = 0(?:\.1)?\s+({NUMBER})\s+({NUMBER})$", text, re.M)
+    assert len(decoder) == 2 and all(float(v) >= 0 for row in decoder for v in row)
+    mistakes = re.search(r"^most common test mistakes \(alpha = 0\.1\): (.+)$", text,
+                         re.M).group(1)
+    assert len(re.findall(r"\d as \d \(\d+\)", mistakes)) == 3
 
 
 @pytest.mark.slow
