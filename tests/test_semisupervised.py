@@ -322,3 +322,53 @@ def test_ssvae_bad_settings_are_one_line_errors(tmp_path, args, message):
     assert r.returncode == 2
     assert message in r.stderr and r.stderr.strip().count("\n") == 0
     assert not out.exists()
+
+
+# The reason the model exists ----------------------------------------------------------
+
+def _classifier_alone(train, known, steps, seed, batch=20):
+    """The classifier network of ``_small_m2`` trained on the labelled points alone by
+    cross-entropy: ``steps`` Adam steps on batches drawn from them (binarized afresh,
+    as the training images are)."""
+    model = _small_m2(train, int(known.sum()), seed)
+    optimizer = torch.optim.Adam(model.classifier.parameters(), lr=1e-3)
+    x, y = train.x[known], train.labels[known]
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (batch,), generator=generator)
+        loss = F.cross_entropy(model.classifier(torch.bernoulli(x[i], generator=generator)),
+                               y[i])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def _small_m2(train, n_labelled, seed):
+    pyro.set_rng_seed(seed)
+    return SemiSupervisedVAE(64, z_dim=2, hidden=(64,),
+                             aux_weight=paper_aux_weight(len(train), n_labelled))
+
+
+def test_unlabelled_images_make_a_better_classifier_than_the_labelled_ones_alone():
+    """Digits with 2 labels per class (20 of 1297 training images): M2 trained on all of
+    them against the same classifier network trained on the 20 labelled images alone, the
+    same number of steps (5200; M2's batches are half labelled, --labelled-share 0.5).
+    Measured test error (250 images), seeds 0 and 1: M2 30.0% and 24.4%, the classifier
+    alone 33.6% and 35.2% (means 27.2% and 34.4%). Required: M2's mean at least 3 points
+    below. (In short runs M2 loses: after 500-1500 steps it trailed the classifier alone
+    on digits and on MNIST subsets: its decoder has yet to use y.)"""
+    train, _, test = pv.datasets.load("digits")
+    m2_errors, alone_errors = [], []
+    for seed in (0, 1):
+        split = labelled_split(train, 20, seed=seed, share=0.5)
+        steps = 100 * -(-len(split) // 50)
+        model = _small_m2(train, 20, seed)
+        pv.fit(model, split, None, loss=TraceEnum_ELBO(max_plate_nesting=1), epochs=100,
+               batch_size=50, lr=1e-3, seed=seed, progress=False)
+        m2_errors.append(classification_error(model, test))
+        known = split.spread[:len(train)]
+        alone_errors.append(classification_error(
+            _classifier_alone(train, known, steps, seed), test))
+    m2, alone = sum(m2_errors) / 2, sum(alone_errors) / 2
+    assert m2 <= alone - 3.0, (m2_errors, alone_errors)
