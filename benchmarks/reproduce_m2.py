@@ -32,17 +32,14 @@ runs capped far below the paper's length; ``--lr``).
 """
 
 import argparse
-import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
 from pyro_vae.plots import plt  # pyplot with the file-only (Agg) backend
 from pyro_vae.config import TrainConfig
-from pyro_vae.runs import read_config, resume_run, train_run
 
-from reproduce_vampprior import epochs_done, machine
+from reproduce_vampprior import machine, train_piece
 
 # Table 1, row M2: test error (%), mean and standard deviation.
 PAPER = {100: (11.97, 1.71), 600: (4.94, 0.13), 1000: (3.60, 0.56), 3000: (3.92, 0.63)}
@@ -62,33 +59,11 @@ def run_dir(labels: int, seed: int, args) -> Path:
 
 
 def train(args) -> None:
+    fixed = ("labels", "alpha", "lr", "early_stopping", "limit", "labelled_share")
     for labels in args.labels:
         for seed in args.seeds:
-            train_one(labels, seed, args)
-
-
-def train_one(labels: int, seed: int, args) -> None:
-    folder, config = run_dir(labels, seed, args), protocol(labels, seed, args)
-    done = epochs_done(folder)
-    target = min(done + args.epochs, args.max_epochs)
-    start = time.perf_counter()
-    if done == 0:
-        train_run(dataclasses.replace(config, epochs=target, overwrite=True),
-                  progress=not args.quiet)
-    else:
-        saved = read_config(folder / "config.json")
-        for field in ("labels", "alpha", "lr", "early_stopping", "limit", "labelled_share"):
-            if getattr(saved, field) != getattr(config, field):
-                raise SystemExit(f"{folder}: --{field.replace('_', '-')} is "
-                                 f"{getattr(saved, field)} there; it cannot change")
-        try:
-            resume_run(folder, {"epochs": target, "device": args.device,
-                                "data_dir": args.data_dir}, progress=not args.quiet)
-        except ValueError as e:  # finished, or stopped early
-            print(f"labels {labels}, seed {seed}: {e}")
-            return
-    print(f"labels {labels}, seed {seed}: epochs {done} -> {epochs_done(folder)} "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
+            train_piece(run_dir(labels, seed, args), protocol(labels, seed, args), fixed,
+                        args, f"labels {labels}, seed {seed}")
 
 
 def read_runs(args):

@@ -86,30 +86,37 @@ def epochs_done(folder: Path) -> int:
 
 
 def train(args) -> None:
+    fixed = ("warmup_epochs", "early_stopping", "lr", "batch_size", "model", "prior",
+             "dataset", "limit", "likelihood")
     for name in args.configs:
-        folder, config = run_dir(name, args), protocol(name, args)
-        done = epochs_done(folder)
-        target = min(done + args.epochs, args.max_epochs)
-        start = time.perf_counter()
-        if done == 0:
-            train_run(dataclasses.replace(config, epochs=target, overwrite=True),
-                      progress=not args.quiet)
-        else:
-            saved = read_config(folder / "config.json")
-            for field in ("warmup_epochs", "early_stopping", "lr", "batch_size", "model",
-                          "prior", "dataset", "limit", "likelihood"):
-                if getattr(saved, field) != getattr(config, field):
-                    option = "train-limit" if field == "limit" else field.replace("_", "-")
-                    raise SystemExit(f"{folder}: --{option} is "
-                                     f"{getattr(saved, field)} there; it cannot change")
-            try:
-                resume_run(folder, {"epochs": target, "device": args.device,
-                                    "data_dir": args.data_dir}, progress=not args.quiet)
-            except ValueError as e:  # finished, or stopped early
-                print(f"{name}: {e}")
-                continue
-        print(f"{name}: epochs {done} -> {epochs_done(folder)} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        train_piece(run_dir(name, args), protocol(name, args), fixed, args, name)
+
+
+def train_piece(folder: Path, config: TrainConfig, fixed, args, name: str) -> None:
+    """Train the run in ``folder`` for at most ``args.epochs`` more epochs (up to
+    ``args.max_epochs``): from the start, or resumed exactly from its checkpoint, refusing
+    a change of the ``fixed`` settings."""
+    done = epochs_done(folder)
+    target = min(done + args.epochs, args.max_epochs)
+    start = time.perf_counter()
+    if done == 0:
+        train_run(dataclasses.replace(config, epochs=target, overwrite=True),
+                  progress=not args.quiet)
+    else:
+        saved = read_config(folder / "config.json")
+        for field in fixed:
+            if getattr(saved, field) != getattr(config, field):
+                option = "train-limit" if field == "limit" else field.replace("_", "-")
+                raise SystemExit(f"{folder}: --{option} is "
+                                 f"{getattr(saved, field)} there; it cannot change")
+        try:
+            resume_run(folder, {"epochs": target, "device": args.device,
+                                "data_dir": args.data_dir}, progress=not args.quiet)
+        except ValueError as e:  # finished, or stopped early
+            print(f"{name}: {e}")
+            return
+    print(f"{name}: epochs {done} -> {epochs_done(folder)} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def machine(device: str) -> str:
