@@ -372,3 +372,19 @@ def test_unlabelled_images_make_a_better_classifier_than_the_labelled_ones_alone
             _classifier_alone(train, known, steps, seed), test))
     m2, alone = sum(m2_errors) / 2, sum(alone_errors) / 2
     assert m2 <= alone - 3.0, (m2_errors, alone_errors)
+
+
+def test_monitoring_the_validation_error():
+    history = [{"epoch": 1, "valid_elbo": -9.0, "valid_error": 30.0},
+               {"epoch": 2, "valid_elbo": -8.0, "valid_error": 35.0},
+               {"epoch": 3, "valid_elbo": -7.0, "valid_error": 30.0}]
+    assert pv.hooks.best_epoch(history) == 3
+    assert pv.hooks.best_epoch(history, "valid_error") == 1  # lowest, the first on a tie
+    assert pv.hooks.stopped_early(history, 2, "valid_error")
+    assert not pv.hooks.stopped_early(history, 2)
+    train, valid, _ = pv.datasets.load("digits")
+    with pytest.raises(ValueError, match=r"^monitor 'valid_error' is a validation metric of "
+                                         r"the model's: give validation data and a model "
+                                         r"with metrics\(\)$"):
+        pv.fit(pv.VAE(64, z_dim=2, hidden=(8,)), train, valid, epochs=1,
+               monitor="valid_error", progress=False)
