@@ -25,7 +25,8 @@ Labelled and unlabelled points share a batch: each site of the labelled part sit
 single site ``y`` with ``obs_mask`` would not do: where y is observed, the guide's masked
 enumerated site still contributes each of its C values with weight exp(0) = 1, counting
 a labelled point C times.) Batches built by ``labelled_split`` spread the labelled points
-evenly over every epoch's batches (``TensorDataset.spread``).
+evenly over every epoch's batches (``TensorDataset.spread``): each once per epoch, the
+paper's rate, or repeated to a chosen share of every batch.
 """
 
 import contextlib
@@ -93,6 +94,7 @@ class SemiSupervisedVAE(PyroModule):
     (the decoder mirrors it); the paper's: one layer of 500 softplus units, z_dim 50.
     ``aux_weight``: a, the weight of log q(y | x) per labelled point (0: off), in training
     mode only (``model.eval()`` leaves it out: evaluation sees the ELBO alone).
+    ``scale``: how q(z | x, y)'s network gives sigma, as for ``DiagonalNormalEncoder``.
     """
 
     guide_modules = ("classifier", "encoder")
