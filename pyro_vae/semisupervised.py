@@ -64,7 +64,10 @@ class LabelledNetwork(nn.Module):
 
     def _affine(self, layer: nn.Linear, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         w_v, w_y = layer.weight[:, :self.in_features], layer.weight[:, self.in_features:]
-        return F.linear(v, w_v, layer.bias) + w_y.t()[y]
+        # one_hot(y) @ W_y^T picks W_y's columns; a matmul's gradient is deterministic on
+        # every thread count, unlike indexing's scatter-add (exact resume relies on it).
+        picked = F.one_hot(y, self.num_classes).to(w_y.dtype) @ w_y.t()
+        return F.linear(v, w_v, layer.bias) + picked
 
     def forward(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         first, *rest = self.net
