@@ -462,13 +462,7 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
     ``elbo_surgery.png`` there and returns the results. ``surgery_points``: ELBO surgery
     on the first N evaluated points only (default: all). ``trust_imports``: see
     ``load_run``."""
-    if split not in ("train", "valid", "test"):
-        raise ValueError(f"--split: {split!r} is not one of ['train', 'valid', 'test']")
-    if any(v is not None and v < 1 for v in (samples, chunk, limit, surgery_points)):
-        raise ValueError("--samples, --chunk, --limit and --surgery-points must be >= 1")
-    if samples > MAX_SAMPLES:
-        raise ValueError(f"--samples {samples} is more than {MAX_SAMPLES} importance "
-                         f"samples per point")
+    _check_evaluation(split, samples, chunk, limit, surgery_points)
     run = RunFolder(run_dir)
     dev = resolve_device(device)
     vae, config = load_run(run_dir, dev, trust_imports)
@@ -497,6 +491,28 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
             log_likelihood_bits_per_dim=bits_per_dim(results["log_likelihood"], dims),
             log_likelihood_stderr_bits_per_dim=-bits_per_dim(ll_stderr, dims),
             test_elbo_bits_per_dim=bits_per_dim(results["test_elbo"], dims))
+    surgery = _posterior_diagnostics(vae, data, surgery_points, seed, results)
+    with run.lock():  # not while another process writes the folder
+        if surgery is not None:
+            plots.plot_elbo_surgery(surgery, run / "elbo_surgery.png")
+        run.write_json("eval.json", results)
+    return results
+
+
+def _check_evaluation(split, samples, chunk, limit, surgery_points) -> None:
+    """One-line errors for ``evaluate_run``'s arguments, named by their flags."""
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"--split: {split!r} is not one of ['train', 'valid', 'test']")
+    if any(v is not None and v < 1 for v in (samples, chunk, limit, surgery_points)):
+        raise ValueError("--samples, --chunk, --limit and --surgery-points must be >= 1")
+    if samples > MAX_SAMPLES:
+        raise ValueError(f"--samples {samples} is more than {MAX_SAMPLES} importance "
+                         f"samples per point")
+
+
+def _posterior_diagnostics(vae, data, surgery_points, seed, results: dict):
+    """ELBO surgery and active units into ``results``; each skipped, with its reason,
+    for a model it does not fit. Returns the surgery terms (None when skipped)."""
     surgery = None
     try:
         surgery = elbo_surgery(vae, data.subset(surgery_points), seed=seed)
@@ -512,8 +528,4 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
                        activity=diagnostics["activity"], kl_per_dim=diagnostics["kl_per_dim"])
     except ValueError as e:  # a model without q(z | x) alone (M2's needs a label)
         results["active_units_skipped"] = str(e)
-    with run.lock():  # not while another process writes the folder
-        if surgery is not None:
-            plots.plot_elbo_surgery(surgery, run / "elbo_surgery.png")
-        run.write_json("eval.json", results)
-    return results
+    return surgery
