@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__, distributed
+from .compiled import PRECISIONS
 from .errors import ArgumentError
 from .train import TrainingInterrupted
 from .config import RESUMABLE_CHANGES, TrainConfig, flag, parse_options
@@ -104,6 +105,11 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--seed", type=int, default=0,
                           help="seed of the Monte Carlo draws (default: %(default)s)")
+    evaluate.add_argument("--compile", action="store_true",
+                          help="compile the networks and densities with torch.compile")
+    evaluate.add_argument("--precision", default="float32", choices=PRECISIONS,
+                          help="bf16: the networks' matrix products in bfloat16, the "
+                               "densities in float32 (default: %(default)s)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.add_argument("--trust-imports", action="store_true", help=_TRUST)
     return parser
@@ -195,7 +201,8 @@ def _evaluate(args: dict) -> None:
     r = evaluate_run(args["run"], args["samples"], args["chunk"], args["split"],
                      args["limit"], args["device"], args["seed"],
                      progress=not args["quiet"], surgery_points=args["surgery_points"],
-                     trust_imports=args["trust_imports"])
+                     trust_imports=args["trust_imports"], compile=args["compile"],
+                     precision=args["precision"])
     n = f"{r['num_points']} {r['split']} points"
     print(f"ELBO:            {r['test_elbo']:.4f}   ({r['elbo_estimator']}, {n})")
     if "reconstruction" in r:

@@ -19,6 +19,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 
 from . import datasets
+from .compiled import PRECISIONS, check_precision
+from .errors import ArgumentError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .models import MODELS, build, resolve
@@ -128,6 +130,13 @@ class TrainConfig:
                                     "only)")
     seed: int = _opt(0, "random seed")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    compile: bool = _opt(False, "compile the networks and densities with torch.compile "
+                                "(seconds of compiling, once per run; CUDA graphs on a GPU)",
+                         added=True)
+    precision: str = _opt("float32", "float32, or bf16: the networks' matrix products in "
+                                     "bfloat16, the densities and the ELBO in float32 (a "
+                                     "GPU or CPU with fast bfloat16 only)",
+                          choices=PRECISIONS, added=True)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting, as its command-line option."""
@@ -161,7 +170,10 @@ class TrainConfig:
                         self.warmup_epochs)
         resolve(self.prior, PRIORS, "prior")
         resolve(self.guide, GUIDES, "guide")
-        resolve_device(self.device)
+        try:
+            check_precision(self.precision, resolve_device(self.device))
+        except ArgumentError as e:
+            raise ValueError(e.named("--precision")) from None
 
     def _check_semisupervised(self) -> None:
         """ssvae's settings: labels of a 10-class data set, its own guide and losses."""
@@ -214,7 +226,8 @@ MODEL_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig)
                        if f.metadata["group"] == "model")
 # What --resume may change; any other difference from the run's config.json is refused.
 RESUMABLE_CHANGES = ("epochs", "early_stopping", "lr", "clip_norm", "skip_nonfinite",
-                     "checkpoint_every", "device", "data_dir", "download", "out", "overwrite")
+                     "checkpoint_every", "device", "compile", "precision", "data_dir",
+                     "download", "out", "overwrite")
 
 
 def flag(name: str) -> str:

@@ -15,6 +15,7 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from .compiled import compiled
 from .contract import check_data
 from .datasets import as_dataset
 from .errors import ArgumentError
@@ -170,7 +171,8 @@ MAX_SAMPLES = 10 ** 7  # S beyond this would run for days; a typo, most likely
 @torch.no_grad()
 def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
                    batch_size: int = 40, seed: Optional[int] = 0,
-                   progress: bool = False, max_plate_nesting: int = 1) -> torch.Tensor:
+                   progress: bool = False, max_plate_nesting: int = 1,
+                   compile: bool = False, precision: str = "float32") -> torch.Tensor:
     """Importance-sampled log p(x) per data point (Burda et al. 2015, eq. 9):
 
         log p(x) ~= log (1/S) sum_s p(x, z_s) / q(z_s | x),   z_s ~ q(z | x),
@@ -181,6 +183,8 @@ def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
     Any model/guide pair whose sites of one point sit in the data plate, with at most
     ``max_plate_nesting`` plates; ``seed`` leaves the caller's random state alone.
     Pyro's distribution checks are off here: the model was checked when it trained.
+    ``compile`` and ``precision``: as for ``fit`` (``pyro_vae.compiled``); compiling
+    takes seconds, once per call.
     """
     data = as_dataset(data)
     check_data(model, data)
@@ -192,8 +196,9 @@ def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
     bar = tqdm(batches, total=-(-len(data) // batch_size), disable=not progress,
                desc="log p(x)", leave=False, dynamic_ncols=True)
     dim = -1 - max_plate_nesting
+    probe = next(data.batches(2, shuffle=False))
     with _evaluating(model), seeded(seed, data.device), pyro.validation_enabled(False), \
-            _prior_computed_once(model):
+            _prior_computed_once(model), compiled(model, probe, compile, precision):
         for batch in bar:
             parts = []
             for start in range(0, num_samples, chunk):
@@ -224,7 +229,8 @@ def _check_single_latent(vae, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0) -> dict:
+def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0,
+                 compile: bool = False, precision: str = "float32") -> dict:
     """ELBO surgery (Hoffman & Johnson 2016) over the N points of ``data``:
 
         ELBO = E[log p(x_n | z)] - I(n; z) - KL(q(z) || p(z)),
@@ -236,22 +242,24 @@ def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0) -> dict:
     marginal KL log q(z_n) - log p(z_n), where log q(z_n) = logsumexp_m log q(z_n | x_m)
     - log N is evaluated against all N posteriors, ``chunk`` rows at a time.
     I(n; z) = average KL - marginal KL, between 0 and log N. All in nats per data point.
+    ``compile`` and ``precision``: as for ``fit`` (``pyro_vae.compiled``).
     """
     x = _all_points(vae, data, "ELBO surgery")
-    q = vae.encode(x)  # batch (N,)
-    with seeded(seed, x.device):
-        _check_single_latent(vae, x)
-        z = q.sample()
-    prior = vae.p_z()
-    log_px_z = vae.decode(z).log_prob(x)
-    log_qz_x = q.log_prob(z)
-    log_pz = prior.log_prob(z)
-    aggregate = Mixture(q, torch.zeros(len(x), device=x.device))
-    if aggregate._diagonal_normal() is None:
-        # Other guide families evaluate chunk x N posteriors elementwise (a flow also
-        # inverts each): bound that to about 2^18 rows.
-        chunk = max(1, min(chunk, 2 ** 18 // len(x)))
-    log_qz = torch.cat([aggregate.log_prob(zc) for zc in z.split(chunk)])
+    with compiled(vae, (x[:2],), compile, precision):
+        q = vae.encode(x)  # batch (N,)
+        with seeded(seed, x.device):
+            _check_single_latent(vae, x)
+            z = q.sample()
+        prior = vae.p_z()
+        log_px_z = vae.decode(z).log_prob(x)
+        log_qz_x = q.log_prob(z)
+        log_pz = prior.log_prob(z)
+        aggregate = Mixture(q, torch.zeros(len(x), device=x.device))
+        if aggregate._diagonal_normal() is None:
+            # Other guide families evaluate chunk x N posteriors elementwise (a flow also
+            # inverts each): bound that to about 2^18 rows.
+            chunk = max(1, min(chunk, 2 ** 18 // len(x)))
+        log_qz = torch.cat([aggregate.log_prob(zc) for zc in z.split(chunk)])
     n = len(x)
     reconstruction = log_px_z.mean().item()
     avg_kl = (log_qz_x - log_pz).mean().item()

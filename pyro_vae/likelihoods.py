@@ -38,6 +38,8 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all
 
+from .compiled import kernel
+
 
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
@@ -149,8 +151,12 @@ class BernoulliLogits(TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return (torch.linalg.vecdot(self.logits, value.to(self.logits.dtype))
-                - F.softplus(self.logits).sum(-1))
+        return _bernoulli_log_prob(self.logits, value.to(self.logits.dtype))
+
+
+@kernel
+def _bernoulli_log_prob(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vecdot(logits, value) - F.softplus(logits).sum(-1)
 
 
 class GaussianLikelihood(Likelihood):

@@ -23,6 +23,8 @@ from torch.distributions import constraints
 import pyro.distributions as dist
 from pyro.distributions.torch_distribution import TorchDistribution
 
+from .compiled import kernel
+
 
 class Mixture(TorchDistribution):
     """p(z) = sum_k softmax(logits)_k p_k(z), for a component distribution of batch (K,).
@@ -142,6 +144,7 @@ def _diag_normal_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tenso
 _EXP_FLOOR = -80.0
 
 
+@kernel
 def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``torch.logsumexp(x, dim)``, fast when many terms are far below the largest.
 

@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -24,6 +25,8 @@ import torch
 import pyro
 
 from . import datasets, distributed, plots
+from .compiled import check_precision
+from .errors import ArgumentError
 from .checkpoints import (TrainState, atomic_write, load_checkpoint, read_checkpoint,
                           save_checkpoint)
 from .config import (MODEL_SETTINGS, RESUMABLE_CHANGES, TrainConfig, build_model,
@@ -457,26 +460,36 @@ def save_run(run_dir, vae, config: TrainConfig, overwrite: bool = False) -> RunF
 def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "test",
                  limit: Optional[int] = None, device: str = "auto", seed: int = 0,
                  progress: bool = True, surgery_points: Optional[int] = None,
-                 trust_imports: bool = False) -> dict:
+                 trust_imports: bool = False, compile: bool = False,
+                 precision: str = "float32") -> dict:
     """Evaluate a run folder on one of its splits; writes ``eval.json`` and
     ``elbo_surgery.png`` there and returns the results. ``surgery_points``: ELBO surgery
     on the first N evaluated points only (default: all). ``trust_imports``: see
-    ``load_run``."""
+    ``load_run``. ``compile``, ``precision``: see ``pyro_vae.compiled``."""
     _check_evaluation(split, samples, chunk, limit, surgery_points)
     run = RunFolder(run_dir)
     dev = resolve_device(device)
+    try:
+        check_precision(precision, dev)
+    except ArgumentError as e:
+        raise ValueError(e.named("--precision")) from None
     vae, config = load_run(run_dir, dev, trust_imports)
     data = dict(zip(("train", "valid", "test"), load_data(config)))[split]
     data = data.subset(limit).to(dev)
     vae.eval()
     elbo_objective = plain_elbo(make_elbo(config.loss))
-    ll = log_likelihood(vae, data, samples, chunk, seed=seed, progress=progress)
+    start = time.perf_counter()
+    ll = log_likelihood(vae, data, samples, chunk, seed=seed, progress=progress,
+                        compile=compile, precision=precision)
     ll_stderr = (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else 0.0
     results = {
         "split": split,
         "guide": config.guide,
         "num_points": len(data),
         "num_samples": samples,
+        "log_likelihood_seconds": time.perf_counter() - start,
+        "compile": compile,
+        "precision": precision,
         "test_elbo": evaluate_elbo(vae, data, elbo_objective, seed=seed),
         "elbo_estimator": type(elbo_objective).__name__,
         "log_likelihood": ll.mean().item(),
@@ -491,7 +504,8 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
             log_likelihood_bits_per_dim=bits_per_dim(results["log_likelihood"], dims),
             log_likelihood_stderr_bits_per_dim=-bits_per_dim(ll_stderr, dims),
             test_elbo_bits_per_dim=bits_per_dim(results["test_elbo"], dims))
-    surgery = _posterior_diagnostics(vae, data, surgery_points, seed, results)
+    surgery = _posterior_diagnostics(vae, data, surgery_points, seed, results,
+                                     dict(compile=compile, precision=precision))
     with run.lock():  # not while another process writes the folder
         if surgery is not None:
             plots.plot_elbo_surgery(surgery, run / "elbo_surgery.png")
@@ -510,12 +524,14 @@ def _check_evaluation(split, samples, chunk, limit, surgery_points) -> None:
                          f"samples per point")
 
 
-def _posterior_diagnostics(vae, data, surgery_points, seed, results: dict):
-    """ELBO surgery and active units into ``results``; each skipped, with its reason,
-    for a model it does not fit. Returns the surgery terms (None when skipped)."""
+def _posterior_diagnostics(vae, data, surgery_points, seed, results: dict,
+                           compiling: dict):
+    """ELBO surgery (``compiling``: its compile and precision) and active units into
+    ``results``; each skipped, with its reason, for a model it does not fit. Returns
+    the surgery terms (None when skipped)."""
     surgery = None
     try:
-        surgery = elbo_surgery(vae, data.subset(surgery_points), seed=seed)
+        surgery = elbo_surgery(vae, data.subset(surgery_points), seed=seed, **compiling)
         results.update({k: surgery[k] for k in ("reconstruction", "avg_kl",
                                                 "mutual_information", "marginal_kl", "log_n")})
         results["surgery_elbo"] = surgery["elbo"]
