@@ -30,7 +30,8 @@ import logging
 import os
 import shutil
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+import types
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -131,22 +132,23 @@ def _is_compile_error(e: Exception) -> bool:
     return isinstance(e, errors)
 
 
-class _Network:
-    """The call of one network, under bfloat16 autocast when asked; its output back in
-    float32. A bound method per network, so that Dynamo keeps each network's compiled
-    graphs apart (they are keyed on ``self``)."""
+def _network_call(module: nn.Module, bf16: bool, device_type: str) -> Callable:
+    """The call of one network, under bfloat16 autocast when asked, its output back in
+    float32; as a function with a code object of its own, because Dynamo keeps compiled
+    graphs, and counts recompilations, per code object: so each network's graphs stay
+    apart from the others' and go when the function does."""
+    call = module._call_impl
 
-    def __init__(self, module: nn.Module, bf16: bool, device_type: str):
-        self.call, self.bf16, self.device_type = module._call_impl, bf16, device_type
-
-    def forward(self, *args, **kwargs):
-        if not self.bf16:
-            return self.call(*args, **kwargs)
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            out = self.call(*args, **kwargs)
+    def forward(*args, **kwargs):
+        if not bf16:
+            return call(*args, **kwargs)
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            out = call(*args, **kwargs)
         if isinstance(out, tuple):
             return tuple(o.float() for o in out)
         return out.float()
+    return types.FunctionType(forward.__code__.replace(), forward.__globals__,
+                              f"forward_{type(module).__name__}", None, forward.__closure__)
 
 
 def networks(model: nn.Module, batch: Sequence[torch.Tensor]) -> Dict[str, nn.Module]:
@@ -164,8 +166,7 @@ def networks(model: nn.Module, batch: Sequence[torch.Tensor]) -> Dict[str, nn.Mo
             called[id(module)] = called.get(id(module), False)
     handle = nn.modules.module.register_module_forward_hook(record, with_kwargs=True)
     try:
-        with torch.no_grad(), pyro.validation_enabled(False), \
-                torch.random.fork_rng(devices=_cuda(batch)):
+        with torch.no_grad(), pyro.validation_enabled(False), rng_untouched(batch[0].device):
             guide_trace = poutine.trace(model.guide).get_trace(*batch)
             poutine.replay(model.model, trace=guide_trace)(*batch)
     finally:
@@ -179,10 +180,6 @@ def networks(model: nn.Module, batch: Sequence[torch.Tensor]) -> Dict[str, nn.Mo
         if next(module.parameters(), None) is not None:
             found[name] = module
     return found
-
-
-def _cuda(batch) -> List[torch.device]:
-    return sorted({t.device for t in batch if t.is_cuda}, key=str)
 
 
 @contextlib.contextmanager
@@ -208,15 +205,14 @@ def compiled(model: nn.Module, batch: Sequence[torch.Tensor], compile: bool = Tr
     mode = "reduce-overhead" if device.type == "cuda" else None
     before = {name: m._compiled_call_impl for name, m in found.items()}
     for name, module in found.items():
-        call = _Network(module, bf16, device.type).forward
+        call = _network_call(module, bf16, device.type)
         module._compiled_call_impl = _Fallback(
             f"network {name}", call,
             torch.compile(call, fullgraph=True, dynamic=False, mode=mode)) if compile else call
     _active = {"densities": compile, "kernels": {}, "mode": mode}
     try:
         # Each network compiles once per input shape, grad mode and requires_grad of its
-        # input (training, last batch, validation, the VampPrior's pseudo-inputs, ...), and
-        # Dynamo counts all networks' graphs against one limit (they share one code object).
+        # input: training, the last batch, validation, the VampPrior's pseudo-inputs, ...
         with torch._dynamo.config.patch(recompile_limit=max(
                 64, torch._dynamo.config.recompile_limit)):
             yield list(found)
@@ -226,10 +222,15 @@ def compiled(model: nn.Module, batch: Sequence[torch.Tensor], compile: bool = Tr
             module._compiled_call_impl = before[name]
 
 
+def rng_untouched(device):
+    """A block whose draws leave the random state (CPU, and ``device``'s) as it was."""
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def warm_up(run: Callable[[], None], device) -> float:
     """Seconds taken by ``run()`` (called to compile), leaving the random state as it was."""
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda"
-                               else []):
+    with rng_untouched(device):
         run()
     return time.perf_counter() - start

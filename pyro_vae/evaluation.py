@@ -15,7 +15,7 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .compiled import compiled
+from .compiled import compiled, rng_untouched
 from .contract import check_data
 from .datasets import as_dataset
 from .errors import ArgumentError
@@ -196,7 +196,8 @@ def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
     bar = tqdm(batches, total=-(-len(data) // batch_size), disable=not progress,
                desc="log p(x)", leave=False, dynamic_ncols=True)
     dim = -1 - max_plate_nesting
-    probe = next(data.batches(2, shuffle=False))
+    with rng_untouched(data.device):  # gray data are binarized with random draws
+        probe = next(data.batches(2, shuffle=False))
     with _evaluating(model), seeded(seed, data.device), pyro.validation_enabled(False), \
             _prior_computed_once(model), compiled(model, probe, compile, precision):
         for batch in bar:

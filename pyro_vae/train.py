@@ -27,7 +27,7 @@ import pyro
 from pyro import poutine
 from pyro.infer import ELBO
 
-from .compiled import check_precision, compiled, warm_up
+from .compiled import check_precision, compiled, rng_untouched, warm_up
 from .checkpoints import (Position, TrainState, get_rng_state, load_optimizer_state,
                           set_rng_state)
 from .contract import check_data, guide_parameters
@@ -232,7 +232,8 @@ class Trainer:
         """The networks compiled and/or in bfloat16 inside the block, as asked."""
         o = self.options
         self.compiled_networks, self.compile_seconds = [], None
-        probe = next(self.train.batches(2, False))
+        with rng_untouched(self.device):  # gray data are binarized with random draws
+            probe = next(self.train.batches(2, False))
         with compiled(self.model, probe, o.compile, o.precision, self.device) as names:
             self.compiled_networks = names
             yield
@@ -244,11 +245,11 @@ class Trainer:
         o = self.options
         if not (o.compile and self.compiled_networks):
             return
-        first = next(self.train.batches(o.batch_size, False))
         last = len(self.train) - (self.steps - 1) * o.batch_size
-        sizes = sorted({len(first[0]), last}, reverse=True)
+        sizes = sorted({min(o.batch_size, len(self.train)), last}, reverse=True)
 
         def run():
+            first = next(self.train.batches(o.batch_size, False))
             with pyro.validation_enabled(False):
                 for size in sizes:
                     shard = tuple(self.world.shard(t[:size]) for t in first)
