@@ -14,7 +14,12 @@ references do the same number of decoder passes (N x S latent rows) and encoder 
 The estimator does more than either: the likelihood's log-density over every pixel and
 the prior's over every sample (for the VampPrior, a K-component mixture).
 
+With ``--compile`` the estimator also runs compiled (``log_likelihood(...,
+compile=True)``; each call compiles anew, and that time is counted), interleaved with the
+others, and the speed-up over the eager estimator is printed.
+
     python benchmarks/loglik_speed.py RUN_FOLDER [--limit 200] [--repeat 3] [--device cpu]
+        [--compile [--precision bf16]]
 """
 
 import argparse
@@ -27,6 +32,7 @@ from torch import nn
 import pyro
 
 import pyro_vae as pv
+from pyro_vae.compiled import PRECISIONS
 from pyro_vae.evaluation import log_likelihood
 
 
@@ -77,21 +83,27 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--total", type=int, default=10000, help="points to extrapolate to")
     parser.add_argument("--repeat", type=int, default=3, help="timed repeats (min is kept)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the estimator compiled (compiling included)")
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="with --compile: the compiled estimator's precision")
     args = parser.parse_args()
     device = torch.device(args.device)
     vae, config = pv.load_run(args.run, device)
     vae.eval()
     test = pv.datasets.load(config.dataset, config.data_dir)[2].subset(args.limit).to(device)
 
-    def estimate():
+    def estimate(**compiling):
         _sync(device)
         start = time.perf_counter()
-        ll = log_likelihood(vae, test, args.samples, args.chunk, args.batch_size)
+        ll = log_likelihood(vae, test, args.samples, args.chunk, args.batch_size,
+                            **compiling)
         _sync(device)
         return time.perf_counter() - start, ll
 
     block = args.chunk * args.batch_size
-    times = {"estimator": [], "bare": [], "network": []}
+    times = {"estimator": [], "bare": [], "network": [], "compiled": []}
+    compiling = dict(compile=True, precision=args.precision)
     with torch.no_grad():
         log_likelihood(vae, test.subset(args.batch_size), 2 * args.chunk,  # warm-up
                        args.chunk, args.batch_size)
@@ -100,6 +112,9 @@ def main():
         for _ in range(args.repeat):
             seconds, ll = estimate()
             times["estimator"].append(seconds)
+            if args.compile:  # compiling (seconds) is part of each call's time
+                seconds, ll_compiled = estimate(**compiling)
+                times["compiled"].append(seconds)
             times["bare"].append(
                 bare_passes(vae.decoder, args.limit * args.samples, block, device)
                 + bare_passes(vae.encoder, args.limit, block, device))
@@ -107,6 +122,13 @@ def main():
                                                    args.batch_size, device))
     estimator, bare, network = (min(times[k]) for k in ("estimator", "bare", "network"))
     scale = args.total / args.limit
+    if args.compile:
+        compiled = min(times["compiled"])
+        print(json.dumps({
+            "compiled_seconds": compiled, "precision": args.precision,
+            "speedup_compiled": estimator / compiled,
+            "largest_difference_nats": (ll_compiled - ll).abs().max().item(),
+            f"compiled_seconds_for_{args.total}_points": compiled * scale}))
     print(json.dumps({
         "run": args.run, "points": args.limit, "samples": args.samples,
         "log_likelihood_mean": ll.mean().item(), "repeats": args.repeat,

@@ -31,6 +31,7 @@ import os
 import shutil
 import time
 import types
+import weakref
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -132,23 +133,35 @@ def _is_compile_error(e: Exception) -> bool:
     return isinstance(e, errors)
 
 
-def _network_call(module: nn.Module, bf16: bool, device_type: str) -> Callable:
-    """The call of one network, under bfloat16 autocast when asked, its output back in
-    float32; as a function with a code object of its own, because Dynamo keeps compiled
-    graphs, and counts recompilations, per code object: so each network's graphs stay
-    apart from the others' and go when the function does."""
-    call = module._call_impl
+# network -> {(bf16, device type, compile mode): its call}: kept for the module's life, so
+# that fitting or evaluating it again (resuming, say) reuses what was compiled.
+_calls: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
-    def forward(*args, **kwargs):
-        if not bf16:
-            return call(*args, **kwargs)
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            out = call(*args, **kwargs)
-        if isinstance(out, tuple):
-            return tuple(o.float() for o in out)
-        return out.float()
-    return types.FunctionType(forward.__code__.replace(), forward.__globals__,
-                              f"forward_{type(module).__name__}", None, forward.__closure__)
+
+def _network_call(name: str, module: nn.Module, bf16: bool, device_type: str,
+                  mode: Optional[str]) -> Callable:
+    """The call of one network, under bfloat16 autocast when asked, its output back in
+    float32, compiled unless ``mode`` is ``"eager"``. Each network gets a function with a
+    code object of its own: Dynamo keeps compiled graphs, and counts recompilations, per
+    code object, so each network's graphs stay apart from the others'."""
+    key = (bf16, device_type, mode)
+    calls = _calls.setdefault(module, {})
+    if key not in calls:
+        def forward(network, *args, **kwargs):
+            if not bf16:
+                return network._call_impl(*args, **kwargs)
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                out = network._call_impl(*args, **kwargs)
+            if isinstance(out, tuple):
+                return tuple(o.float() for o in out)
+            return out.float()
+        forward = types.FunctionType(forward.__code__.replace(), forward.__globals__,
+                                     f"forward_{type(module).__name__}", None,
+                                     forward.__closure__)
+        calls[key] = forward if mode == "eager" else _Fallback(
+            f"network {name}", forward,
+            torch.compile(forward, fullgraph=True, dynamic=False, mode=mode))
+    return functools.partial(calls[key], module)
 
 
 def networks(model: nn.Module, batch: Sequence[torch.Tensor]) -> Dict[str, nn.Module]:
@@ -205,10 +218,8 @@ def compiled(model: nn.Module, batch: Sequence[torch.Tensor], compile: bool = Tr
     mode = "reduce-overhead" if device.type == "cuda" else None
     before = {name: m._compiled_call_impl for name, m in found.items()}
     for name, module in found.items():
-        call = _network_call(module, bf16, device.type)
-        module._compiled_call_impl = _Fallback(
-            f"network {name}", call,
-            torch.compile(call, fullgraph=True, dynamic=False, mode=mode)) if compile else call
+        module._compiled_call_impl = _network_call(name, module, bf16, device.type,
+                                                   mode if compile else "eager")
     _active = {"densities": compile, "kernels": {}, "mode": mode}
     try:
         # Each network compiles once per input shape, grad mode and requires_grad of its
