@@ -1,22 +1,36 @@
-"""Seconds per training epoch: pyro_vae.fit against the same network and loss in plain
-PyTorch, interleaved in one process.
+"""Seconds per training epoch: pyro_vae.fit, eager and compiled, against the same network
+and loss in plain PyTorch (and, where installed, in NumPyro), interleaved in one process.
 
-Both loops start from the same weights, see the same batches (same permutation and
-dynamic binarization draws, from generators with the same seed) on the same device and
-take the same number of Adam steps. The plain loop is the textbook one: the package's
-networks called as plain modules, z = mu + sigma * eps, Bernoulli log-likelihood by
-binary cross-entropy, the Gaussian KL in closed form (standard prior) or, for the
-VampPrior, a one-sample Monte Carlo KL with log p(z) = logsumexp over the K pseudo-input
-posteriors (as in the VampPrior paper's code), and ``torch.optim.Adam``.
+Every loop starts from the same weights and takes the same Adam steps on the same kind of
+batches: the torch loops see the very same batches (same permutation and dynamic
+binarization draws, from generators with the same seed) on the same device. The plain
+loop is the textbook one: the package's networks called as plain modules, z = mu + sigma
+* eps, Bernoulli log-likelihood by binary cross-entropy, the Gaussian KL in closed form
+(standard prior) or, for the VampPrior, a one-sample Monte Carlo KL with log p(z) =
+logsumexp over the K pseudo-input posteriors (as in the VampPrior paper's code), and
+``torch.optim.Adam``.
 
-Epochs alternate (package, plain, package, plain, ...); each loop's median over the
-rounds is reported, with their ratio. After the last round both models' validation ELBO
-is computed the same way (``pyro_vae.elbo``, one fixed seed); they optimize the same
-objective from the same start, so they must agree within the spread that different
-Monte Carlo draws during training leave (``--tolerance``, nats).
+Loops (``--loops``):
+
+- ``plain``: that loop, eager, in float32: the reference of every ratio;
+- ``plain-compiled``: the same with its loss (networks, likelihood, KL) under
+  ``torch.compile``;
+- ``fit``: ``pyro_vae.fit``; ``fit-compiled``: ``fit(..., compile=True)``;
+  ``fit-bf16``: ``fit(..., compile=True, precision="bf16")``, where bfloat16 is fast
+  (elsewhere it is reported as refused);
+- ``numpyro``: NumPyro's SVI with ``TraceMeanField_ELBO``, one jitted epoch (MLP only;
+  needs ``pip install numpyro``; see ``numpyro_vae.py``).
+
+Each round runs one epoch of every loop in turn; each loop's median over the rounds after
+the first is reported (compiling is done before the first round and reported apart), with
+its ratio to ``plain`` and to ``numpyro``. After the last round every loop's validation
+ELBO is computed the same way (``pyro_vae.elbo``, one fixed seed); they optimize the same
+objective from the same start, so they must agree within the spread that different Monte
+Carlo draws during training leave (``--tolerance``, nats).
 
     python benchmarks/train_speed.py --data-dir ../shared/data [--config mlp gated-vamp]
-        [--rounds 5] [--limit N] [--device cpu|cuda]
+        [--rounds 5] [--threads 1] [--loops plain fit fit-compiled ...] [--limit N]
+        [--device cpu|cuda]
 
 Configurations: ``mlp``, the Pyro tutorial's network (784-400-50, ReLU), standard
 prior, batch 128, lr 1e-3; ``gated-vamp``, the VampPrior paper's gated network (300-300,
@@ -27,8 +41,10 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -37,6 +53,7 @@ import torch.nn.functional as F
 import pyro
 
 import pyro_vae as pv
+from pyro_vae.compiled import check_precision, fast_bf16
 from pyro_vae.guides import _positive
 from pyro_vae.priors import _diag_normal_log_prob, logsumexp
 
@@ -58,29 +75,35 @@ def _q_params(encoder, x):
     return loc, _positive(s, encoder.scale, encoder.min_scale)
 
 
-def plain_epoch(vae, opt, train, batch_size, generator, paper_density=False) -> None:
-    """One epoch of the textbook VAE loop on ``vae``'s modules, without Pyro.
+def plain_loss(vae, x, n, paper_density=False) -> torch.Tensor:
+    """The textbook VAE loss (-ELBO of the batch, times n / B) on ``vae``'s modules,
+    without Pyro.
 
     VampPrior log p(z): by default the package's own mixture density (plain PyTorch: one
     matrix product and a logsumexp), so that the comparison measures what Pyro adds;
     ``paper_density``: the VampPrior paper's code instead (a B x K x D broadcast)."""
-    n = len(train)
-    for (x,) in train.batches(batch_size, generator=generator):
-        loc, scale = _q_params(vae.encoder, x)
-        z = loc + scale * torch.randn_like(scale)
-        log_lik = -F.binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
-        if isinstance(vae.prior, pv.VampPrior):
-            ploc, pscale = _q_params(vae.encoder, vae.prior.pseudo_inputs)  # K x z
-            log_q = _gaussian_log_density(z, loc, scale)
-            if paper_density:
-                log_p = torch.logsumexp(_gaussian_log_density(z[:, None], ploc, pscale), -1)
-            else:
-                log_p = logsumexp(_diag_normal_log_prob(z, ploc, pscale), -1)
-            log_p = log_p - math.log(len(ploc))
-            kl = (log_q - log_p).sum()
+    loc, scale = _q_params(vae.encoder, x)
+    z = loc + scale * torch.randn_like(scale)
+    log_lik = -F.binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
+    if isinstance(vae.prior, pv.VampPrior):
+        ploc, pscale = _q_params(vae.encoder, vae.prior.pseudo_inputs)  # K x z
+        log_q = _gaussian_log_density(z, loc, scale)
+        if paper_density:
+            log_p = torch.logsumexp(_gaussian_log_density(z[:, None], ploc, pscale), -1)
         else:
-            kl = (0.5 * (loc ** 2 + scale ** 2 - 1) - scale.log()).sum()
-        loss = (kl - log_lik) * n / len(x)
+            log_p = logsumexp(_diag_normal_log_prob(z, ploc, pscale), -1)
+        log_p = log_p - math.log(len(ploc))
+        kl = (log_q - log_p).sum()
+    else:
+        kl = (0.5 * (loc ** 2 + scale ** 2 - 1) - scale.log()).sum()
+    return (kl - log_lik) * n / len(x)
+
+
+def plain_epoch(vae, opt, train, batch_size, generator, paper_density=False,
+                loss_fn=plain_loss) -> None:
+    """One epoch of the textbook VAE loop (``loss_fn``, Adam)."""
+    for (x,) in train.batches(batch_size, generator=generator):
+        loss = loss_fn(vae, x, len(train), paper_density)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -91,78 +114,194 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run(name: str, train, valid, rounds: int, device, seed: int = 0,
+class Plain:
+    """The plain PyTorch loop, eager or with its loss compiled."""
+
+    def __init__(self, vae, train, cfg, device, seed, compile=False, paper_density=False):
+        self.model, self.train, self.cfg, self.device = vae, train, cfg, device
+        self.opt = torch.optim.Adam(vae.parameters(), lr=cfg["lr"])
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.paper_density = paper_density
+        self.loss = torch.compile(plain_loss, dynamic=False) if compile else plain_loss
+        self.compile_seconds = None
+
+    def epoch(self) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        plain_epoch(self.model, self.opt, self.train, self.cfg["batch_size"],
+                    self.generator, self.paper_density, self.loss)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+class _Last(pv.hooks.Hook):
+    def on_checkpoint(self, state):
+        self.state = state
+
+
+class Fit:
+    """``pyro_vae.fit``, one epoch per call (resumed from the last one's state in the
+    same process: compiled graphs are reused, and the epoch's own clock excludes set-up)."""
+
+    def __init__(self, vae, train, cfg, device, seed, **options):
+        self.model, self.train, self.device = vae, train, device
+        self.options = dict(batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed,
+                            device=device, progress=False, **options)
+        self.state, self.epochs, self.compile_seconds = None, 0, None
+
+    def epoch(self) -> float:
+        last = _Last()
+        self.epochs += 1
+        history = pv.fit(self.model, self.train, epochs=self.epochs, resume=self.state,
+                         hooks=[last], **self.options)
+        self.state = last.state
+        if self.compile_seconds is None:
+            self.compile_seconds = history[-1].get("compile_seconds")
+        return history[-1]["seconds"]
+
+
+class NumPyro:
+    """NumPyro's jitted epoch (``numpyro_vae.py``), compiled ahead of the first round."""
+
+    def __init__(self, vae, train, cfg, seed):
+        from numpyro_vae import NumPyroVAE
+        self.model = vae
+        start = time.perf_counter()
+        self.svi = NumPyroVAE(vae, train.x, cfg["batch_size"], cfg["lr"], seed)
+        self.svi.compile()
+        self.compile_seconds = time.perf_counter() - start
+
+    def epoch(self) -> float:
+        return self.svi.epoch()
+
+    def finish(self):
+        self.svi.copy_back()
+
+
+def _loops(names, package, train, cfg, device, seed, paper_density):
+    """The loops to time, by name, each on its own copy of the initial weights; and the
+    loops refused here, with the reason."""
+    loops, refused = {}, {}
+    for name in names:
+        vae = copy.deepcopy(package)
+        if name in ("plain", "plain-compiled"):
+            loops[name] = Plain(vae, train, cfg, device, seed, name == "plain-compiled",
+                                paper_density)
+        elif name in ("fit", "fit-compiled"):
+            loops[name] = Fit(vae, train, cfg, device, seed, compile=name != "fit")
+        elif name == "fit-bf16":
+            try:
+                check_precision("bf16", device)
+                loops[name] = Fit(vae, train, cfg, device, seed, compile=True,
+                                  precision="bf16")
+            except ValueError as e:
+                refused[name] = str(e)
+        elif name == "numpyro":
+            if cfg["arch"] != "mlp" or cfg["prior"] != "normal" or device.type != "cpu":
+                refused[name] = "the NumPyro reference is the MLP with a standard prior, on CPU"
+                continue
+            try:
+                loops[name] = NumPyro(vae, train, cfg, seed)
+            except ImportError as e:
+                refused[name] = f"not installed ({e})"
+    return loops, refused
+
+
+def run(name: str, train, valid, rounds: int, device, loop_names, seed: int = 0,
         paper_density: bool = False) -> dict:
     cfg = CONFIGS[name]
     torch.manual_seed(seed)
     pyro.set_rng_seed(seed)
     package = pv.VAE(784, cfg["z_dim"], cfg["hidden"], arch=cfg["arch"], prior=cfg["prior"],
                      prior_options=cfg["prior_options"]).to(device)
-    plain = copy.deepcopy(package)  # the same initial weights
-    opt = torch.optim.Adam(plain.parameters(), lr=cfg["lr"])
-    generator = torch.Generator(device=device).manual_seed(seed)  # fit's data stream
-    plain_seconds = []
-
-    def plain_round(record, history, model):
-        _sync(device)
-        start = time.perf_counter()
-        plain_epoch(plain, opt, train, cfg["batch_size"], generator, paper_density)
-        _sync(device)
-        plain_seconds.append(time.perf_counter() - start)
-
-    history = pv.fit(package, train, epochs=rounds, batch_size=cfg["batch_size"],
-                     lr=cfg["lr"], seed=seed, device=device, hooks=[plain_round],
-                     progress=False)
-    package_seconds = [r["seconds"] for r in history]
+    loops, refused = _loops(loop_names, package, train, cfg, device, seed, paper_density)
+    seconds = {k: [] for k in loops}
+    for _ in range(rounds):
+        for k, loop in loops.items():
+            seconds[k].append(loop.epoch())
     # Rounds after the first (which holds one-off costs: allocation, first-step checks).
-    a = statistics.median(package_seconds[1:] or package_seconds)
-    b = statistics.median(plain_seconds[1:] or plain_seconds)
-    elbo_package = pv.elbo(package, valid, seed=seed)
-    elbo_plain = pv.elbo(plain, valid, seed=seed)
-    return {"config": name, "package_s_per_epoch": a, "plain_s_per_epoch": b,
-            "ratio": a / b, "package_rounds": package_seconds, "plain_rounds": plain_seconds,
-            "valid_elbo_package": elbo_package, "valid_elbo_plain": elbo_plain,
-            "elbo_difference": elbo_package - elbo_plain,
-            "steps_per_epoch": math.ceil(len(train) / cfg["batch_size"])}
+    median = {k: statistics.median(v[1:] or v) for k, v in seconds.items()}
+    result = {"config": name, "refused": refused, "rounds": seconds, "median": median,
+              "compile_seconds": {k: loop.compile_seconds for k, loop in loops.items()},
+              "steps_per_epoch": math.ceil(len(train) / cfg["batch_size"])}
+    for reference in ("plain", "numpyro"):
+        if reference in median:
+            result[f"ratio_to_{reference}"] = {k: v / median[reference]
+                                               for k, v in median.items()}
+    for loop in loops.values():
+        getattr(loop, "finish", lambda: None)()
+    result["valid_elbo"] = {k: pv.elbo(loop.model, valid, seed=seed)
+                            for k, loop in loops.items()}
+    return result
+
+
+def _threads(n: int) -> None:
+    """n threads for torch, and the process held to n cores: XLA's CPU code (NumPyro)
+    otherwise uses every core, whatever its flags say."""
+    torch.set_num_threads(n)
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores[:n])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir")
     parser.add_argument("--config", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--loops", nargs="+", default=list(LOOPS), choices=list(LOOPS))
     parser.add_argument("--rounds", type=int, default=5, help="epochs of each loop")
+    parser.add_argument("--threads", type=int, help="torch threads, and cores the process "
+                                                   "may use (default: torch's, all)")
     parser.add_argument("--limit", type=int, help="train on the first N points only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--paper-density", action="store_true",
                         help="plain loop: the VampPrior paper's B x K x D mixture density "
                              "instead of the package's matrix-product one")
     parser.add_argument("--tolerance", type=float, default=1.0,
-                        help="allowed |ELBO difference| in nats (default: %(default)s)")
+                        help="allowed |ELBO difference| to plain, in nats "
+                             "(default: %(default)s)")
     args = parser.parse_args()
+    if args.threads:
+        _threads(args.threads)
     device = torch.device(args.device)
     train, valid, _ = pv.datasets.load("mnist", args.data_dir)
     train, valid = train.subset(args.limit).to(device), valid.to(device)
     info = dict(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                 plain_vamp_density="paper" if args.paper_density else "package",
-                pyro=pyro.__version__, points=len(train),
+                pyro=pyro.__version__, points=len(train), fast_bf16=fast_bf16(device),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 machine=platform.processor() or platform.machine())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    print(json.dumps(info))
-    results = []
-    for name in args.config:
-        result = run(name, train, valid, args.rounds, device, paper_density=args.paper_density)
-        result["elbo_agrees"] = abs(result["elbo_difference"]) <= args.tolerance
-        results.append(result)
-        print(json.dumps(result), flush=True)
-    print(f"\n| config ({device.type}) | pyro_vae s/epoch | plain PyTorch s/epoch | ratio | "
-          f"valid ELBO pyro_vae | valid ELBO plain |\n|---|---|---|---|---|---|")
+    print(json.dumps(info), flush=True)
+    results = [run(name, train, valid, args.rounds, device, args.loops,
+                   paper_density=args.paper_density) for name in args.config]
+    agree = True
     for r in results:
-        print(f"| {r['config']} | {r['package_s_per_epoch']:.3f} | "
-              f"{r['plain_s_per_epoch']:.3f} | {r['ratio']:.3f} | "
-              f"{r['valid_elbo_package']:.2f} | {r['valid_elbo_plain']:.2f} |")
-    return 0 if all(r["elbo_agrees"] for r in results) else 1
+        print(json.dumps(r), flush=True)
+    for r in results:
+        print(f"\n{r['config']} ({device.type}, {info['threads']} threads): s/epoch, median "
+              f"of rounds 2-{args.rounds}\n\n| loop | s/epoch | to plain | to numpyro | "
+              f"compile s | valid ELBO |\n|---|---|---|---|---|---|")
+        for k, s in r["median"].items():
+            to_plain = r.get("ratio_to_plain", {}).get(k)
+            to_numpyro = r.get("ratio_to_numpyro", {}).get(k)
+            compile_s = r["compile_seconds"][k]
+            print(f"| {k} | {s:.3f} | {_fmt(to_plain)} | {_fmt(to_numpyro)} | "
+                  f"{_fmt(compile_s, 1)} | {r['valid_elbo'][k]:.2f} |")
+        for k, why in r["refused"].items():
+            print(f"| {k} | refused: {why} | | | | |")
+        if "plain" in r["valid_elbo"]:
+            agree &= all(abs(v - r["valid_elbo"]["plain"]) <= args.tolerance
+                         for v in r["valid_elbo"].values())
+    return 0 if agree else 1
 
+
+def _fmt(value, digits=3):
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+LOOPS = ("plain", "plain-compiled", "fit", "fit-compiled", "fit-bf16", "numpyro")
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     raise SystemExit(main())
