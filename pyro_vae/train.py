@@ -27,7 +27,7 @@ import pyro
 from pyro import poutine
 from pyro.infer import ELBO
 
-from .compiled import check_precision, compiled, rng_untouched, warm_up
+from .compiled import check_precision, compare_speed, compiled, rng_untouched, warm_up
 from .checkpoints import (Position, TrainState, get_rng_state, load_optimizer_state,
                           set_rng_state)
 from .contract import check_data, guide_parameters
@@ -240,24 +240,31 @@ class Trainer:
 
     def _warm_up(self) -> None:
         """Compile the step for the batch sizes it will see, before any epoch's clock
-        runs: forward and backward once each, without an update, and without drawing from
-        the random streams (the run is the one it would be without compiling)."""
+        runs: forward and backward, without an update, and without drawing from the
+        random streams (the run is the one it would be without compiling). Then time
+        the compiled step against the eager one, and say so when it is not faster."""
         o = self.options
         if not (o.compile and self.compiled_networks):
             return
         last = len(self.train) - (self.steps - 1) * o.batch_size
         sizes = sorted({min(o.batch_size, len(self.train)), last}, reverse=True)
-
-        def run():
+        with rng_untouched(self.device):
             first = next(self.train.batches(o.batch_size, False))
+
+        def step(size):
             with pyro.validation_enabled(False):
-                for size in sizes:
-                    shard = tuple(self.world.shard(t[:size]) for t in first)
-                    self.step._loss_and_grads(shard, 1.0, self.num_data, 1.0)
-                    self.step.optimizer.zero_grad(set_to_none=True)
-        self.compile_seconds = warm_up(run, self.device)
-        logger.info("compiled %s in %.1f s", ", ".join(self.compiled_networks),
-                    self.compile_seconds)
+                self.step._loss_and_grads(tuple(self.world.shard(t[:size]) for t in first),
+                                          1.0, self.num_data, 1.0)
+            self.step.optimizer.zero_grad(set_to_none=True)
+        self.compile_seconds = warm_up(lambda: [step(size) for size in sizes], self.device)
+        compiled_s, eager_s = compare_speed(lambda: step(sizes[0]), self.device)
+        if self.world.main:
+            logger.info("compiled %s in %.1f s", ", ".join(self.compiled_networks),
+                        self.compile_seconds)
+            if compiled_s > eager_s:
+                logger.warning("compiling does not pay here: a compiled step took %.1f ms, "
+                               "an eager one %.1f ms (median of 5)", 1e3 * compiled_s,
+                               1e3 * eager_s)
 
     def _build_step(self, model_fn) -> None:
         o = self.options

@@ -19,6 +19,7 @@ from pyro_vae.objectives import make_elbo
 from pyro_vae.step import _Loss
 from pyro_vae.train import TrainingDiverged
 
+from conftest import requires_cuda
 from test_train import KeepStates, _FaultAtStep
 
 
@@ -110,7 +111,9 @@ def test_the_nonfinite_guard_is_unchanged_under_compilation(digits):
     naming the quantity, and no parameter changed (as test_train checks eagerly)."""
     train, _, _ = digits
     steps = -(-len(train) // 64)
-    warm_up = 2  # the two batch sizes compiled before the first step (64 and the last)
+    # Before the first step: the two batch sizes compiled (64 and the last), then 5
+    # compiled and 5 eager steps timed against each other (none updates a parameter).
+    warm_up = 2 + 10
     head = _FaultAtStep(64, at=steps + 5 + warm_up, gradient=True)
     vae = VAE(64, 4, (16,), likelihood=head)
     head.owner.append(vae)
@@ -231,3 +234,38 @@ def test_compiled_log_likelihood_and_surgery_equal_eager(digits):
     eager = elbo_surgery(vae, digits[2].x[:200])
     fast = elbo_surgery(vae, digits[2].x[:200], compile=True)
     assert all(abs(fast[k] - eager[k]) <= 1e-4 * max(1, abs(eager[k])) for k in eager)
+
+
+@requires_cuda
+def test_a_compiled_step_on_cuda_never_waits_for_the_device(digits):
+    """As test_train's eager check, with the networks and densities compiled (CUDA
+    graphs): after the compiling steps, the package's part of a step and the compiled
+    networks make no host-device synchronization."""
+    from pyro_vae.distributed import World
+    from pyro_vae.step import Step, make_optimizer
+
+    class Objective:
+        def differentiable_loss(self, model, guide, x, **kwargs):
+            loc = vae.encoder(x).base_dist.loc
+            return -vae.decode(loc).log_prob(x).sum() + (loc ** 2).sum()
+
+    train = digits[0].to("cuda")
+    vae = VAE(64, 4, (16,)).cuda()
+    params = dict(vae.named_parameters())
+    step = Step(vae, Objective(), params, make_optimizer("adam", params.values()),
+                World(device=torch.device("cuda")))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    order = torch.randperm(len(train), device="cuda", generator=generator)
+    batches = list(train.batches(64, order=order, generator=generator))[:-1]  # one size
+    with compiled(vae, (batches[0][0][:2],)) as names:
+        assert names == ["encoder.net", "decoder"]
+        for batch in batches[:3]:  # compiling and recording the graphs may sync
+            step(batch, check=False)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with pyro.validation_enabled(False):
+                results = [step(x, check=False) for x in batches[3:]]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(bool(finite) for _, finite, _ in results)
