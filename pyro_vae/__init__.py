@@ -7,8 +7,8 @@ tour, and tutorials/ for lessons.
 
 __version__ = "0.1.0"
 
-from . import (checkpoints, config, contract, datasets, evaluation, guides, likelihoods,
-               nn, objectives, plots, priors, runs, semisupervised, train)
+from . import (checkpoints, compiled, config, contract, datasets, evaluation, guides,
+               likelihoods, nn, objectives, plots, priors, runs, semisupervised, train)
 from .checkpoints import TrainState, load_checkpoint, read_checkpoint, save_checkpoint
 from .contract import LatentVariableModel, PyroModel
 from .evaluation import elbo, elbo_surgery, log_likelihood
@@ -34,6 +34,6 @@ __all__ = [
     "PRIORS", "StandardNormal", "LearnedNormal", "MixtureOfGaussians", "VampPrior", "Mixture",
     "GUIDES", "DiagonalNormalEncoder", "FullRankNormalEncoder", "IAFEncoder",
     "LIKELIHOODS", "BernoulliLikelihood", "GaussianLikelihood",
-    "checkpoints", "config", "contract", "datasets", "runs", "evaluation", "guides", "likelihoods", "nn",
+    "checkpoints", "compiled", "config", "contract", "datasets", "runs", "evaluation", "guides", "likelihoods", "nn",
     "objectives", "plots", "priors", "semisupervised", "train",
 ]

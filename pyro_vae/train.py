@@ -463,6 +463,11 @@ def fit(model, train, valid=None, *, hooks: Sequence = (), resume=None,
     saved with it continues where it was taken: on the CPU bitwise as the uninterrupted
     run. ``lr`` and ``clip_norm`` given on resume replace the saved ones.
 
+    ``compile=True``: the model's networks and the package's densities run compiled
+    (``pyro_vae.compiled``; Pyro's tracing and the ELBO stay eager), after a warm-up that
+    compiles every batch size and draws no random number, so the run takes the eager
+    run's noise; ``precision="bf16"``: the networks' matrix products in bfloat16.
+
     Several processes (``torch.distributed`` initialized, e.g. by ``torchrun``): each
     trains on its shard of every global batch under ``DistributedDataParallel``, with the
     result of one process taking the same batches. Process 0 alone validates and calls
