@@ -20,7 +20,7 @@ from pyro_vae.step import _Loss
 from pyro_vae.train import TrainingDiverged
 
 from conftest import requires_cuda
-from test_train import KeepStates, _FaultAtStep
+from test_train import KeepStates, _FaultAtStep, cuda_step
 
 
 @pytest.fixture(scope="module")
@@ -241,22 +241,9 @@ def test_a_compiled_step_on_cuda_never_waits_for_the_device(digits):
     """As test_train's eager check, with the networks and densities compiled (CUDA
     graphs): after the compiling steps, the package's part of a step and the compiled
     networks make no host-device synchronization."""
-    from pyro_vae.distributed import World
-    from pyro_vae.step import Step, make_optimizer
-
-    class Objective:
-        def differentiable_loss(self, model, guide, x, **kwargs):
-            loc = vae.encoder(x).base_dist.loc
-            return -vae.decode(loc).log_prob(x).sum() + (loc ** 2).sum()
-
-    train = digits[0].to("cuda")
     vae = VAE(64, 4, (16,)).cuda()
-    params = dict(vae.named_parameters())
-    step = Step(vae, Objective(), params, make_optimizer("adam", params.values()),
-                World(device=torch.device("cuda")))
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    order = torch.randperm(len(train), device="cuda", generator=generator)
-    batches = list(train.batches(64, order=order, generator=generator))[:-1]  # one size
+    step, batches = cuda_step(vae, digits[0].to("cuda"))
+    batches = list(batches)[:-1]  # one batch size
     with compiled(vae, (batches[0][0][:2],)) as names:
         assert names == ["encoder.net", "decoder"]
         for batch in batches[:3]:  # compiling and recording the graphs may sync

@@ -331,11 +331,10 @@ def test_unchecked_nonfinite_step_stops_training_at_the_next_check():
     assert not all(torch.equal(p, head.before[k]) for k, p in vae.state_dict().items())
 
 
-@requires_cuda
-def test_a_training_step_on_cuda_never_waits_for_the_device():
-    """The package's part of a step (batches, finite check, fused Adam with its on-device
-    skip, zero_grad) makes no host-device synchronization, with a loss that makes none
-    either (Pyro's ELBOs call .item() on the loss themselves)."""
+def cuda_step(vae, train):
+    """A ``Step`` of ``vae`` on CUDA whose loss makes no host-device synchronization
+    itself (Pyro's ELBOs call .item() on the loss), and an epoch of ``train``'s batches
+    of 64 there."""
     from pyro_vae.distributed import World
     from pyro_vae.train import Step, make_optimizer
 
@@ -344,15 +343,21 @@ def test_a_training_step_on_cuda_never_waits_for_the_device():
             loc = vae.encoder(x).base_dist.loc
             return -vae.decode(loc).log_prob(x).sum() + (loc ** 2).sum()
 
-    train, _, _ = _digits()
-    train = train.to("cuda")
-    vae = VAE(64, 4, (16,)).cuda()
     params = dict(vae.named_parameters())
     step = Step(vae, Objective(), params, make_optimizer("adam", params.values()),
                 World(device=torch.device("cuda")))
     generator = torch.Generator(device="cuda").manual_seed(0)
     order = torch.randperm(len(train), device="cuda", generator=generator)
-    batches = train.batches(64, order=order, generator=generator)
+    return step, train.batches(64, order=order, generator=generator)
+
+
+@requires_cuda
+def test_a_training_step_on_cuda_never_waits_for_the_device():
+    """The package's part of a step (batches, finite check, fused Adam with its on-device
+    skip, zero_grad) makes no host-device synchronization, with a loss that makes none
+    either."""
+    train, _, _ = _digits()
+    step, batches = cuda_step(VAE(64, 4, (16,)).cuda(), train.to("cuda"))
     step(next(batches), check=False)  # first-call set-up (optimizer state) may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
