@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae import VAE, TrainConfig, cli, fit, load_run, resume_run, train_run
+from pyro_vae import VAE, TrainConfig, cli, compiled, fit, load_run, resume_run, train_run
 from pyro_vae import elbo as pv_elbo
 from pyro_vae.evaluation import log_likelihood
 from pyro_vae.datasets import SOURCES, TensorDataset
@@ -230,6 +230,11 @@ CASES: Sequence[Case] = [
          "--device: 'mps' is not a device this package trains on", _trained_run),
     Case("14+", "--overwrite with device meta", DIGITS + ["--device", "meta", "--overwrite"],
          "--device: 'meta' is not a device this package trains on", _trained_run),
+    Case("14+", "--overwrite with bf16 where it is not fast",
+         DIGITS + ["--precision", "bf16", "--overwrite"],
+         "--precision 'bf16' would be slower than float32 here: this CPU has neither "
+         "AVX512-BF16 nor AMX; use 'float32'", lambda tmp, mp: (
+             _trained_run(tmp, mp), mp.setattr(compiled, "fast_bf16", lambda device: False))),
     Case("14", "output folder holds a run", DIGITS + ["--z-dim", "8"],
          "--out {tmp}/run already holds a run (config.json, metrics.jsonl, checkpoint.pt, "
          "best.pt, summary.json, samples.png, reconstructions.png, elbo.png); pass "
