@@ -183,8 +183,8 @@ def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
     Any model/guide pair whose sites of one point sit in the data plate, with at most
     ``max_plate_nesting`` plates; ``seed`` leaves the caller's random state alone.
     Pyro's distribution checks are off here: the model was checked when it trained.
-    ``compile`` and ``precision``: as for ``fit`` (``pyro_vae.compiled``); compiling
-    takes seconds, once per call.
+    ``compile`` and ``precision``: as for ``fit`` (``pyro_vae.compiled``); the first
+    compiled call for a model compiles (seconds), later ones reuse what it compiled.
     """
     data = as_dataset(data)
     check_data(model, data)

@@ -26,7 +26,6 @@ import pyro
 
 from . import datasets, distributed, plots
 from .compiled import check_precision
-from .errors import ArgumentError
 from .checkpoints import (TrainState, atomic_write, load_checkpoint, read_checkpoint,
                           save_checkpoint)
 from .config import (MODEL_SETTINGS, RESUMABLE_CHANGES, TrainConfig, build_model,
@@ -469,10 +468,7 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
     _check_evaluation(split, samples, chunk, limit, surgery_points)
     run = RunFolder(run_dir)
     dev = resolve_device(device)
-    try:
-        check_precision(precision, dev)
-    except ArgumentError as e:
-        raise ValueError(e.named("--precision")) from None
+    check_precision(precision, dev)
     vae, config = load_run(run_dir, dev, trust_imports)
     data = dict(zip(("train", "valid", "test"), load_data(config)))[split]
     data = data.subset(limit).to(dev)
