@@ -37,6 +37,11 @@ def _loss_and_grads(vae, x, seed=1):
     return value.detach(), grads
 
 
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
 def test_networks_are_the_largest_tensor_modules_of_model_and_guide():
     vae = HierarchicalVAE(64, 4, (16,), prior="vamp", prior_options={"components": 5})
     x = torch.rand(2, 64).round()
@@ -52,9 +57,12 @@ def test_compiled_loss_and_gradients_equal_eager_on_fixed_weights_and_noise():
     vae = VAE(64, 4, (16,), prior="vamp", prior_options={"components": 5})
     x = torch.rand(50, 64).round()
     eager_loss, eager_grads = _loss_and_grads(vae, x)
+    graphs = _graphs_compiled()
     with compiled(vae, (x[:2],)) as names:
         assert names == ["encoder.net", "decoder"]
         loss, grads = _loss_and_grads(vae, x)
+    # encoder (data, pseudo-inputs), decoder, Bernoulli log-prob, logsumexp: compiled
+    assert _graphs_compiled() - graphs >= 5
     assert abs(loss - eager_loss) <= 1e-6 * abs(eager_loss)
     for g, e in zip(grads, eager_grads):
         assert (g - e).abs().max() <= 1e-5 * e.abs().max()
@@ -230,7 +238,9 @@ def test_compiled_log_likelihood_and_surgery_equal_eager(digits):
     vae = VAE(64, 4, (16,), prior="vamp", prior_options={"components": 5})
     x = digits[2].x[:30]
     eager = log_likelihood(vae, x, num_samples=300)
+    graphs = _graphs_compiled()
     fast = log_likelihood(vae, x, num_samples=300, compile=True)
+    assert _graphs_compiled() - graphs >= 3  # encoder, decoder, Bernoulli log-prob
     assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-4)
     eager = elbo_surgery(vae, digits[2].x[:200])
     fast = elbo_surgery(vae, digits[2].x[:200], compile=True)
