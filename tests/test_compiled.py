@@ -11,7 +11,7 @@ import torch
 import pyro
 
 from pyro_vae import HierarchicalVAE, VAE, compiled as compiled_module, fit
-from pyro_vae.compiled import check_precision, compiled, networks
+from pyro_vae.compiled import check_precision, compiled, cxx_compiler, networks
 from pyro_vae.datasets import load
 from pyro_vae.errors import ArgumentError
 from pyro_vae.evaluation import _log_weights, elbo_surgery, log_likelihood
@@ -21,6 +21,10 @@ from pyro_vae.train import TrainingDiverged
 
 from conftest import requires_cuda
 from test_train import KeepStates, _FaultAtStep, cuda_step
+
+
+needs_cxx = pytest.mark.skipif(cxx_compiler() is None,
+                               reason="no C++ compiler for torch.compile's CPU code")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,7 @@ def test_networks_are_the_largest_tensor_modules_of_model_and_guide():
                                            "p_z1.net"]
 
 
+@needs_cxx
 def test_compiled_loss_and_gradients_equal_eager_on_fixed_weights_and_noise():
     """The VampPrior VAE (networks, the mixture's logsumexp and the Bernoulli density all
     compiled): the loss to float32 rounding (relative 1e-6), every gradient to 1e-5 of
@@ -83,6 +88,7 @@ class _ModelState(KeepStates):
         self.states[-1]["_model"] = {k: v.clone() for k, v in self.model.state_dict().items()}
 
 
+@needs_cxx
 def test_compiled_fit_resumes_bitwise_as_the_compiled_uninterrupted_run(digits):
     """Three compiled epochs in one go, and the same run resumed (in a new fit, which
     compiles again) from the checkpoint after epoch 1: bitwise the same weights and
@@ -115,6 +121,7 @@ def test_compiled_fit_resumes_bitwise_as_the_compiled_uninterrupted_run(digits):
     assert abs(eager[-1]["valid_elbo"] - history[-1]["valid_elbo"]) < 1e-3
 
 
+@needs_cxx
 def test_the_nonfinite_guard_is_unchanged_under_compilation(digits):
     """A NaN gradient at step 5 of epoch 2, with the networks compiled: training stops
     naming the quantity, and no parameter changed (as test_train checks eagerly)."""
@@ -162,6 +169,7 @@ class _Unsupported(torch.nn.Module):
         return h if h.sum().item() < 1e30 else -h
 
 
+@needs_cxx
 def test_a_network_that_cannot_compile_runs_eagerly_after_one_line(caplog):
     torch.manual_seed(0)
     from pyro_vae.guides import DiagonalNormalEncoder
@@ -231,6 +239,7 @@ def test_bf16_training_reaches_the_float32_validation_elbo(digits, monkeypatch):
     assert half[-1]["valid_elbo"] != full[-1]["valid_elbo"]
 
 
+@needs_cxx
 def test_compiled_log_likelihood_and_surgery_equal_eager(digits):
     """S = 300 importance samples on 30 points of a VampPrior VAE, and ELBO surgery on
     200: compiled, the same numbers to float32 rounding."""
