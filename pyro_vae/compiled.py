@@ -2,8 +2,8 @@
 
 ``torch.compile`` cannot take Pyro's ELBO whole: every ``pyro.sample`` passes through
 Pyro's handler stack (plain Python objects), and Dynamo breaks the graph there (10
-breaks in the tutorial MLP's meanfield loss); compiled so, that step took 1.2 to 1.6
-times as long as eager in our measurements (one thread). So
+breaks in the tutorial MLP's meanfield loss); compiled so, that step took about 1.1 times
+as long as eager (``benchmarks/compile_parts.py``, one thread). So
 ``compiled(model, batch, ...)`` compiles the parts that are plain tensor code and leaves
 Pyro's tracing, the ELBO's sums and the optimizer as they are:
 
@@ -82,23 +82,25 @@ def cxx_compiler() -> Optional[str]:
                  if (found := shutil.which(name))), None)
 
 
-# The settings in force inside ``compiled`` (read by ``kernel``): None outside.
+# Inside ``compiled(...)``: {"densities": whether kernels run compiled, "mode": the
+# compile mode}; None outside.
 _active: Optional[dict] = None
 
 
 def kernel(fn: Callable) -> Callable:
     """Mark a pure tensor function (tensors in, a tensor out) as one to compile: inside
     ``compiled(...)`` it runs compiled, elsewhere as written."""
+    compiled_by_mode = {}
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         if _active is None or not _active["densities"]:
             return fn(*args, **kwargs)
-        compiled = _active["kernels"].get(fn)
-        if compiled is None:
-            compiled = _active["kernels"][fn] = _Fallback(
-                fn.__qualname__, fn, torch.compile(fn, fullgraph=True, dynamic=False,
-                                                   mode=_active["mode"]))
-        return compiled(*args, **kwargs)
+        mode = _active["mode"]
+        if mode not in compiled_by_mode:
+            compiled_by_mode[mode] = _Fallback(fn.__qualname__, fn, torch.compile(
+                fn, fullgraph=True, dynamic=False, mode=mode))
+        return compiled_by_mode[mode](*args, **kwargs)
     return run
 
 
@@ -222,7 +224,7 @@ def compiled(model: nn.Module, batch: Sequence[torch.Tensor], compile: bool = Tr
     for name, module in found.items():
         module._compiled_call_impl = _network_call(name, module, bf16, device.type,
                                                    mode if compile else "eager")
-    _active = {"densities": compile, "kernels": {}, "mode": mode}
+    _active = {"densities": compile, "mode": mode}
     try:
         # Each network compiles once per input shape, grad mode and requires_grad of its
         # input: training, the last batch, validation, the VampPrior's pseudo-inputs, ...
@@ -242,29 +244,31 @@ def rng_untouched(device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
+def _timed(run: Callable[[], None], device) -> float:
+    """Seconds of ``run()``, waiting for the device before and after."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def warm_up(run: Callable[[], None], device) -> float:
     """Seconds taken by ``run()`` (called to compile), leaving the random state as it was."""
-    start = time.perf_counter()
     with rng_untouched(device):
-        run()
-    return time.perf_counter() - start
+        return _timed(run, device)
 
 
 def compare_speed(run: Callable[[], None], device, repeats: int = 5) -> Tuple[float, float]:
     """Median seconds of ``run()`` compiled and eager (``torch.compiler.set_stance``),
     interleaved, leaving the random state as it was."""
-    def timed():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
     compiled_s, eager_s = [], []
     with rng_untouched(device):
         for _ in range(repeats):
-            compiled_s.append(timed())
+            compiled_s.append(_timed(run, device))
             with torch.compiler.set_stance("force_eager"):
-                eager_s.append(timed())
+                eager_s.append(_timed(run, device))
     return statistics.median(compiled_s), statistics.median(eager_s)

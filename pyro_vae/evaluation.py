@@ -32,8 +32,7 @@ def seeded(seed: Optional[int], device=None):
     if seed is None:
         yield
         return
-    device = torch.device(device or "cpu")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with rng_untouched(device or "cpu"):
         torch.manual_seed(seed)
         yield
 

@@ -10,7 +10,7 @@ import torch
 
 import pyro
 
-from pyro_vae import HierarchicalVAE, VAE, compiled as compiled_module, fit
+from pyro_vae import HierarchicalVAE, Hook, VAE, compiled as compiled_module, fit
 from pyro_vae.compiled import check_precision, compiled, cxx_compiler, networks
 from pyro_vae.datasets import load
 from pyro_vae.errors import ArgumentError
@@ -20,7 +20,7 @@ from pyro_vae.step import _Loss
 from pyro_vae.train import TrainingDiverged
 
 from conftest import requires_cuda
-from test_train import KeepStates, _FaultAtStep, cuda_step
+from test_train import _FaultAtStep, cuda_step
 
 
 needs_cxx = pytest.mark.skipif(cxx_compiler() is None,
@@ -75,13 +75,12 @@ def test_compiled_loss_and_gradients_equal_eager_on_fixed_weights_and_noise():
     assert compiled_module._active is None
 
 
-class _ModelState(KeepStates):
+class _ModelState(Hook):
     """A copy of each checkpointed training state (the optimizer's moments change in
     place as training goes on), with the model's weights."""
 
     def __init__(self, states, model):
-        super().__init__(states)
-        self.model = model
+        self.states, self.model = states, model
 
     def on_checkpoint(self, state):
         self.states.append(copy.deepcopy(state.to_dict()))
