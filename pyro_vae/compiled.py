@@ -31,17 +31,21 @@ import logging
 import os
 import shutil
 import statistics
+import sys
 import time
 import types
 import weakref
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from unittest import mock
 
 import torch
 from torch import nn
 
 import pyro
 from pyro import poutine
+from pyro.infer.util import torch_item
 from pyro.nn import PyroModule
+from pyro.util import warn_if_nan
 
 from .errors import ArgumentError
 
@@ -85,6 +89,8 @@ def cxx_compiler() -> Optional[str]:
 # Inside ``compiled(...)``: {"densities": whether kernels run compiled, "mode": the
 # compile mode}; None outside.
 _active: Optional[dict] = None
+# Inside ``eagerly()``: compiled networks and densities run eagerly.
+_recording = False
 
 
 def kernel(fn: Callable) -> Callable:
@@ -94,7 +100,7 @@ def kernel(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if _active is None or not _active["densities"]:
+        if _active is None or not _active["densities"] or _recording:
             return fn(*args, **kwargs)
         mode = _active["mode"]
         if mode not in compiled_by_mode:
@@ -112,7 +118,7 @@ class _Fallback:
         self.name, self.eager, self.compiled, self.failed = name, eager, compiled, False
 
     def __call__(self, *args, **kwargs):
-        if self.failed:
+        if self.failed or _recording:
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
@@ -219,7 +225,7 @@ def compiled(model: nn.Module, batch: Sequence[torch.Tensor], compile: bool = Tr
         yield []
         return
     found = networks(model, batch)
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    mode = compile_mode(device)
     before = {name: m._compiled_call_impl for name, m in found.items()}
     for name, module in found.items():
         module._compiled_call_impl = _network_call(name, module, bf16, device.type,
@@ -236,6 +242,11 @@ def compiled(model: nn.Module, batch: Sequence[torch.Tensor], compile: bool = Tr
         _active = None
         for name, module in found.items():
             module._compiled_call_impl = before[name]
+
+
+def compile_mode(device) -> Optional[str]:
+    """``torch.compile``'s mode on ``device``: CUDA graphs on CUDA, the default elsewhere."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else None
 
 
 def rng_untouched(device):
@@ -262,13 +273,127 @@ def warm_up(run: Callable[[], None], device) -> float:
         return _timed(run, device)
 
 
-def compare_speed(run: Callable[[], None], device, repeats: int = 5) -> Tuple[float, float]:
-    """Median seconds of ``run()`` compiled and eager (``torch.compiler.set_stance``),
-    interleaved, leaving the random state as it was."""
+def compare_speed(compiled: Callable[[], None], eager: Callable[[], None], device,
+                  repeats: int = 5) -> Tuple[float, float]:
+    """Median seconds of ``compiled()`` and of ``eager()``, interleaved, leaving the
+    random state as it was."""
     compiled_s, eager_s = [], []
     with rng_untouched(device):
         for _ in range(repeats):
-            compiled_s.append(_timed(run, device))
-            with torch.compiler.set_stance("force_eager"):
-                eager_s.append(_timed(run, device))
+            compiled_s.append(_timed(compiled, device))
+            eager_s.append(_timed(eager, device))
     return statistics.median(compiled_s), statistics.median(eager_s)
+
+
+class TraceError(RuntimeError):
+    """The step could not be recorded as one graph (see ``TracedLoss``)."""
+
+
+class TracedLoss:
+    """The training loss and the gradients of ``trained`` as one compiled graph.
+
+    Pyro's ELBO is Python around tensor operations: handlers, traces, site dictionaries.
+    ``make_fx`` runs it once (model, guide, the ELBO's sums and the backward pass) and
+    records the tensor operations alone; ``torch.compile`` compiles that record. Every
+    later step runs the compiled graph, and no Pyro Python runs again: on the tutorial
+    MLP that is what makes a compiled step faster than an eager one
+    (``benchmarks/train_speed.py``).
+
+    The graph takes every parameter and buffer of ``loss`` (so it sees each update) and
+    the batch; it returns the loss and the gradients. What is Python in the step is
+    fixed in the record: the batch's shape, ``num_data``, ``beta`` and the loss's
+    weight, so one graph is kept for each. Its random draws are eager PyTorch's
+    (inductor's ``fallback_random``), so a seed gives the noise it gives eagerly.
+
+    Recording fails, with ``TraceError``, for a model that reads a tensor's value in
+    Python (a data-dependent branch would be frozen into the record; Pyro's own reads,
+    ``torch_item`` and ``warn_if_nan``, are left out while recording) or whose loss
+    does not reach a trained parameter through the recorded inputs."""
+
+    def __init__(self, loss: nn.Module, trained: Sequence[str], device, mode=None):
+        self.loss, self.trained, self.device = loss, [f"module.{n}" for n in trained], device
+        self.options = {"fallback_random": True}
+        if mode == "reduce-overhead":  # CUDA graphs (mode and options do not combine)
+            self.options["triton.cudagraphs"] = True
+        self.graphs: Dict[tuple, Callable] = {}
+
+    def _inputs(self) -> Dict[str, torch.Tensor]:
+        state = dict(self.loss.named_parameters())
+        state.update(self.loss.named_buffers())
+        return {name: t.detach() for name, t in state.items()}
+
+    def __call__(self, batch: Sequence[torch.Tensor], weight: float = 1.0,
+                 num_data: Optional[int] = None, beta: float = 1.0
+                 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The loss (times ``weight``) and the gradients of the trained parameters."""
+        key = (tuple((t.shape, t.dtype) for t in batch), weight, num_data, beta)
+        if key not in self.graphs:
+            self.graphs[key] = self._record(batch, weight, num_data, beta)
+        out = self.graphs[key](*self._inputs().values(), *batch)
+        # CUDA graphs write each run's outputs where the last run's were: the loss is
+        # kept until the steps are settled, the gradients only until the update.
+        loss = out[0].clone() if "triton.cudagraphs" in self.options else out[0]
+        return loss, list(out[1:])
+
+    def _record(self, batch, weight, num_data, beta) -> Callable:
+        from torch.fx.experimental.proxy_tensor import make_fx
+        names = list(self._inputs())
+        trained = [names.index(n) for n in self.trained]
+
+        def loss_and_grads(*flat):
+            state, data = dict(zip(names, flat[:len(names)])), flat[len(names):]
+            value = torch.func.functional_call(self.loss, state, tuple(data),
+                                               {"num_data": num_data, "beta": beta})
+            if weight != 1:
+                value = value * weight
+            grads = torch.autograd.grad(value, [flat[i] for i in trained],
+                                        allow_unused=True)
+            missing = [names[i] for i, g in zip(trained, grads) if g is None]
+            if missing:
+                raise TraceError(f"the loss does not reach {missing[0][len('module.'):]} "
+                                 f"through its inputs")
+            return (value.detach(),) + tuple(grads)
+
+        example = [t.requires_grad_(i in trained)
+                   for i, t in enumerate(self._inputs().values())] + list(batch)
+        try:
+            with rng_untouched(self.device), pyro.validation_enabled(False), \
+                    eagerly(), _pyro_value_reads_left_out():
+                graph = make_fx(loss_and_grads)(*example)
+        except TraceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to record means: run eagerly
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise TraceError(f"{type(e).__name__}: {reason[:200]}") from e
+        return torch.compile(graph.forward, fullgraph=True, dynamic=False,
+                             options=self.options)
+
+
+@contextlib.contextmanager
+def eagerly():
+    """A block in which compiled networks and densities run eagerly (to be recorded, or
+    for a step that checks its distributions' arguments once)."""
+    global _recording
+    before, _recording = _recording, True
+    try:
+        yield
+    finally:
+        _recording = before
+
+
+@contextlib.contextmanager
+def _pyro_value_reads_left_out():
+    """While recording, Pyro's host reads in its ELBOs (``torch_item`` of the loss,
+    ``warn_if_nan``'s check) keep the tensor or do nothing: a recorded graph cannot
+    read values. Any other read still stops the recording."""
+    with contextlib.ExitStack() as stack:
+        for module in list(sys.modules.values()):
+            if not getattr(module, "__name__", "").startswith("pyro."):
+                continue
+            if getattr(module, "torch_item", None) is torch_item:
+                stack.enter_context(mock.patch.object(
+                    module, "torch_item", lambda x: x.detach() if torch.is_tensor(x) else x))
+            if getattr(module, "warn_if_nan", None) is warn_if_nan:
+                stack.enter_context(mock.patch.object(module, "warn_if_nan",
+                                                      lambda x, *a, **k: x))
+        yield

@@ -10,9 +10,10 @@ import torch
 import pyro
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
-from pyro.infer.util import torch_item
+from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.optim.clipped_adam import ClippedAdam
 
+from .compiled import eagerly
 from .contract import guide_parameters
 from .distributed import World
 from .objectives import kl_weight
@@ -73,6 +74,7 @@ class Step:
                     if id(p) not in trained])
         self.device_skip = (isinstance(optimizer, torch.optim.Adam)
                             and bool(optimizer.defaults.get("fused")))
+        self.traced = None  # a TracedLoss (pyro_vae.compiled), set by fit(compile=True)
 
     def __call__(self, batch: Sequence[torch.Tensor], weight: float = 1.0, check: bool = True,
                  num_data: Optional[int] = None, beta: float = 1.0
@@ -104,6 +106,17 @@ class Step:
         return loss, finite, bad
 
     def _loss_and_grads(self, batch, weight, num_data, beta) -> torch.Tensor:
+        if self.traced is not None:
+            if is_validation_enabled():  # the checks read values: not in the graph
+                with eagerly():
+                    return self._eager_loss_and_grads(batch, weight, num_data, beta)
+            loss, grads = self.traced(batch, weight, num_data, beta)
+            for p, g in zip(self.params.values(), grads):
+                p.grad = g
+            return loss
+        return self._eager_loss_and_grads(batch, weight, num_data, beta)
+
+    def _eager_loss_and_grads(self, batch, weight, num_data, beta) -> torch.Tensor:
         if self.differentiable:
             loss = self.loss(*batch, num_data=num_data, beta=beta)
             if weight != 1:

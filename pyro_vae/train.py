@@ -27,7 +27,8 @@ import pyro
 from pyro import poutine
 from pyro.infer import ELBO
 
-from .compiled import check_precision, compare_speed, compiled, rng_untouched, warm_up
+from .compiled import (TraceError, TracedLoss, check_precision, compare_speed, compile_mode,
+                       compiled, rng_untouched, warm_up)
 from .checkpoints import (Position, TrainState, get_rng_state, load_optimizer_state,
                           set_rng_state)
 from .contract import check_data, guide_parameters
@@ -240,9 +241,11 @@ class Trainer:
 
     def _warm_up(self) -> None:
         """Compile the step for the batch sizes it will see, before any epoch's clock
-        runs: forward and backward, without an update, and without drawing from the
-        random streams (the run is the one it would be without compiling). Then time
-        the compiled step against the eager one, and say so when it is not faster."""
+        runs: the whole step recorded as one graph (``TracedLoss``) where it can be, the
+        networks alone where not. Forward and backward, without an update, and without
+        drawing from the random streams (the run is the one it would be without
+        compiling). Then time the compiled step against the eager one, and say so when
+        it is not faster."""
         o = self.options
         if not (o.compile and self.compiled_networks):
             return
@@ -256,15 +259,42 @@ class Trainer:
                 self.step._loss_and_grads(tuple(self.world.shard(t[:size]) for t in first),
                                           1.0, self.num_data, 1.0)
             self.step.optimizer.zero_grad(set_to_none=True)
-        self.compile_seconds = warm_up(lambda: [step(size) for size in sizes], self.device)
-        compiled_s, eager_s = compare_speed(lambda: step(sizes[0]), self.device)
+        def eager_step():
+            traced, self.step.traced = self.step.traced, None
+            try:
+                with torch.compiler.set_stance("force_eager"):
+                    step(sizes[0])
+            finally:
+                self.step.traced = traced
+        what = self._trace_step(lambda: [step(size) for size in sizes])
+        compiled_s, eager_s = compare_speed(lambda: step(sizes[0]), eager_step, self.device)
         if self.world.main:
-            logger.info("compiled %s in %.1f s", ", ".join(self.compiled_networks),
-                        self.compile_seconds)
+            logger.info("compiled %s in %.1f s", what, self.compile_seconds)
             if compiled_s > eager_s:
                 logger.warning("compiling does not pay here: a compiled step took %.1f ms, "
                                "an eager one %.1f ms (median of 5)", 1e3 * compiled_s,
                                1e3 * eager_s)
+
+    def _trace_step(self, compile_all) -> str:
+        """Record and compile the whole step (``compile_all`` runs it for each batch
+        size), or else the networks alone (one line says why); what was compiled."""
+        why = ("several processes train" if self.world.size > 1 else
+               "the loss has no differentiable_loss" if not self.step.differentiable
+               else None)
+        if why is None:
+            self.step.traced = TracedLoss(self.step.loss, list(self.params), self.device,
+                                          compile_mode(self.device))
+            try:
+                self.compile_seconds = warm_up(compile_all, self.device)
+                return "the whole step"
+            except TraceError as e:
+                why = str(e)
+                self.step.traced = None
+        if self.world.main:
+            logger.warning("the step cannot be compiled whole (%s): its networks are "
+                           "compiled alone", why)
+        self.compile_seconds = warm_up(compile_all, self.device)
+        return ", ".join(self.compiled_networks)
 
     def _build_step(self, model_fn) -> None:
         o = self.options
