@@ -289,6 +289,14 @@ class TraceError(RuntimeError):
     """The step could not be recorded as one graph (see ``TracedLoss``)."""
 
 
+class _Graph:
+    """One recorded step: the compiled graph, and the values the recording read on the
+    host (its guards): a later run whose reads differ took another branch."""
+
+    def __init__(self, run: Callable, expected: Optional[torch.Tensor]):
+        self.run, self.expected = run, expected
+
+
 class TracedLoss:
     """The training loss and the gradients of ``trained`` as one compiled graph.
 
@@ -305,17 +313,25 @@ class TracedLoss:
     weight, so one graph is kept for each. Its random draws are eager PyTorch's
     (inductor's ``fallback_random``), so a seed gives the noise it gives eagerly.
 
-    Recording fails, with ``TraceError``, for a model that reads a tensor's value in
-    Python (a data-dependent branch would be frozen into the record; Pyro's own reads,
-    ``torch_item`` and ``warn_if_nan``, are left out while recording) or whose loss
-    does not reach a trained parameter through the recorded inputs."""
+    Branches on values the step reads on the host (``if scale.min() < 0.1:`` in the
+    VampPrior's density, a branch of your own model) become guards: the graph also
+    returns what was read, and a step whose reads differ from the recording's is recorded again from the
+    same random state, and its result is the new record's. A step that reads different
+    values again and again (``max_records`` per batch shape) runs eagerly for good.
+    Pyro's own reads, the loss's ``torch_item`` and ``warn_if_nan``, are left out while
+    recording. Recording fails with ``TraceError`` for a step that reads a float's value
+    (it would be frozen into the graph), an operation whose output's shape depends on
+    values, or a loss that does not reach a trained parameter through the inputs."""
 
-    def __init__(self, loss: nn.Module, trained: Sequence[str], device, mode=None):
+    def __init__(self, loss: nn.Module, trained: Sequence[str], device, mode=None,
+                 max_records: int = 8):
         self.loss, self.trained, self.device = loss, [f"module.{n}" for n in trained], device
         self.options = {"fallback_random": True}
         if mode == "reduce-overhead":  # CUDA graphs (mode and options do not combine)
             self.options["triton.cudagraphs"] = True
-        self.graphs: Dict[tuple, Callable] = {}
+        self.max_records = max_records
+        self.graphs: Dict[tuple, _Graph] = {}
+        self.records: Dict[tuple, int] = {}
 
     def _inputs(self) -> Dict[str, torch.Tensor]:
         state = dict(self.loss.named_parameters())
@@ -327,15 +343,29 @@ class TracedLoss:
                  ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """The loss (times ``weight``) and the gradients of the trained parameters."""
         key = (tuple((t.shape, t.dtype) for t in batch), weight, num_data, beta)
-        if key not in self.graphs:
-            self.graphs[key] = self._record(batch, weight, num_data, beta)
-        out = self.graphs[key](*self._inputs().values(), *batch)
+        rng = _rng_state(self.device) if key not in self.graphs or \
+            self.graphs[key].expected is not None else None
+        while True:
+            if key not in self.graphs:
+                self.records[key] = self.records.get(key, 0) + 1
+                if self.records[key] > self.max_records:
+                    raise TraceError(f"the step read different values in {self.max_records}"
+                                     f" recordings")
+                self.graphs[key] = self._record(batch, weight, num_data, beta)
+            graph = self.graphs[key]
+            out = graph.run(*self._inputs().values(), *batch)
+            n = 1 + len(self.trained)
+            if graph.expected is None or torch.equal(
+                    torch.stack([g.double() for g in out[n:]]), graph.expected):
+                break
+            del self.graphs[key]  # another branch: record it from the same noise
+            _set_rng_state(rng, self.device)
         # CUDA graphs write each run's outputs where the last run's were: the loss is
         # kept until the steps are settled, the gradients only until the update.
         loss = out[0].clone() if "triton.cudagraphs" in self.options else out[0]
-        return loss, list(out[1:])
+        return loss, list(out[1:n])
 
-    def _record(self, batch, weight, num_data, beta) -> Callable:
+    def _record(self, batch, weight, num_data, beta) -> _Graph:
         from torch.fx.experimental.proxy_tensor import make_fx
         names = list(self._inputs())
         trained = [names.index(n) for n in self.trained]
@@ -354,19 +384,63 @@ class TracedLoss:
                                  f"through its inputs")
             return (value.detach(),) + tuple(grads)
 
-        example = [t.requires_grad_(i in trained)
-                   for i, t in enumerate(self._inputs().values())] + list(batch)
+        inputs = [t.requires_grad_(i in trained)
+                  for i, t in enumerate(self._inputs().values())] + list(batch)
         try:
-            with rng_untouched(self.device), pyro.validation_enabled(False), \
-                    eagerly(), _pyro_value_reads_left_out():
-                graph = make_fx(loss_and_grads)(*example)
+            with rng_untouched(self.device), pyro.validation_enabled(False), eagerly(), \
+                    _pyro_value_reads_left_out():
+                graph = make_fx(loss_and_grads, _error_on_data_dependent_ops=False)(*inputs)
+            guards = _guards_as_outputs(graph)
         except TraceError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure to record means: run eagerly
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise TraceError(f"{type(e).__name__}: {reason[:200]}") from e
-        return torch.compile(graph.forward, fullgraph=True, dynamic=False,
-                             options=self.options)
+        expected = None
+        if guards:  # the values the recording read: the graph's, from the same noise
+            with rng_untouched(self.device), torch.no_grad():
+                out = graph(*[t.detach() for t in inputs])
+            expected = torch.stack([g.double() for g in out[-guards:]])
+        return _Graph(torch.compile(graph.forward, fullgraph=True, dynamic=False,
+                                    options=self.options), expected)
+
+
+def _guards_as_outputs(graph) -> int:
+    """Make each value the recorded step read on the host an output of ``graph`` (after
+    the others), and remove the reads; how many there were. An operation whose output's
+    shape depends on values (``nonzero``, ...) cannot be guarded: ``TraceError``."""
+    read = torch.ops.aten._local_scalar_dense.default
+    guards = []
+    for node in list(graph.graph.nodes):
+        target = node.target
+        if node.op != "call_function" or not hasattr(target, "tags"):
+            continue
+        if target is read:
+            if node.args[0].meta["val"].dtype.is_floating_point:
+                raise TraceError("the step reads a floating-point value on the host")
+            guards.append(node.args[0])
+            graph.graph.erase_node(node)  # its value was used as a Python constant
+        elif torch.Tag.dynamic_output_shape in target.tags or \
+                torch.Tag.data_dependent_output in target.tags:
+            raise TraceError(f"the step's {target.__name__} depends on values")
+    if guards:
+        output = next(n for n in graph.graph.nodes if n.op == "output")
+        output.args = (tuple(output.args[0]) + tuple(guards),)
+        graph.graph.lint()
+        graph.recompile()
+    return len(guards)
+
+
+def _rng_state(device) -> tuple:
+    device = torch.device(device)
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], torch.device(device))
 
 
 @contextlib.contextmanager

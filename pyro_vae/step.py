@@ -3,6 +3,7 @@ for every parameter, and a finite check that never waits for the device unless a
 ``pyro_vae.train.Trainer`` runs it over epochs."""
 
 import contextlib
+import logging
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -13,10 +14,12 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.optim.clipped_adam import ClippedAdam
 
-from .compiled import eagerly
+from .compiled import TraceError, eagerly
 from .contract import guide_parameters
 from .distributed import World
 from .objectives import kl_weight
+
+logger = logging.getLogger("pyro_vae")
 
 OPTIMIZERS = ("adam", "clipped_adam")
 
@@ -110,7 +113,12 @@ class Step:
             if is_validation_enabled():  # the checks read values: not in the graph
                 with eagerly():
                     return self._eager_loss_and_grads(batch, weight, num_data, beta)
-            loss, grads = self.traced(batch, weight, num_data, beta)
+            try:
+                loss, grads = self.traced(batch, weight, num_data, beta)
+            except TraceError as e:
+                logger.warning("the step runs eagerly from here: %s", e)
+                self.traced = None
+                return self._eager_loss_and_grads(batch, weight, num_data, beta)
             for p, g in zip(self.params.values(), grads):
                 p.grad = g
             return loss
