@@ -253,21 +253,24 @@ class Trainer:
         sizes = sorted({min(o.batch_size, len(self.train)), last}, reverse=True)
         with rng_untouched(self.device):
             first = next(self.train.batches(o.batch_size, False))
+        batches = [tuple(self.world.shard(t[:size]) for t in first) for size in sizes]
 
-        def step(size):
+        def step(batch):
             with pyro.validation_enabled(False):
-                self.step._loss_and_grads(tuple(self.world.shard(t[:size]) for t in first),
-                                          1.0, self.num_data, 1.0)
+                self.step._loss_and_grads(batch, 1.0, self.num_data, 1.0)
             self.step.optimizer.zero_grad(set_to_none=True)
+
         def eager_step():
             traced, self.step.traced = self.step.traced, None
             try:
                 with torch.compiler.set_stance("force_eager"):
-                    step(sizes[0])
+                    step(batches[0])
             finally:
                 self.step.traced = traced
-        what = self._trace_step(lambda: [step(size) for size in sizes])
-        compiled_s, eager_s = compare_speed(lambda: step(sizes[0]), eager_step, self.device)
+        what = self._record_step(batches)
+        if self.step.traced is None:
+            self.compile_seconds = warm_up(lambda: [step(b) for b in batches], self.device)
+        compiled_s, eager_s = compare_speed(lambda: step(batches[0]), eager_step, self.device)
         if self.world.main:
             logger.info("compiled %s in %.1f s", what, self.compile_seconds)
             if compiled_s > eager_s:
@@ -275,25 +278,28 @@ class Trainer:
                                "an eager one %.1f ms (median of 5)", 1e3 * compiled_s,
                                1e3 * eager_s)
 
-    def _trace_step(self, compile_all) -> str:
-        """Record and compile the whole step (``compile_all`` runs it for each batch
-        size), or else the networks alone (one line says why); what was compiled."""
+    def _record_step(self, batches) -> str:
+        """Record and compile the whole step for each of ``batches``' shapes (it is then
+        ``self.step.traced``), or else say in one line why the networks are compiled
+        alone; what is compiled."""
         why = ("several processes train" if self.world.size > 1 else
                "the loss has no differentiable_loss" if not self.step.differentiable
                else None)
         if why is None:
-            self.step.traced = TracedLoss(self.step.loss, list(self.params), self.device,
-                                          compile_mode(self.device))
+            traced = TracedLoss(self.step.loss, list(self.params), self.device,
+                                compile_mode(self.device))
             try:
-                self.compile_seconds = warm_up(compile_all, self.device)
+                with pyro.validation_enabled(False):
+                    self.compile_seconds = warm_up(
+                        lambda: [traced(b, 1.0, self.num_data, 1.0) for b in batches],
+                        self.device)
+                self.step.traced = traced
                 return "the whole step"
             except TraceError as e:
                 why = str(e)
-                self.step.traced = None
         if self.world.main:
             logger.warning("the step cannot be compiled whole (%s): its networks are "
                            "compiled alone", why)
-        self.compile_seconds = warm_up(compile_all, self.device)
         return ", ".join(self.compiled_networks)
 
     def _build_step(self, model_fn) -> None:

@@ -11,16 +11,17 @@ import torch
 import pyro
 
 from pyro_vae import HierarchicalVAE, Hook, VAE, compiled as compiled_module, fit
-from pyro_vae.compiled import check_precision, compiled, cxx_compiler, networks
+from pyro_vae.compiled import TracedLoss, check_precision, compiled, cxx_compiler, networks
 from pyro_vae.datasets import load
 from pyro_vae.errors import ArgumentError
 from pyro_vae.evaluation import _log_weights, elbo_surgery, log_likelihood
+from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.objectives import make_elbo
-from pyro_vae.step import _Loss
+from pyro_vae.step import Step, _Loss, make_optimizer
 from pyro_vae.train import TrainingDiverged
 
 from conftest import requires_cuda
-from test_train import _FaultAtStep, cuda_step
+from test_train import cuda_step
 
 
 needs_cxx = pytest.mark.skipif(cxx_compiler() is None,
@@ -32,9 +33,9 @@ def digits():
     return load("digits")
 
 
-def _loss_and_grads(vae, x, seed=1):
-    """The meanfield ELBO's loss and its gradients, with fixed noise."""
-    loss = _Loss(vae, vae.model, make_elbo("meanfield", 1))
+def _loss_and_grads(vae, x, seed=1, objective=None):
+    """The ELBO's loss (meanfield unless told) and its gradients, with fixed noise."""
+    loss = _Loss(vae, vae.model, objective or make_elbo("meanfield", 1))
     pyro.set_rng_seed(seed)
     value = loss(x, num_data=1000)
     grads = torch.autograd.grad(value, list(vae.parameters()))
@@ -73,6 +74,34 @@ def test_compiled_loss_and_gradients_equal_eager_on_fixed_weights_and_noise():
         assert (g - e).abs().max() <= 1e-5 * e.abs().max()
     assert vae.decoder._compiled_call_impl is None
     assert compiled_module._active is None
+
+
+@needs_cxx
+@pytest.mark.parametrize("loss", ["meanfield", "trace"])
+def test_the_recorded_step_equals_eager_and_follows_the_weights(loss):
+    """The whole step recorded once (``TracedLoss``) and compiled, on the VampPrior VAE:
+    the loss and every gradient as eager's on fixed weights and noise (relative 1e-6 and
+    1e-5 of the largest entry). Then the weights change in place, so far that the
+    VampPrior's density takes its other branch (float64 for scales below 0.1): the
+    guard sees it, the step is recorded once more, and it is eager's again."""
+    torch.manual_seed(0)
+    vae = VAE(64, 4, (16,), prior="vamp", prior_options={"components": 5})
+    x = torch.rand(50, 64).round()
+    objective = make_elbo(loss, 1)
+    traced = TracedLoss(_Loss(vae, vae.model, objective), [n for n, _ in
+                                                            vae.named_parameters()], "cpu")
+    for scale_bias in (None, -12.0):
+        if scale_bias is not None:
+            with torch.no_grad():
+                vae.encoder.net[-1].bias[4:] = scale_bias  # the scales' half: tiny scales
+        eager_loss, eager_grads = _loss_and_grads(vae, x, objective=objective)
+        pyro.set_rng_seed(1)
+        value, grads = traced((x,), num_data=1000)
+        assert abs(value - eager_loss) <= 1e-6 * abs(eager_loss)
+        for g, e in zip(grads, eager_grads):
+            assert (g - e).abs().max() <= 1e-5 * e.abs().max()
+    assert list(traced.records.values()) == [2]
+    assert traced.graphs[next(iter(traced.graphs))].expected.tolist() == [1.0]
 
 
 class _ModelState(Hook):
@@ -120,23 +149,64 @@ def test_compiled_fit_resumes_bitwise_as_the_compiled_uninterrupted_run(digits):
     assert abs(eager[-1]["valid_elbo"] - history[-1]["valid_elbo"]) < 1e-3
 
 
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward; the gradient times ``scale`` (a tensor) backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.saved_tensors[0], None
+
+
+class _PoisonedHead(BernoulliLikelihood):
+    """The Bernoulli head, whose logits' gradient is multiplied by the buffer
+    ``poison``: 1, or NaN from the step the ``_Poison`` hook says. (A recorded step runs
+    no Python: a fault has to come through the graph's inputs.)"""
+
+    def __init__(self, x_dim):
+        super().__init__(x_dim)
+        self.register_buffer("poison", torch.ones(()))
+
+    def forward(self, logits):
+        return super().forward(_ScaledGradient.apply(logits, self.poison))
+
+
+class _Poison(Hook):
+    """Poisons the head after ``step`` steps of ``epoch`` (a mid-epoch checkpoint is
+    taken after every step), keeping the model's state as it was then."""
+
+    def __init__(self, model, head, epoch, step):
+        self.model, self.head, self.at, self.before = model, head, (epoch, step), None
+
+    def on_checkpoint(self, state):
+        if (state.position.epoch, state.position.step) == self.at:
+            self.before = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.head.poison.fill_(float("nan"))
+
+
 @needs_cxx
-def test_the_nonfinite_guard_is_unchanged_under_compilation(digits):
-    """A NaN gradient at step 5 of epoch 2, with the networks compiled: training stops
-    naming the quantity, and no parameter changed (as test_train checks eagerly)."""
+def test_the_nonfinite_guard_is_unchanged_under_compilation(digits, caplog):
+    """A NaN gradient (under a finite loss) at step 5 of epoch 2, the whole step
+    compiled: training stops naming the quantity, and no parameter changed (as
+    test_train checks eagerly)."""
     train = digits[0].subset(1280)  # one batch size: fewer graphs to compile
-    steps = len(train) // 64
-    # Before the first step: the batch size compiled, then 5 compiled and 5 eager steps
-    # timed against each other (none updates a parameter).
-    warm_up = 1 + 10
-    head = _FaultAtStep(64, at=steps + 5 + warm_up, gradient=True)
+    head = _PoisonedHead(64)
     vae = VAE(64, 4, (16,), likelihood=head)
-    head.owner.append(vae)
-    with pytest.raises(TrainingDiverged, match=r"non-finite gradient of (encoder|decoder)"
-                                               r"\.\S+ \(loss -?[0-9.]+\) at epoch 2, step 5;"):
-        fit(vae, train, epochs=3, batch_size=64, compile=True, progress=False)
+    poison = _Poison(vae, head, epoch=2, step=4)
+    with caplog.at_level(logging.INFO, logger="pyro_vae"), \
+            pytest.raises(TrainingDiverged, match=r"non-finite gradient of (encoder|decoder)"
+                                                  r"\.\S+ \(loss -?[0-9.]+\) at epoch 2, "
+                                                  r"step 5;"):
+        fit(vae, train, epochs=3, batch_size=64, compile=True, checkpoint_every=1,
+            hooks=[poison], progress=False)
+    assert any(r.getMessage().startswith("compiled the whole step") for r in caplog.records)
     after = vae.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in head.before.items())
+    assert poison.before is not None
+    assert all(torch.equal(after[k], v) for k, v in poison.before.items() if not k.endswith("poison"))
 
 
 def test_without_a_cxx_compiler_fit_runs_eagerly_after_one_line(digits, monkeypatch, caplog):
@@ -185,6 +255,52 @@ def test_a_network_that_cannot_compile_runs_eagerly_after_one_line(caplog):
                                                          "encoder.net (")
     assert warnings[0].endswith("it runs eagerly") and "\n" not in warnings[0]
     assert torch.equal(loss, eager_loss) and torch.equal(loss_again, eager_loss)
+
+
+@needs_cxx
+def test_a_model_that_reads_a_value_compiles_its_networks_or_runs_eagerly(digits, caplog):
+    """A network that reads a float on the host: the step cannot be recorded (the value
+    would be frozen into the graph), nor that network compiled whole; one line each,
+    and the run is eager's to float rounding."""
+    from pyro_vae.guides import DiagonalNormalEncoder
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        encoder = DiagonalNormalEncoder(64, 4, (16,))
+        encoder.net = _Unsupported()
+        vae = VAE(64, 4, (16,), encoder=encoder)
+        with caplog.at_level(logging.WARNING, logger="pyro_vae"):
+            caplog.clear()
+            results.append(fit(vae, digits[0].subset(300), epochs=1, compile=compile,
+                               progress=False)[0]["train_elbo"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == ("the step cannot be compiled whole (the step reads a floating-point "
+                        "value on the host): its networks are compiled alone")
+    assert lines[1].startswith("could not compile network encoder.net (")
+    assert abs(results[1] - results[0]) < 1e-4 * abs(results[0])
+
+
+@needs_cxx
+def test_a_step_whose_branches_keep_changing_runs_eagerly_after_one_line(caplog):
+    """Recorded at most ``max_records`` times per batch shape (here 1): when the
+    VampPrior's branch flips, the step says so in one line and is eager's from then on."""
+    torch.manual_seed(0)
+    vae = VAE(64, 4, (16,), prior="vamp", prior_options={"components": 5})
+    x = torch.rand(50, 64).round()
+    params = dict(vae.named_parameters())
+    step = Step(vae, make_elbo("meanfield", 1), params,
+                make_optimizer("adam", params.values(), lr=0.0))
+    step.traced = TracedLoss(step.loss, list(params), "cpu", max_records=1)
+    with pyro.validation_enabled(False), caplog.at_level(logging.WARNING, "pyro_vae"):
+        step((x,), num_data=1000)
+        with torch.no_grad():
+            vae.encoder.net[-1].bias[4:] = -12.0  # tiny scales: the other branch
+        eager_loss, _ = _loss_and_grads(vae, x)
+        pyro.set_rng_seed(1)
+        loss, finite, _ = step((x,), num_data=1000)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the step runs eagerly from here: the step read different values in 1 recordings"]
+    assert step.traced is None and bool(finite) and torch.equal(loss, eager_loss)
 
 
 def test_bf16_is_refused_in_one_line_where_it_is_not_fast(monkeypatch, digits):
