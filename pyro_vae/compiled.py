@@ -1,11 +1,17 @@
-"""Compiled networks and bfloat16 matrix products, for training and evaluation.
+"""Compiled training and evaluation, and bfloat16 matrix products.
 
-``torch.compile`` cannot take Pyro's ELBO whole: every ``pyro.sample`` passes through
-Pyro's handler stack (plain Python objects), and Dynamo breaks the graph there (10
-breaks in the tutorial MLP's meanfield loss); compiled so, that step took about 1.1 times
-as long as eager (``benchmarks/compile_parts.py``, one thread). So
-``compiled(model, batch, ...)`` compiles the parts that are plain tensor code and leaves
-Pyro's tracing, the ELBO's sums and the optimizer as they are:
+``fit(..., compile=True)`` compiles the **whole step** (``TracedLoss``): Pyro's ELBO is
+Python around tensor operations, so ``make_fx`` runs model, guide, the ELBO's sums and the
+backward pass once per batch shape and records the tensor operations alone, and
+``torch.compile`` compiles that record. Later steps run the compiled graph; no Pyro
+Python runs again. (``torch.compile`` of the ELBO itself does not pay: Dynamo breaks the
+graph at every ``pyro.sample``, 10 times in the tutorial MLP's meanfield loss, and that
+step took about 1.1 times as long as eager, ``benchmarks/compile_parts.py``.)
+
+Where the step cannot be recorded (several processes, an ELBO without
+``differentiable_loss``, a model that reads a float's value on the host), and in the
+estimators, ``compiled(model, batch, ...)`` compiles the parts that are plain tensor
+code and leaves Pyro's tracing as it is:
 
 - the model's **networks**: the largest submodules that take tensors and return a tensor
   (or a tuple of tensors) when the model and guide run once on ``batch``, found by that
@@ -19,7 +25,7 @@ Pyro's tracing, the ELBO's sums and the optimizer as they are:
 matrix products; their outputs are cast back to float32), so log-densities, KL terms and
 the ELBO's sums stay in float32: bfloat16 keeps 8 bits of mantissa, and a sum over 784
 pixels in it would lose nats. It is refused on devices without fast bfloat16
-(``fast_bf16``), where it would only be slower.
+(``fast_bf16``), where it would only be slower. A recorded step records the networks so.
 
 Where compilation is not possible (no C++ compiler for the CPU, a network Dynamo cannot
 capture whole), that part runs eagerly, and one line is logged saying so.
@@ -310,7 +316,9 @@ class TracedLoss:
     The graph takes every parameter and buffer of ``loss`` (so it sees each update) and
     the batch; it returns the loss and the gradients. What is Python in the step is
     fixed in the record: the batch's shape, ``num_data``, ``beta`` and the loss's
-    weight, so one graph is kept for each. Its random draws are eager PyTorch's
+    weight, so one graph is kept for each (``batch_size``: batches of that size alone are
+    recorded; an epoch's last, smaller batch is then left to the eager step, which saves
+    compiling a second graph for one step per epoch). Its random draws are eager PyTorch's
     (inductor's ``fallback_random``), so a seed gives the noise it gives eagerly.
 
     Branches on values the step reads on the host (``if scale.min() < 0.1:`` in the
@@ -324,8 +332,9 @@ class TracedLoss:
     values, or a loss that does not reach a trained parameter through the inputs."""
 
     def __init__(self, loss: nn.Module, trained: Sequence[str], device, mode=None,
-                 max_records: int = 8):
+                 max_records: int = 8, batch_size: Optional[int] = None):
         self.loss, self.trained, self.device = loss, [f"module.{n}" for n in trained], device
+        self.batch_size = batch_size
         self.options = {"fallback_random": True}
         if mode == "reduce-overhead":  # CUDA graphs (mode and options do not combine)
             self.options["triton.cudagraphs"] = True
@@ -337,6 +346,10 @@ class TracedLoss:
         state = dict(self.loss.named_parameters())
         state.update(self.loss.named_buffers())
         return {name: t.detach() for name, t in state.items()}
+
+    def takes(self, batch: Sequence[torch.Tensor]) -> bool:
+        """Whether ``batch`` is of the size recorded (``batch_size``; None: any size)."""
+        return self.batch_size is None or len(batch[0]) == self.batch_size
 
     def __call__(self, batch: Sequence[torch.Tensor], weight: float = 1.0,
                  num_data: Optional[int] = None, beta: float = 1.0

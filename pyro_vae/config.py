@@ -130,8 +130,9 @@ class TrainConfig:
                                     "only)")
     seed: int = _opt(0, "random seed")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
-    compile: bool = _opt(False, "compile the networks and densities with torch.compile "
-                                "(seconds of compiling, once per run; CUDA graphs on a GPU)",
+    compile: bool = _opt(False, "record the whole training step once and compile it with "
+                                "torch.compile (seconds of compiling, once per run; CUDA "
+                                "graphs on a GPU)",
                          added=True)
     precision: str = _opt("float32", "float32, or bf16: the networks' matrix products in "
                                      "bfloat16, the densities and the ELBO in float32 (a "

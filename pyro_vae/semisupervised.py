@@ -66,7 +66,10 @@ class LabelledNetwork(nn.Module):
         w_v, w_y = layer.weight[:, :self.in_features], layer.weight[:, self.in_features:]
         # one_hot(y) @ W_y^T picks W_y's columns; a matmul's gradient is deterministic on
         # every thread count, unlike indexing's scatter-add (exact resume relies on it).
-        picked = F.one_hot(y, self.num_classes).to(w_y.dtype) @ w_y.t()
+        # (y == arange) is one_hot without its range check, which reads y's values on the
+        # host: a recorded step (compile=True) would guard on every batch's labels.
+        one_hot = y.unsqueeze(-1) == torch.arange(self.num_classes, device=y.device)
+        picked = one_hot.to(w_y.dtype) @ w_y.t()
         return F.linear(v, w_v, layer.bias) + picked
 
     def forward(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.optim.clipped_adam import ClippedAdam
 
-from .compiled import TraceError, eagerly
+from .compiled import TraceError
 from .contract import guide_parameters
 from .distributed import World
 from .objectives import kl_weight
@@ -109,10 +109,10 @@ class Step:
         return loss, finite, bad
 
     def _loss_and_grads(self, batch, weight, num_data, beta) -> torch.Tensor:
-        if self.traced is not None:
-            if is_validation_enabled():  # the checks read values: not in the graph
-                with eagerly():
-                    return self._eager_loss_and_grads(batch, weight, num_data, beta)
+        # Distribution checks read values, so they are not in a recorded step; nor is a
+        # batch of another size (the last one of an epoch).
+        if self.traced is not None and self.traced.takes(batch) and \
+                not is_validation_enabled():
             try:
                 loss, grads = self.traced(batch, weight, num_data, beta)
             except TraceError as e:

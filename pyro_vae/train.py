@@ -28,7 +28,7 @@ from pyro import poutine
 from pyro.infer import ELBO
 
 from .compiled import (TraceError, TracedLoss, check_precision, compare_speed, compile_mode,
-                       compiled, rng_untouched, warm_up)
+                       compiled, eagerly, rng_untouched, warm_up)
 from .checkpoints import (Position, TrainState, get_rng_state, load_optimizer_state,
                           set_rng_state)
 from .contract import check_data, guide_parameters
@@ -79,9 +79,11 @@ class Options:
     monitor: the record field early stopping watches: ``"valid_elbo"`` (maximized) or a
         validation metric of the model's, e.g. ``"valid_error"`` (minimized; see
         ``pyro_vae.hooks.higher_is_better``).
-    compile: compile the model's networks and the package's densities with
-        ``torch.compile`` (``pyro_vae.compiled``); compiling takes seconds, once per call
-        of ``fit``, and the first epoch's record gives them as ``compile_seconds``.
+    compile: record the whole step (Pyro's ELBO and its backward pass) once per batch
+        shape and compile it with ``torch.compile``, or where it cannot be recorded the
+        model's networks and the package's densities alone (``pyro_vae.compiled``);
+        compiling takes seconds, once per call of ``fit``, and the first epoch's record
+        gives them as ``compile_seconds``.
     precision: ``"float32"``, or ``"bf16"``: the networks' matrix products in bfloat16
         (log-densities and the ELBO stay float32); refused where bfloat16 is not fast.
     """
@@ -230,19 +232,21 @@ class Trainer:
 
     @contextlib.contextmanager
     def _compiled(self):
-        """The networks compiled and/or in bfloat16 inside the block, as asked."""
+        """The networks compiled and/or in bfloat16 inside the block, as asked (the
+        whole step, recorded by ``_warm_up``, runs them as they are while recording)."""
         o = self.options
         self.compiled_networks, self.compile_seconds = [], None
         with rng_untouched(self.device):  # gray data are binarized with random draws
             probe = next(self.train.batches(2, False))
-        with compiled(self.model, probe, o.compile, o.precision, self.device) as names:
+        with compiled(self.model, probe, o.compile, o.precision, self.device) as names, \
+                contextlib.ExitStack() as self.eager_parts:
             self.compiled_networks = names
             yield
 
     def _warm_up(self) -> None:
-        """Compile the step for the batch sizes it will see, before any epoch's clock
-        runs: the whole step recorded as one graph (``TracedLoss``) where it can be, the
-        networks alone where not. Forward and backward, without an update, and without
+        """Compile the step before any epoch's clock runs: the whole step recorded as
+        one graph (``TracedLoss``) for the full batch size where it can be, the networks
+        alone for every batch size where not. Forward and backward, without an update, and without
         drawing from the random streams (the run is the one it would be without
         compiling). Then time the compiled step against the eager one, and say so when
         it is not faster."""
@@ -267,7 +271,7 @@ class Trainer:
                     step(batches[0])
             finally:
                 self.step.traced = traced
-        what = self._record_step(batches)
+        what = self._record_step(batches[0])
         if self.step.traced is None:
             self.compile_seconds = warm_up(lambda: [step(b) for b in batches], self.device)
         compiled_s, eager_s = compare_speed(lambda: step(batches[0]), eager_step, self.device)
@@ -278,22 +282,23 @@ class Trainer:
                                "an eager one %.1f ms (median of 5)", 1e3 * compiled_s,
                                1e3 * eager_s)
 
-    def _record_step(self, batches) -> str:
-        """Record and compile the whole step for each of ``batches``' shapes (it is then
-        ``self.step.traced``), or else say in one line why the networks are compiled
-        alone; what is compiled."""
+    def _record_step(self, batch) -> str:
+        """Record and compile the whole step for ``batch``'s size (it is then
+        ``self.step.traced``, and the compiled networks run eagerly for the rest of the
+        block: in the last, smaller batch of an epoch and in validation), or else say in
+        one line why the networks are compiled alone; what is compiled."""
         why = ("several processes train" if self.world.size > 1 else
                "the loss has no differentiable_loss" if not self.step.differentiable
                else None)
         if why is None:
             traced = TracedLoss(self.step.loss, list(self.params), self.device,
-                                compile_mode(self.device))
+                                compile_mode(self.device), batch_size=len(batch[0]))
             try:
                 with pyro.validation_enabled(False):
                     self.compile_seconds = warm_up(
-                        lambda: [traced(b, 1.0, self.num_data, 1.0) for b in batches],
-                        self.device)
+                        lambda: traced(batch, 1.0, self.num_data, 1.0), self.device)
                 self.step.traced = traced
+                self.eager_parts.enter_context(eagerly())
                 return "the whole step"
             except TraceError as e:
                 why = str(e)

@@ -12,6 +12,7 @@ import pyro
 
 from pyro_vae import HierarchicalVAE, Hook, VAE, compiled as compiled_module, fit
 from pyro_vae.compiled import TracedLoss, check_precision, compiled, cxx_compiler, networks
+from pyro_vae.distributed import World
 from pyro_vae.datasets import load
 from pyro_vae.errors import ArgumentError
 from pyro_vae.evaluation import _log_weights, elbo_surgery, log_likelihood
@@ -391,3 +392,32 @@ def test_a_compiled_step_on_cuda_never_waits_for_the_device(digits):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(bool(finite) for _, finite, _ in results)
+
+
+@requires_cuda
+def test_the_recorded_step_on_cuda_never_waits_for_the_device(digits):
+    """The whole step recorded, with Pyro's own meanfield ELBO (whose .item() calls are
+    left out of the record) and CUDA graphs: after the recording steps, a step makes no
+    host-device synchronization, and its loss equals eager's on the same noise."""
+    torch.manual_seed(0)
+    vae = VAE(64, 4, (16,)).cuda()
+    params = dict(vae.named_parameters())
+    step = Step(vae, make_elbo("meanfield", 1), params,
+                make_optimizer("adam", params.values()), World(device=torch.device("cuda")))
+    step.traced = TracedLoss(step.loss, list(params), "cuda", "reduce-overhead")
+    batches = [b for b in digits[0].to("cuda").batches(64, shuffle=False)][:-1]
+    with pyro.validation_enabled(False):
+        for batch in batches[:3]:  # recording, compiling, CUDA graph capture may sync
+            step(batch, check=False)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            results = [step(batch, check=False) for batch in batches[3:]]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(bool(finite) for _, finite, _ in results)
+        pyro.set_rng_seed(3)
+        eager = step.loss(*batches[0], num_data=None).detach()
+        pyro.set_rng_seed(3)
+        recorded, _ = step.traced(batches[0])
+    assert torch.allclose(recorded, eager, rtol=1e-5)

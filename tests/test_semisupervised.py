@@ -365,7 +365,7 @@ def test_unlabelled_images_make_a_better_classifier_than_the_labelled_ones_alone
         steps = 100 * -(-len(split) // 50)
         model = _small_m2(train, 20, seed)
         pv.fit(model, split, None, loss=TraceEnum_ELBO(max_plate_nesting=1), epochs=100,
-               batch_size=50, lr=1e-3, seed=seed, progress=False)
+               batch_size=50, lr=1e-3, seed=seed, progress=False, compile=True)
         m2_errors.append(classification_error(model, test))
         known = split.spread[:len(train)]
         alone_errors.append(classification_error(
