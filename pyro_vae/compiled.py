@@ -323,9 +323,9 @@ class TracedLoss:
 
     Branches on values the step reads on the host (``if scale.min() < 0.1:`` in the
     VampPrior's density, a branch of your own model) become guards: the graph also
-    returns what was read, and a step whose reads differ from the recording's is recorded again from the
-    same random state, and its result is the new record's. A step that reads different
-    values again and again (``max_records`` per batch shape) runs eagerly for good.
+    returns what was read, and a step whose reads differ from the recording's is
+    recorded again from the same random state, and its result is the new record's. After
+    ``max_records`` recordings of one key, ``TraceError`` (the step then runs eagerly).
     Pyro's own reads, the loss's ``torch_item`` and ``warn_if_nan``, are left out while
     recording. Recording fails with ``TraceError`` for a step that reads a float's value
     (it would be frozen into the graph), an operation whose output's shape depends on
@@ -458,8 +458,9 @@ def _set_rng_state(state: tuple, device) -> None:
 
 @contextlib.contextmanager
 def eagerly():
-    """A block in which compiled networks and densities run eagerly (to be recorded, or
-    for a step that checks its distributions' arguments once)."""
+    """A block in which compiled networks and densities run eagerly: while a step is
+    recorded, and in a ``fit`` whose step was recorded (its last, smaller batch and the
+    validation then need no compiled networks of their own)."""
     global _recording
     before, _recording = _recording, True
     try:

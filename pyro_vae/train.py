@@ -246,10 +246,10 @@ class Trainer:
     def _warm_up(self) -> None:
         """Compile the step before any epoch's clock runs: the whole step recorded as
         one graph (``TracedLoss``) for the full batch size where it can be, the networks
-        alone for every batch size where not. Forward and backward, without an update, and without
-        drawing from the random streams (the run is the one it would be without
-        compiling). Then time the compiled step against the eager one, and say so when
-        it is not faster."""
+        alone for every batch size where not. Forward and backward, without an update,
+        and without drawing from the random streams (the run is the one it would be
+        without compiling). Then time the compiled step against the eager one, and say
+        so when it is not faster."""
         o = self.options
         if not (o.compile and self.compiled_networks):
             return

@@ -207,7 +207,8 @@ def test_the_nonfinite_guard_is_unchanged_under_compilation(digits, caplog):
     assert any(r.getMessage().startswith("compiled the whole step") for r in caplog.records)
     after = vae.state_dict()
     assert poison.before is not None
-    assert all(torch.equal(after[k], v) for k, v in poison.before.items() if not k.endswith("poison"))
+    assert all(torch.equal(after[k], v) for k, v in poison.before.items()
+               if not k.endswith("poison"))
 
 
 def test_without_a_cxx_compiler_fit_runs_eagerly_after_one_line(digits, monkeypatch, caplog):
