@@ -232,8 +232,8 @@ class Trainer:
 
     @contextlib.contextmanager
     def _compiled(self):
-        """The networks compiled and/or in bfloat16 inside the block, as asked (the
-        whole step, recorded by ``_warm_up``, runs them as they are while recording)."""
+        """The networks compiled and/or in bfloat16 inside the block, as asked;
+        ``_record_step`` may run them eagerly for the rest of it (``eager_parts``)."""
         o = self.options
         self.compiled_networks, self.compile_seconds = [], None
         with rng_untouched(self.device):  # gray data are binarized with random draws
@@ -258,10 +258,11 @@ class Trainer:
         with rng_untouched(self.device):
             first = next(self.train.batches(o.batch_size, False))
         batches = [tuple(self.world.shard(t[:size]) for t in first) for size in sizes]
+        beta = beta_at(1, o.beta, o.warmup_epochs)
 
         def step(batch):
             with pyro.validation_enabled(False):
-                self.step._loss_and_grads(batch, 1.0, self.num_data, 1.0)
+                self.step._loss_and_grads(batch, 1.0, self.num_data, beta)
             self.step.optimizer.zero_grad(set_to_none=True)
 
         def eager_step():
@@ -271,7 +272,7 @@ class Trainer:
                     step(batches[0])
             finally:
                 self.step.traced = traced
-        what = self._record_step(batches[0])
+        what = self._record_step(batches[0], beta)
         if self.step.traced is None:
             self.compile_seconds = warm_up(lambda: [step(b) for b in batches], self.device)
         compiled_s, eager_s = compare_speed(lambda: step(batches[0]), eager_step, self.device)
@@ -282,8 +283,8 @@ class Trainer:
                                "an eager one %.1f ms (median of 5)", 1e3 * compiled_s,
                                1e3 * eager_s)
 
-    def _record_step(self, batch) -> str:
-        """Record and compile the whole step for ``batch``'s size (it is then
+    def _record_step(self, batch, beta: float) -> str:
+        """Record and compile the whole step for ``batch``'s size and ``beta`` (it is then
         ``self.step.traced``, and the compiled networks run eagerly for the rest of the
         block: in the last, smaller batch of an epoch and in validation), or else say in
         one line why the networks are compiled alone; what is compiled."""
@@ -296,7 +297,7 @@ class Trainer:
             try:
                 with pyro.validation_enabled(False):
                     self.compile_seconds = warm_up(
-                        lambda: traced(batch, 1.0, self.num_data, 1.0), self.device)
+                        lambda: traced(batch, 1.0, self.num_data, beta), self.device)
                 self.step.traced = traced
                 self.eager_parts.enter_context(eagerly())
                 return "the whole step"
