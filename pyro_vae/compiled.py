@@ -433,8 +433,8 @@ def _guards_as_outputs(graph) -> int:
                 raise TraceError("the step reads a floating-point value on the host")
             guards.append(node.args[0])
             graph.graph.erase_node(node)  # its value was used as a Python constant
-        elif torch.Tag.dynamic_output_shape in target.tags or \
-                torch.Tag.data_dependent_output in target.tags:
+        elif (torch.Tag.dynamic_output_shape in target.tags and not _integer_index(node)) \
+                or torch.Tag.data_dependent_output in target.tags:
             raise TraceError(f"the step's {target.__name__} depends on values")
     if guards:
         output = next(n for n in graph.graph.nodes if n.op == "output")
@@ -442,6 +442,15 @@ def _guards_as_outputs(graph) -> int:
         graph.graph.lint()
         graph.recompile()
     return len(guards)
+
+
+def _integer_index(node) -> bool:
+    """``x[i]`` with integer index tensors (``mu[c]`` of an enumerated ``c``): its
+    output's shape is the indices', whatever their values (a boolean mask's is not)."""
+    if node.target is not torch.ops.aten.index.Tensor:
+        return False
+    return all(i.meta["val"].dtype in (torch.int32, torch.int64)
+               for i in node.args[1] if i is not None)
 
 
 def _rng_state(device) -> tuple:

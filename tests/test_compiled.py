@@ -105,6 +105,28 @@ def test_the_recorded_step_equals_eager_and_follows_the_weights(loss):
     assert traced.graphs[next(iter(traced.graphs))].expected.tolist() == [1.0]
 
 
+@needs_cxx
+def test_a_users_enumerated_model_is_recorded_with_its_sum_over_the_discrete_latent():
+    """test_contract's model of your own with a discrete latent c summed out by
+    ``TraceEnum_ELBO`` (and ``mu[c]`` indexed by the enumerated values): recorded whole,
+    its loss and gradients are eager's (relative 1e-6; 1e-5 of the largest entry)."""
+    from pyro.infer import TraceEnum_ELBO
+    from test_contract import Clustered, _data
+    torch.manual_seed(0)
+    model, x = Clustered(), _data(40)
+    loss = _Loss(model, model.model, TraceEnum_ELBO(max_plate_nesting=1))
+    names = [n for n, _ in model.named_parameters()]
+    pyro.set_rng_seed(2)
+    eager = loss(x, num_data=240)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    traced = TracedLoss(loss, names, "cpu")
+    pyro.set_rng_seed(2)
+    value, grads = traced((x,), num_data=240)
+    assert abs(value - eager.detach()) <= 1e-6 * abs(eager.detach())
+    for g, e in zip(grads, eager_grads):
+        assert (g - e).abs().max() <= 1e-5 * e.abs().max()
+
+
 class _ModelState(Hook):
     """A copy of each checkpointed training state (the optimizer's moments change in
     place as training goes on), with the model's weights."""
