@@ -323,9 +323,10 @@ class TracedLoss:
 
     Branches on values the step reads on the host (``if scale.min() < 0.1:`` in the
     VampPrior's density, a branch of your own model) become guards: the graph also
-    returns what was read, and a step whose reads differ from the recording's is
-    recorded again from the same random state, and its result is the new record's. After
-    ``max_records`` recordings of one key, ``TraceError`` (the step then runs eagerly).
+    returns what was read, and a step whose reads differ from its graph's runs again,
+    from the same random state, with the graph recorded for what it read (recorded
+    then, if no graph has been). Each key keeps up to ``max_records`` graphs, one per
+    branch; a step that needs more raises ``TraceError`` (it then runs eagerly).
     Pyro's own reads, the loss's ``torch_item`` and ``warn_if_nan``, are left out while
     recording. Recording fails with ``TraceError`` for a step that reads a float's value
     (it would be frozen into the graph), an operation whose output's shape depends on
@@ -339,8 +340,7 @@ class TracedLoss:
         if mode == "reduce-overhead":  # CUDA graphs (mode and options do not combine)
             self.options["triton.cudagraphs"] = True
         self.max_records = max_records
-        self.graphs: Dict[tuple, _Graph] = {}
-        self.records: Dict[tuple, int] = {}
+        self.graphs: Dict[tuple, List[_Graph]] = {}  # per key, one per branch taken
 
     def _inputs(self) -> Dict[str, torch.Tensor]:
         state = dict(self.loss.named_parameters())
@@ -356,23 +356,29 @@ class TracedLoss:
                  ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """The loss (times ``weight``) and the gradients of the trained parameters."""
         key = (tuple((t.shape, t.dtype) for t in batch), weight, num_data, beta)
-        rng = _rng_state(self.device) if key not in self.graphs or \
-            self.graphs[key].expected is not None else None
+        graphs = self.graphs.setdefault(key, [])  # the last one that ran first
+        rng = _rng_state(self.device) if not graphs or graphs[0].expected is not None \
+            else None
+        n, tried, read = 1 + len(self.trained), [], None
         while True:
-            if key not in self.graphs:
-                self.records[key] = self.records.get(key, 0) + 1
-                if self.records[key] > self.max_records:
+            graph = next((g for g in graphs if g not in tried and (read is None or (
+                g.expected is not None and torch.equal(g.expected, read)))), None)
+            if graph is None:  # a branch not recorded yet: record it from the same noise
+                if len(graphs) == self.max_records:
                     raise TraceError(f"the step read different values in {self.max_records}"
                                      f" recordings")
-                self.graphs[key] = self._record(batch, weight, num_data, beta)
-            graph = self.graphs[key]
+                graph = self._record(batch, weight, num_data, beta)
+                graphs.append(graph)
+            tried.append(graph)
             out = graph.run(*self._inputs().values(), *batch)
-            n = 1 + len(self.trained)
-            if graph.expected is None or torch.equal(
-                    torch.stack([g.double() for g in out[n:]]), graph.expected):
+            if graph.expected is None:
                 break
-            del self.graphs[key]  # another branch: record it from the same noise
-            _set_rng_state(rng, self.device)
+            read = torch.stack([g.double() for g in out[n:]])
+            if torch.equal(read, graph.expected):
+                break
+            _set_rng_state(rng, self.device)  # another branch: run it on the same noise
+        graphs.remove(graph)
+        graphs.insert(0, graph)
         # CUDA graphs write each run's outputs where the last run's were: the loss is
         # kept until the steps are settled, the gradients only until the update.
         loss = out[0].clone() if "triton.cudagraphs" in self.options else out[0]

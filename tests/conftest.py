@@ -8,6 +8,12 @@ import pyro
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Tests running in parallel processes (pytest -n N): one core's worth of threads
+    # each, here and in the processes they start, so that they do not stall each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def compiler_cache(tmp_path_factory):
