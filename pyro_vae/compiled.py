@@ -96,7 +96,7 @@ def cxx_compiler() -> Optional[str]:
 # compile mode}; None outside.
 _active: Optional[dict] = None
 # Inside ``eagerly()``: compiled networks and densities run eagerly.
-_recording = False
+_eager_only = False
 
 
 def kernel(fn: Callable) -> Callable:
@@ -106,7 +106,7 @@ def kernel(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if _active is None or not _active["densities"] or _recording:
+        if _active is None or not _active["densities"] or _eager_only:
             return fn(*args, **kwargs)
         mode = _active["mode"]
         if mode not in compiled_by_mode:
@@ -124,7 +124,7 @@ class _Fallback:
         self.name, self.eager, self.compiled, self.failed = name, eager, compiled, False
 
     def __call__(self, *args, **kwargs):
-        if self.failed or _recording:
+        if self.failed or _eager_only:
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
@@ -476,12 +476,12 @@ def eagerly():
     """A block in which compiled networks and densities run eagerly: while a step is
     recorded, and in a ``fit`` whose step was recorded (its last, smaller batch and the
     validation then need no compiled networks of their own)."""
-    global _recording
-    before, _recording = _recording, True
+    global _eager_only
+    before, _eager_only = _eager_only, True
     try:
         yield
     finally:
-        _recording = before
+        _eager_only = before
 
 
 @contextlib.contextmanager
