@@ -330,7 +330,11 @@ class TracedLoss:
     Pyro's own reads, the loss's ``torch_item`` and ``warn_if_nan``, are left out while
     recording. Recording fails with ``TraceError`` for a step that reads a float's value
     (it would be frozen into the graph), an operation whose output's shape depends on
-    values, or a loss that does not reach a trained parameter through the inputs."""
+    values, or a loss that does not reach a trained parameter through the inputs.
+
+    ``loss`` is ``pyro_vae.step``'s loss module (its ``forward`` is the ELBO's
+    ``differentiable_loss``, its ``module`` the model); ``trained`` names the
+    parameters of ``loss.module`` whose gradients are returned, in that order."""
 
     def __init__(self, loss: nn.Module, trained: Sequence[str], device, mode=None,
                  max_records: int = 8, batch_size: Optional[int] = None):
@@ -360,6 +364,7 @@ class TracedLoss:
         rng = _rng_state(self.device) if not graphs or graphs[0].expected is not None \
             else None
         n, tried, read = 1 + len(self.trained), [], None
+        inputs = list(self._inputs().values())
         while True:
             graph = next((g for g in graphs if g not in tried and (read is None or (
                 g.expected is not None and torch.equal(g.expected, read)))), None)
@@ -370,7 +375,7 @@ class TracedLoss:
                 graph = self._record(batch, weight, num_data, beta)
                 graphs.append(graph)
             tried.append(graph)
-            out = graph.run(*self._inputs().values(), *batch)
+            out = graph.run(*inputs, *batch)
             if graph.expected is None:
                 break
             read = torch.stack([g.double() for g in out[n:]])
@@ -386,7 +391,8 @@ class TracedLoss:
 
     def _record(self, batch, weight, num_data, beta) -> _Graph:
         from torch.fx.experimental.proxy_tensor import make_fx
-        names = list(self._inputs())
+        state = self._inputs()
+        names = list(state)
         trained = [names.index(n) for n in self.trained]
 
         def loss_and_grads(*flat):
@@ -404,7 +410,7 @@ class TracedLoss:
             return (value.detach(),) + tuple(grads)
 
         inputs = [t.requires_grad_(i in trained)
-                  for i, t in enumerate(self._inputs().values())] + list(batch)
+                  for i, t in enumerate(state.values())] + list(batch)
         try:
             with rng_untouched(self.device), pyro.validation_enabled(False), eagerly(), \
                     _pyro_value_reads_left_out():
