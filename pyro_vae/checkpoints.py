@@ -5,6 +5,7 @@ generators training draws from."""
 import copy
 import dataclasses
 import errno
+import hashlib
 import logging
 import math
 import os
@@ -45,16 +46,21 @@ class Position:
 class TrainState:
     """Everything a run needs to continue exactly, but the model's weights: the position,
     the history so far, the optimizer's state (with its parameters' names) and every
-    random number generator. ``to_dict`` / ``from_dict`` are the one place its layout is
-    written and read (plain tensors and containers: ``torch.load(weights_only=True)``
-    reads it back)."""
+    random number generator; and what must not change on resume: the objective
+    (``objectives.describe_elbo``), the trained parameters' names and shapes, and the
+    ``fingerprint`` of the weights it was saved with. ``to_dict`` / ``from_dict`` are the
+    one place its layout is written and read (plain tensors and containers:
+    ``torch.load(weights_only=True)`` reads it back)."""
 
-    FORMAT = 2  # 1: the same layout without the "format" key
+    FORMAT = 3  # 2: without objective, parameters and fingerprint; 1: nor "format"
 
     position: Position
     history: List[Dict]
     optimizer: Dict  # {"parameters": [names], "state": optimizer.state_dict()}
     rng: Dict
+    objective: Optional[Dict] = None  # None in formats 1 and 2: not checked on resume
+    parameters: Optional[Dict[str, List[int]]] = None  # name -> shape
+    fingerprint: Optional[str] = None
 
     @property
     def epochs_done(self) -> int:
@@ -65,7 +71,8 @@ class TrainState:
         if self.position.order is not None:
             position["order"] = self.position.order.cpu()
         return {"format": self.FORMAT, "position": position, "history": self.history,
-                "optimizer": self.optimizer, "rng": self.rng}
+                "optimizer": self.optimizer, "rng": self.rng, "objective": self.objective,
+                "parameters": self.parameters, "fingerprint": self.fingerprint}
 
     @classmethod
     def from_dict(cls, state, where: str = "resume") -> "TrainState":
@@ -73,9 +80,9 @@ class TrainState:
         if isinstance(state, cls):
             return state
         fmt = state.get("format", 1) if isinstance(state, dict) else None
-        if fmt not in (1, cls.FORMAT):
+        if fmt not in (1, 2, cls.FORMAT):
             raise ValueError(f"{where}: not a training state of a known format "
-                             f"(format {fmt!r}; this version reads 1 and {cls.FORMAT})")
+                             f"(format {fmt!r}; this version reads 1 to {cls.FORMAT})")
         for key, kind in (("position", dict), ("history", list), ("optimizer", dict),
                           ("rng", dict)):
             if not isinstance(state.get(key), kind):
@@ -92,7 +99,8 @@ class TrainState:
                 and isinstance(optimizer.get("state"), dict)):
             raise ValueError(f"{where}: training.optimizer must hold 'parameters' (a "
                              f"list) and 'state' (a dict)")
-        return cls(position, [dict(r) for r in history], optimizer, state["rng"])
+        return cls(position, [dict(r) for r in history], optimizer, state["rng"],
+                   **_checked_identity(state, fmt, where))
 
     def check_data(self, num_data: int, batch_size: int) -> None:
         """Refuse a state saved on other data (its order and totals would not fit)."""
@@ -101,6 +109,38 @@ class TrainState:
             raise ValueError(f"resume: the state was saved training on {pos.num_data} "
                              f"points in batches of {pos.batch_size}, not {num_data} "
                              f"in batches of {batch_size}")
+
+
+def _checked_identity(state: dict, fmt: int, where: str) -> dict:
+    """The objective, parameter shapes and fingerprint of a format-3 state, each of its
+    kind (a format 1 or 2 state has none: they are not checked)."""
+    if fmt < 3:
+        return {}
+    objective, parameters, print_ = (state.get(k) for k in ("objective", "parameters",
+                                                           "fingerprint"))
+    if not (isinstance(objective, dict) and isinstance(objective.get("class"), str)):
+        raise ValueError(f"{where}: training.objective must be a dict with a 'class', got "
+                         f"{_short(objective)}")
+    if not (isinstance(parameters, dict) and all(
+            isinstance(k, str) and isinstance(v, list) and all(type(n) is int for n in v)
+            for k, v in parameters.items())):
+        raise ValueError(f"{where}: training.parameters must map names to shapes (lists "
+                         f"of integers)")
+    if not (isinstance(print_, str) and len(print_) == 64):
+        raise ValueError(f"{where}: training.fingerprint must be a sha256 hex digest, got "
+                         f"{_short(print_)}")
+    return {"objective": objective, "parameters": parameters, "fingerprint": print_}
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of ``module``'s state dict (names, dtypes, shapes and bytes, in order):
+    equal for bitwise equal weights on any device."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _short(value) -> str:
@@ -142,8 +182,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: List[str], sav
     """Load a saved optimizer state, with the learning rate (and clipping bound) of this
     call: a resumed run may lower them."""
     if saved["parameters"] != names:
-        raise ValueError("resume: the saved optimizer state is for other parameters "
-                         f"({len(saved['parameters'])} saved, {len(names)} now)")
+        diff = next((f"{a!r} saved, {b!r} now" for a, b in zip(saved["parameters"], names)
+                     if a != b), f"{len(saved['parameters'])} saved, {len(names)} now")
+        raise ValueError(f"resume: the saved optimizer state is for other parameters "
+                         f"({diff}); resume the model it was saved with")
     state = copy.deepcopy(saved["state"])
     for group in state["param_groups"]:
         group["lr"] = lr

@@ -83,7 +83,8 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                             "its settings; only " + ", ".join(
                                 "--" + flag(name) for name in RESUMABLE_CHANGES
                                 if name not in ("out", "overwrite")) + " may change")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress bar, no per-epoch lines, and only warnings of the log")
     train.add_argument("--trust-imports", action="store_true", help=_TRUST)
 
     evaluate = sub.add_parser(
@@ -110,7 +111,8 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     evaluate.add_argument("--precision", default="float32", choices=PRECISIONS,
                           help="bf16: the networks' matrix products in bfloat16, the "
                                "densities in float32 (default: %(default)s)")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument("--quiet", action="store_true",
+                          help="no progress bar, and only warnings of the log")
     evaluate.add_argument("--trust-imports", action="store_true", help=_TRUST)
     return parser
 
@@ -144,7 +146,9 @@ def _as_flags(e: Exception) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # --quiet: no progress bar, and of the log only warnings and errors.
+    logging.basicConfig(level=logging.WARNING if args.get("quiet") else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         if args["command"] == "train":
             _train(args, argv)

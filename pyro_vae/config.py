@@ -25,7 +25,7 @@ from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .models import MODELS, build, resolve
 from .nn import ACTIVATIONS, ARCHS
-from .objectives import LOSSES, check_objective, make_elbo
+from .objectives import AUTO, LOSSES, check_objective, make_elbo
 from .priors import PRIORS
 from .semisupervised import SemiSupervisedVAE, paper_aux_weight, repeats
 from .train import OPTIMIZERS
@@ -99,10 +99,13 @@ class TrainConfig:
                                      "and prior stay fixed")
     fresh_guide: bool = _opt(False, "with --init-from: start the guide from scratch even "
                                     "when it is that run's own family")
-    loss: Optional[str] = _opt(None, "trace (Trace_ELBO), meanfield (TraceMeanField_ELBO), "
-                                     "iwae (RenyiELBO, alpha=0) or enum (TraceEnum_ELBO) "
-                                     "(default: meanfield; enum for ssvae)",
-                               choices=tuple(LOSSES))
+    loss: Optional[str] = _opt(None, "auto (chosen from the model and guide: enum for "
+                                     "sites marked for enumeration, trace for a guide "
+                                     "that is not mean-field, else meanfield), trace "
+                                     "(Trace_ELBO), meanfield (TraceMeanField_ELBO), iwae "
+                                     "(RenyiELBO, alpha=0) or enum (TraceEnum_ELBO) "
+                                     "(default: auto)",
+                               choices=(AUTO,) + tuple(LOSSES))
     alpha: float = _opt(0.1, "ssvae: weight of the classification term log q(y|x) on "
                              "labelled points, as the paper's alpha: each weighs alpha N / "
                              "N_labelled (0: off)", added=True)
@@ -167,8 +170,11 @@ class TrainConfig:
         if not 0 <= self.alpha < math.inf:
             raise ValueError(f"--alpha must be finite and >= 0, got {self.alpha}")
         self._check_semisupervised()
-        check_objective(make_elbo(self.resolved().loss, self.particles), self.beta,
-                        self.warmup_epochs)
+        loss = self.resolved().loss
+        if loss == AUTO:  # a model may say which it takes (the rest are chosen later)
+            loss = getattr(MODELS.get(self.model), "default_loss", None) or AUTO
+        if loss != AUTO:
+            check_objective(make_elbo(loss, self.particles), self.beta, self.warmup_epochs)
         resolve(self.prior, PRIORS, "prior")
         resolve(self.guide, GUIDES, "guide")
         try:
@@ -193,7 +199,7 @@ class TrainConfig:
         if self.dataset not in SEMI_SUPERVISED_DATASETS:
             raise ValueError(f"--dataset {self.dataset}: --model ssvae needs 10 classes "
                              f"of labels; choose one of {list(SEMI_SUPERVISED_DATASETS)}")
-        if self.loss not in (None, "enum", "trace"):
+        if self.loss not in (None, AUTO, "enum", "trace"):
             raise ValueError(f"--loss {self.loss}: --model ssvae sums the label out with "
                              f"enum, or samples it with trace (a score-function gradient)")
         if self.guide != "diagonal" or self.guide_options or self.init_from:
@@ -208,7 +214,7 @@ class TrainConfig:
             self, z_dim=self.z_dim or (40 if gated else 50),
             hidden=tuple(self.hidden or ((300, 300) if gated else (500,) if m2 else (400,))),
             act=self.act or ("softplus" if m2 else "relu"),
-            loss=self.loss or ("enum" if m2 else "meanfield"))
+            loss=self.loss or AUTO)
 
     def group(self, name: str) -> Dict[str, Any]:
         """The settings of one group (``data``, ``model`` or ``training``)."""

@@ -27,15 +27,22 @@ bits per dimension too), see ``pyro_vae.likelihoods``. A model of your own with 
 ``likelihood`` attribute gets the same bits per dimension from ``discrete``.
 """
 
-from typing import ContextManager, Optional, Protocol, Sequence, runtime_checkable
+import logging
+from typing import ContextManager, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
+import pyro
 import pyro.distributions as dist
+from pyro import poutine
+from pyro.nn import PyroModule
 
+from .compiled import rng_untouched
 from .datasets import as_dataset
 from .errors import ArgumentError
+
+logger = logging.getLogger("pyro_vae")
 
 
 @runtime_checkable
@@ -117,3 +124,58 @@ def check_data(model, *splits, batch_size: Optional[int] = None) -> None:
         first = splits[0]
         raise ArgumentError("batch_size", f"{batch_size} is larger than the {first.split} "
                             f"split of {first.name!r} ({len(first)} points)")
+
+
+def hidden_from_pyro(module, params: Dict[str, nn.Parameter], batch: Sequence[torch.Tensor],
+                     model_fn=None) -> List[str]:
+    """The names of ``params`` (what ``fit`` trains) for which Pyro sees no ``param``
+    site in one run of guide and model on ``batch``: plain ``pyro.infer.SVI`` would not
+    train them. Logs one line saying what to add when there are any (``fit`` trains them
+    all the same: it finds parameters by their gradients)."""
+    model_fn = model_fn or module.model
+    with poutine.trace(param_only=True) as capture, torch.no_grad(), \
+            pyro.validation_enabled(False):
+        poutine.replay(model_fn, trace=poutine.trace(module.guide).get_trace(*batch))(*batch)
+    seen = set()
+    for site in capture.trace.nodes.values():
+        value = site["value"]
+        seen.add(id(value.unconstrained() if hasattr(value, "unconstrained") else value))
+    hidden = [name for name, p in params.items() if id(p) not in seen]
+    if hidden:
+        fix = ("decorate model and guide with @pyro.nn.pyro_method (or make its networks "
+               "PyroModule children)" if isinstance(module, PyroModule) else
+               f"call pyro.module({type(module).__name__.lower()!r}, self) at the start of "
+               f"model and guide")
+        logger.warning("Pyro sees no param site for %d of the %d parameters trained (%s%s): "
+                       "plain pyro.infer.SVI would not train them; %s. fit trains them all "
+                       "the same", len(hidden), len(params), ", ".join(hidden[:3]),
+                       ", ..." if len(hidden) > 3 else "", fix)
+    return hidden
+
+
+def check_num_data(module, objective, batch: Sequence[torch.Tensor], num_data: int,
+                   model_fn=None) -> None:
+    """Refuse, in one line, a model whose loss does not scale with ``num_data``: the same
+    batch's loss on the same draws is computed with ``num_data`` N and 2N, and a model
+    whose plate ignores it gives equal losses (``fit`` would then report ELBOs off by a
+    factor B / N). Also refuse a model or guide that takes no ``num_data``."""
+    model_fn = model_fn or module.model
+    losses = []
+    for n in (num_data, 2 * num_data):
+        with rng_untouched(batch[0].device), torch.no_grad(), pyro.validation_enabled(False):
+            torch.manual_seed(0)
+            try:
+                losses.append(float(objective.loss(model_fn, module.guide, *batch,
+                                                   num_data=n)))
+            except TypeError as e:
+                if "num_data" not in str(e):
+                    raise
+                raise TypeError(f"{type(module).__name__}: model and guide must take "
+                                f"num_data=None (the training set's size N, for the data "
+                                f"plate: pyro.plate('data', num_data or len(x), "
+                                f"subsample=x)); {e}") from None
+    if losses[0] == losses[1] and losses[0] != 0:
+        raise ValueError(
+            f"{type(module).__name__} ignores num_data: its loss is the same for N = "
+            f"{num_data} and 2N, so a minibatch is not scaled to the data set; put each "
+            f"data point's sites in pyro.plate('data', num_data or len(x), subsample=x)")

@@ -188,17 +188,35 @@ def spread_evenly(order: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def as_dataset(data, name: str = "data", split: str = "given") -> TensorDataset:
-    """``data`` as a ``TensorDataset``: one already, a tensor (N, D), or a tuple of
-    tensors with a shared first dimension (x first)."""
+    """``data`` as a ``TensorDataset``: one already, PyTorch's
+    ``torch.utils.data.TensorDataset`` (its tensors), a tensor (N, D), or a tuple of
+    tensors with a shared first dimension (x first). Raises ``TypeError`` for anything
+    else, naming its class."""
     if isinstance(data, TensorDataset):
         return data
+    if isinstance(data, torch.utils.data.TensorDataset):
+        data = data.tensors
     if isinstance(data, torch.Tensor):
         data = (data,)
     if not (isinstance(data, (tuple, list)) and data
             and all(isinstance(t, torch.Tensor) for t in data)):
-        raise TypeError(f"{name}: expected a TensorDataset, a tensor or a tuple of "
-                        f"tensors, got {type(data).__name__}")
+        raise TypeError(f"{name}: expected a pyro_vae.datasets.TensorDataset, a "
+                        f"torch.utils.data.TensorDataset, a torch.Tensor or a tuple of "
+                        f"tensors, got {qualified_name(data)}")
     return TensorDataset(data[0], name, split, extras=tuple(data[1:]))
+
+
+def qualified_name(value) -> str:
+    """The full import path of ``value``'s class: ``numpy.ndarray``,
+    ``torch.utils.data.dataset.TensorDataset``; a list or tuple also shows its items'
+    classes, ``list of [numpy.ndarray]``."""
+    cls = type(value)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else \
+        f"{cls.__module__}.{cls.__qualname__}"
+    if isinstance(value, (list, tuple)) and value:
+        items = sorted({qualified_name(v) for v in value})
+        name += f" of [{', '.join(items)}]"
+    return name
 
 
 def data_root(data_dir=None) -> Path:

@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.distributions import kl_divergence
-from tqdm.auto import tqdm
 
 import pyro
 import pyro.distributions as dist
@@ -19,7 +18,9 @@ from .compiled import compiled, rng_untouched
 from .contract import check_data
 from .datasets import as_dataset
 from .errors import ArgumentError
-from .objectives import Loss, is_latent, kl_weight, make_elbo
+from .objectives import (AUTO, Loss, choose_elbo, is_latent, kl_weight, plate_nesting,
+                         probe_traces)
+from .progress import bar
 from .guides import posterior_mean
 from .priors import Mixture, logsumexp
 
@@ -67,30 +68,42 @@ def bits_per_dim(nats: float, dims: int) -> float:
 
 
 @torch.no_grad()
-def elbo(model, data, loss: Loss = "meanfield", num_particles: int = 1,
+def elbo(model, data, loss: Loss = AUTO, num_particles: int = 1,
          batch_size: int = 1000, seed: Optional[int] = None, beta: float = 1.0,
          beta_sites=None, check: bool = True) -> float:
-    """The ELBO per data point (nats), averaged over ``data`` (a ``TensorDataset``, a
-    tensor or a tuple of tensors), for any model/guide pair (``pyro_vae.contract``).
+    """The ELBO per data point (nats), averaged over ``data`` (a ``TensorDataset``,
+    ``torch.utils.data.TensorDataset``, a tensor or a tuple of tensors), for any
+    model/guide pair (``pyro_vae.contract``); returns a float.
 
     Computed by Pyro's ELBO ``.loss`` under ``no_grad`` (what ``SVI.evaluate_loss`` does),
-    never by ``SVI.step``, so no parameter moves. ``loss``: a name or an ELBO object
-    (``"iwae"`` gives the IWAE bound with ``num_particles`` samples). ``seed`` fixes the
-    Monte Carlo draws without touching the caller's random state. ``beta`` weights the
-    latent sites (``beta_sites``, default all): ``beta=0`` gives the reconstruction term
-    E_q[log p(x|z)] alone. ``check``: refuse data the model cannot take first (the
-    trainer, which checked its validation data once, skips it every epoch).
+    never by ``SVI.step``, so no parameter moves. ``loss``: ``"auto"`` (the objective
+    ``fit`` chooses for this model by the same rule, ``objectives.choose_elbo``: so a
+    model is evaluated with the ELBO it was trained with), another name, or an ELBO
+    object (``"iwae"`` gives the IWAE bound with ``num_particles`` samples). ``seed``
+    fixes the Monte Carlo draws without touching the caller's random state. ``beta``
+    weights the latent sites (``beta_sites``, default all): ``beta=0`` gives the
+    reconstruction term E_q[log p(x|z)] alone. ``check``: refuse data the model cannot
+    take first (the trainer, which checked its validation data once, skips it every
+    epoch). Raises ``ValueError`` for such data or an unknown ``loss``, ``TypeError`` for
+    ``data`` of another kind.
     """
     data = as_dataset(data)
     if check:
         check_data(model, data)
-    objective = make_elbo(loss, num_particles)
+    objective, _ = choose_elbo(loss, num_particles, model, probe_batch(data))
     total = 0.0
     with _evaluating(model), seeded(seed, data.device), kl_weight(beta, beta_sites):
         for batch in data.batches(batch_size, shuffle=False):
             # num_data=None: the loss is the plain sum over the batch.
             total += objective.loss(model.model, model.guide, *batch)
     return -total / len(data)
+
+
+def probe_batch(data, size: int = 2) -> tuple:
+    """The first ``size`` points of ``data`` to trace the model on, drawn without
+    touching the random state (gray data are binarized with random draws)."""
+    with rng_untouched(data.device):
+        return next(data.batches(size, shuffle=False))
 
 
 def _log_weights(model, batch, num_samples: int, dim: int = -2) -> torch.Tensor:
@@ -170,7 +183,7 @@ MAX_SAMPLES = 10 ** 7  # S beyond this would run for days; a typo, most likely
 @torch.no_grad()
 def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
                    batch_size: int = 40, seed: Optional[int] = 0,
-                   progress: bool = False, max_plate_nesting: int = 1,
+                   progress: bool = False, max_plate_nesting: Optional[int] = None,
                    compile: bool = False, precision: str = "float32") -> torch.Tensor:
     """Importance-sampled log p(x) per data point (Burda et al. 2015, eq. 9):
 
@@ -180,7 +193,10 @@ def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
     for ``batch_size`` data points at a time and combined by ``logsumexp``. A lower bound
     in expectation (the IWAE bound with K = S) that tightens as S grows. Returns (N,).
     Any model/guide pair whose sites of one point sit in the data plate, with at most
-    ``max_plate_nesting`` plates; ``seed`` leaves the caller's random state alone.
+    ``max_plate_nesting`` plates (default: read from a trace of model and guide, as
+    ``fit`` reads it); a guide site marked for enumeration is summed out exactly, as
+    ``TraceEnum_ELBO`` does in training. ``seed`` leaves the caller's random state alone.
+    ``progress``: a progress bar, on a terminal only.
     Pyro's distribution checks are off here: the model was checked when it trained.
     ``compile`` and ``precision``: as for ``fit`` (``pyro_vae.compiled``); the first
     compiled call for a model compiles (seconds), later ones reuse what it compiled.
@@ -191,15 +207,15 @@ def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
         raise ArgumentError("num_samples", f"{num_samples} is more than {MAX_SAMPLES} "
                             f"importance samples per point")
     out = []
-    batches = data.batches(batch_size, shuffle=False)
-    bar = tqdm(batches, total=-(-len(data) // batch_size), disable=not progress,
-               desc="log p(x)", leave=False, dynamic_ncols=True)
+    batches = bar(data.batches(batch_size, shuffle=False), progress,
+                  total=-(-len(data) // batch_size), desc="log p(x)")
+    probe = probe_batch(data, batch_size)  # the first batch, as it will be evaluated
+    if max_plate_nesting is None:
+        max_plate_nesting = plate_nesting(*probe_traces(model, probe))
     dim = -1 - max_plate_nesting
-    with rng_untouched(data.device):  # gray data are binarized with random draws
-        probe = next(data.batches(2, shuffle=False))
     with _evaluating(model), seeded(seed, data.device), pyro.validation_enabled(False), \
             _prior_computed_once(model), compiled(model, probe, compile, precision):
-        for batch in bar:
+        for batch in batches:
             parts = []
             for start in range(0, num_samples, chunk):
                 s = min(chunk, num_samples - start)

@@ -2,6 +2,13 @@
 
 ``loss`` is a name or any ``pyro.infer.ELBO`` object:
 
+- ``"auto"`` (the default of ``fit``, ``elbo`` and ``log_likelihood``): chosen from the
+  model and guide (``choose_elbo``): the model's own ``default_loss`` where it declares
+  one; else ``TraceEnum_ELBO`` where a site is marked for enumeration; else
+  ``Trace_ELBO`` where the guide is not mean-field (Pyro's own check: its sites in the
+  model's order) or a guide site is not reparameterized; else ``TraceMeanField_ELBO``.
+  ``max_plate_nesting`` is read from the traces.
+
 - ``"trace"``: ``Trace_ELBO``, Monte Carlo estimate of E_q[log p(x, z) - log q(z|x)].
 - ``"meanfield"``: ``TraceMeanField_ELBO``, E_q[log p(x|z)] - KL(q(z|x) || p(z)) with the
   KL in closed form where PyTorch/Pyro register one (e.g. Normal vs Normal). Where none is
@@ -26,15 +33,23 @@ argument): ``TraceMeanField_ELBO`` reads the guide site's scale for its closed-f
 
 import contextlib
 import logging
-from typing import Collection, Optional, Union
+import math
+import warnings
+from typing import Collection, Dict, Optional, Sequence, Tuple, Union
+
+import torch
 
 from torch.distributions import kl_divergence
 
 from pyro import poutine
 from pyro.distributions.torch_distribution import ExpandedDistribution
+import pyro
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer.trace_mean_field_elbo import _check_mean_field_requirement
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+
+from .compiled import rng_untouched
 
 logger = logging.getLogger("pyro_vae")
 
@@ -47,28 +62,136 @@ LOSSES = {
 
 Loss = Union[str, ELBO]
 
+#: ``loss="auto"``: the ELBO is chosen from the model and guide (``choose_elbo``).
+AUTO = "auto"
+
 _warned = set()
 
 
-def make_elbo(loss: Loss = "meanfield", num_particles: int = 1) -> ELBO:
+def make_elbo(loss: Loss = "meanfield", num_particles: int = 1,
+              max_plate_nesting: int = 1) -> ELBO:
     """The ELBO named ``loss`` (a key of ``LOSSES``) with ``num_particles`` vectorized
-    particles, or ``loss`` itself if it is an ELBO object (then ``num_particles`` must be
-    1: the object carries its own)."""
+    particles and ``max_plate_nesting`` plates, or ``loss`` itself if it is an ELBO object
+    (then ``num_particles`` must be 1: the object carries its own). ``"auto"`` needs the
+    model: see ``choose_elbo``. Raises ``ValueError`` for an unknown name."""
     if isinstance(loss, ELBO):
         if num_particles != 1:
             raise ValueError(f"num_particles={num_particles} with an ELBO object: set "
                              f"num_particles on the object instead")
         return loss
+    if loss == AUTO:
+        raise ValueError("loss 'auto' is chosen from a model and its data: use "
+                         "pyro_vae.objectives.choose_elbo")
     try:
         cls = LOSSES[loss]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)} or pass "
-                         f"a pyro.infer.ELBO object") from None
+        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES) + [AUTO]} "
+                         f"or pass a pyro.infer.ELBO object") from None
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
     kwargs = dict(alpha=0.0) if cls is RenyiELBO else {}
     return cls(num_particles=num_particles, vectorize_particles=num_particles > 1,
-               max_plate_nesting=1, **kwargs)
+               max_plate_nesting=max_plate_nesting, **kwargs)
+
+
+def probe_traces(module, batch: Sequence[torch.Tensor], model_fn=None):
+    """The traces of ``module.guide`` on ``batch`` and of the model replayed on its
+    draws (subsample sites pruned), as an ELBO sees them: without gradients, without
+    Pyro's distribution checks, and leaving every random stream as it was."""
+    model_fn = model_fn or module.model
+    with rng_untouched(batch[0].device), torch.no_grad(), pyro.validation_enabled(False), \
+            poutine.block():
+        guide_trace = poutine.trace(module.guide).get_trace(*batch)
+        model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)
+                                    ).get_trace(*batch)
+    return prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+
+
+def plate_nesting(*traces) -> int:
+    """How many vectorized plates nest at most in ``traces``' sample sites (at least 1:
+    the data plate), as ``ELBO``'s ``max_plate_nesting`` wants it."""
+    dims = [frame.dim for trace in traces for site in trace.nodes.values()
+            if site["type"] == "sample" for frame in site["cond_indep_stack"]
+            if frame.vectorized]
+    return max(1, -min(dims)) if dims else 1
+
+
+def choose_elbo(loss: Loss, num_particles: int, module, batch: Sequence[torch.Tensor],
+                model_fn=None) -> Tuple[ELBO, str]:
+    """The ELBO to train or evaluate ``module`` with, and why, in a few words.
+
+    ``loss`` other than ``"auto"``: that one (``make_elbo``; an ELBO object whose
+    ``max_plate_nesting`` is unset gets the traces' count, as Pyro would guess it on its
+    first use). ``"auto"``: the model's ``default_loss`` (a name or an ELBO object) where
+    it declares one; else, from one trace of the guide and the model on ``batch``
+    (``probe_traces``), the first of
+
+    - ``TraceEnum_ELBO``: a site of the guide or the model is marked for enumeration
+      (``infer={"enumerate": ...}``, e.g. by ``config_enumerate``);
+    - ``Trace_ELBO``: a guide site is not reparameterized (a score-function gradient;
+      ``TraceGraph_ELBO`` given explicitly reduces its variance), or the guide is not
+      mean-field by Pyro's own check (its sites not in the model's order, e.g. z1 then
+      z2 | z1 under a model that draws z2 first): the closed-form KL of each site would
+      then be conditioned on the wrong draws;
+    - ``TraceMeanField_ELBO``: the KL of each latent in closed form where one is
+      registered (a one-sample Monte Carlo estimate where not, see
+      ``warn_if_monte_carlo_kl``).
+
+    All with ``num_particles`` vectorized particles and ``max_plate_nesting`` read from
+    the traces. Raises ``ValueError`` for an unknown name.
+    """
+    if isinstance(loss, ELBO):
+        if loss.max_plate_nesting == math.inf:
+            traces = probe_traces(module, batch, model_fn)
+            loss.max_plate_nesting = plate_nesting(*traces) + int(
+                loss.vectorize_particles and loss.num_particles > 1)
+        return make_elbo(loss, num_particles), "as given"
+    if loss != AUTO:
+        return make_elbo(loss, num_particles), "as given"
+    declared = getattr(module, "default_loss", None)
+    if declared is not None:
+        if declared == AUTO:
+            raise ValueError(f"{type(module).__name__}.default_loss cannot be 'auto': name "
+                             f"a loss ({sorted(LOSSES)}) or give an ELBO object")
+        objective, _ = choose_elbo(declared, num_particles, module, batch, model_fn)
+        return objective, f"{type(module).__name__}.default_loss"
+    guide_trace, model_trace = probe_traces(module, batch, model_fn)
+    cls, why = _objective_for(guide_trace, model_trace)
+    return make_elbo(LOSS_NAMES[cls], num_particles,
+                     plate_nesting(guide_trace, model_trace)), why
+
+
+#: The name of each class of ``LOSSES``.
+LOSS_NAMES = {cls: name for name, cls in LOSSES.items()}
+
+
+def _objective_for(guide_trace, model_trace) -> Tuple[type, str]:
+    """``choose_elbo``'s rule on the traces: the class and the reason."""
+    for trace, whose in ((guide_trace, "guide"), (model_trace, "model")):
+        for name, site in trace.nodes.items():
+            if is_latent(site) and site["infer"].get("enumerate"):
+                return TraceEnum_ELBO, f"the {whose} marks site {name!r} for enumeration"
+    for name, site in guide_trace.nodes.items():
+        if is_latent(site) and not getattr(site["fn"], "has_rsample", False):
+            return Trace_ELBO, f"guide site {name!r} is not reparameterized"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _check_mean_field_requirement(model_trace, guide_trace)
+    if caught:
+        order = [name for name, site in guide_trace.nodes.items() if is_latent(site)]
+        return Trace_ELBO, (f"the guide is not mean-field (it samples {order}, not in the "
+                            f"model's order)")
+    return TraceMeanField_ELBO, "a mean-field guide"
+
+
+def describe_elbo(objective: ELBO) -> Dict:
+    """What identifies an ELBO object: its class (by import path) and its settings
+    (the plain values among its attributes: ``num_particles``, ``max_plate_nesting``,
+    ``alpha``, ...). Two objectives with equal descriptions estimate the same thing."""
+    cls = type(objective)
+    settings = {k: v for k, v in sorted(vars(objective).items())
+                if not k.startswith("_") and type(v) in (bool, int, float, str)}
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", **settings}
 
 
 def scales_with_data_size(objective: Loss) -> bool:

@@ -31,10 +31,10 @@ from .checkpoints import (TrainState, atomic_write, load_checkpoint, read_checkp
 from .config import (MODEL_SETTINGS, RESUMABLE_CHANGES, TrainConfig, build_model,
                      config_from_dict, config_to_dict, flag, resolve_device)
 from .evaluation import (MAX_SAMPLES, active_units, bits_per_dim, elbo_surgery,
-                         log_likelihood, units)
+                         log_likelihood, probe_batch, units)
 from .evaluation import elbo as evaluate_elbo
 from .models import MODELS
-from .objectives import make_elbo, plain_elbo
+from .objectives import choose_elbo, plain_elbo
 from .hooks import Checkpointer, KeepBest, MetricsWriter, best_epoch, stopped_early
 from .semisupervised import classification_error, labelled_split, repeats
 from .train import Options, check_data, fit
@@ -374,7 +374,7 @@ def _report(config: TrainConfig, run: RunFolder, vae, data, device, history) -> 
     """Write the summary (test ELBO, timings) and the figures of a trained run."""
     train, _, test = data
     test = test.to(device)
-    objective = make_elbo(config.loss, config.particles)
+    objective, _ = choose_elbo(config.loss, config.particles, vae, probe_batch(test))
     # The plain ELBO (beta = 1) for every run; the IWAE bound too where it was trained.
     summary = {
         "test_elbo": evaluate_elbo(vae, test, plain_elbo(objective), seed=config.seed),
@@ -473,7 +473,7 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
     data = dict(zip(("train", "valid", "test"), load_data(config)))[split]
     data = data.subset(limit).to(dev)
     vae.eval()
-    elbo_objective = plain_elbo(make_elbo(config.loss))
+    elbo_objective = plain_elbo(choose_elbo(config.loss, 1, vae, probe_batch(data))[0])
     start = time.perf_counter()
     ll = log_likelihood(vae, data, samples, chunk, seed=seed, progress=progress,
                         compile=compile, precision=precision)

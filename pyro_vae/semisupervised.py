@@ -105,6 +105,10 @@ class SemiSupervisedVAE(PyroModule):
 
     guide_modules = ("classifier", "encoder")
 
+    #: The objective ``fit`` and ``elbo`` use unless told otherwise (``loss="auto"``): the
+    #: label summed out exactly by enumeration (see ``pyro_vae.objectives.choose_elbo``).
+    default_loss = "enum"
+
     def __init__(self, x_dim: int, z_dim: int = 50, hidden: Sequence[int] = (500,),
                  num_classes: int = 10, likelihood: Union[str, nn.Module] = "bernoulli",
                  prior: Union[str, nn.Module] = "normal", act: str = "softplus",

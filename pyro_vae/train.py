@@ -21,7 +21,6 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from tqdm.auto import tqdm
 
 import pyro
 from pyro import poutine
@@ -29,16 +28,18 @@ from pyro.infer import ELBO
 
 from .compiled import (TraceError, TracedLoss, check_precision, compare_speed, compile_mode,
                        compiled, eagerly, rng_untouched, warm_up)
-from .checkpoints import (Position, TrainState, get_rng_state, load_optimizer_state,
-                          set_rng_state)
-from .contract import check_data, guide_parameters
+from .checkpoints import (Position, TrainState, fingerprint, get_rng_state,
+                          load_optimizer_state, set_rng_state)
+from .contract import check_data, check_num_data, guide_parameters, hidden_from_pyro
 from .datasets import as_dataset
 from .distributed import World
 from .errors import ArgumentError
 from .evaluation import elbo as evaluate_elbo
 from .hooks import EarlyStopping, Hook, _FunctionHook
-from .objectives import (Loss, beta_at, check_objective, is_latent, make_elbo,
-                         plain_elbo, scales_with_data_size, warn_if_monte_carlo_kl)
+from .objectives import (AUTO, Loss, beta_at, check_objective, choose_elbo, describe_elbo,
+                         is_latent, make_elbo, plain_elbo, scales_with_data_size,
+                         warn_if_monte_carlo_kl)
+from .progress import bar
 from .step import OPTIMIZERS, Step, make_optimizer, trained_parameters
 
 logger = logging.getLogger("pyro_vae")
@@ -58,8 +59,14 @@ class Options:
     """What ``fit`` takes besides the model and the data (all keyword arguments).
 
     epochs: passes over the training data.
-    loss: ``"trace"``, ``"meanfield"``, ``"iwae"`` or any ``pyro.infer.ELBO`` object
-        (``pyro_vae.objectives``).
+    loss: ``"auto"`` (chosen from the model and guide: ``TraceEnum_ELBO`` for sites
+        marked for enumeration, ``Trace_ELBO`` for a guide that is not mean-field,
+        else ``TraceMeanField_ELBO``; a model's ``default_loss`` first, see
+        ``pyro_vae.objectives.choose_elbo``), ``"trace"``, ``"meanfield"``, ``"iwae"``,
+        ``"enum"``, or any ``pyro.infer.ELBO`` object. The choice is logged and recorded
+        in each history record (``"loss"``) and in the training state.
+    allow_loss_change: on resume, accept an objective other than the one the training
+        state was saved with (refused otherwise: the optimizer's state belongs to it).
     num_particles: vectorized samples per data point for a named loss (K of the IWAE
         bound); an ELBO object carries its own.
     beta, warmup_epochs: the KL weight (beta-VAE, Higgins et al. 2017) on every latent
@@ -89,7 +96,7 @@ class Options:
     """
 
     epochs: int = 10
-    loss: Loss = "meanfield"
+    loss: Loss = AUTO
     num_particles: int = 1
     beta: float = 1.0
     warmup_epochs: int = 0
@@ -109,6 +116,7 @@ class Options:
     monitor: str = "valid_elbo"
     compile: bool = False
     precision: str = "float32"
+    allow_loss_change: bool = False
 
     def check(self) -> None:
         """One-line errors naming the argument, before anything is trained."""
@@ -132,6 +140,9 @@ class Options:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
                              f"{list(OPTIMIZERS)}")
+        if not (isinstance(self.loss, str) and self.loss == AUTO):  # else: once traced
+            check_objective(make_elbo(self.loss, self.num_particles), self.beta,
+                            self.warmup_epochs)
 
 
 class Trainer:
@@ -141,8 +152,6 @@ class Trainer:
                  hooks: Sequence = (), progress: bool = True):
         self.options = o = options or Options()
         o.check()
-        self.objective = make_elbo(o.loss, o.num_particles)
-        check_objective(self.objective, o.beta, o.warmup_epochs)
         self.device = torch.device(o.device) if o.device is not None else _module_device(model)
         self.world = World.current(self.device)
         check_precision(o.precision, self.device)
@@ -150,6 +159,12 @@ class Trainer:
         self.train = as_dataset(train, split="train").to(self.device)
         self.valid = None if valid is None else as_dataset(valid, split="valid").to(self.device)
         check_data(model, self.train, self.valid, batch_size=o.batch_size)
+        with rng_untouched(self.device):  # gray data are binarized with random draws
+            self.probe = next(self.train.batches(2, False))  # two points to trace
+        self.objective, why = choose_elbo(o.loss, o.num_particles, model, self.probe)
+        check_objective(self.objective, o.beta, o.warmup_epochs)
+        if self.world.main:
+            logger.info("loss: %s; %s", _describe(self.objective), why)
         self.steps = math.ceil(len(self.train) / o.batch_size)
         if self.world.size > 1:
             _check_distributed(self.objective, len(self.train), o.batch_size, self.world)
@@ -171,12 +186,15 @@ class Trainer:
         pyro.set_rng_seed(o.seed + self.world.rank)  # the model's noise: per process
         self.generator = torch.Generator(device=self.device).manual_seed(o.seed)  # data
         self.pos, self.history = Position(len(self.train), o.batch_size), []
+        if resume is not None:
+            resume = TrainState.from_dict(resume)
+            self._check_resume(resume)
         with self._frozen_model() as model_fn, self._interruptible():
             self._build_step(model_fn)
             with self._compiled():
                 self._warm_up()
                 if resume is not None:  # after all set-up that draws random numbers
-                    self._restore(TrainState.from_dict(resume))
+                    self._restore(resume)
                 else:
                     self._checkpoint()
                 self.model.train()
@@ -215,8 +233,8 @@ class Trainer:
             yield self.model.model
             return
         guide = set(map(id, guide_parameters(self.model).values()))
-        probe = next(self.train.batches(2, False))
-        _refuse_prior_on_guide(self.model, probe, guide)
+        with rng_untouched(self.device):
+            _refuse_prior_on_guide(self.model, self.probe, guide)
         frozen = [p for p in self.model.parameters() if p.requires_grad and id(p) not in guide]
         for p in frozen:
             p.requires_grad_(False)
@@ -236,9 +254,7 @@ class Trainer:
         ``_record_step`` may run them eagerly for the rest of it (``eager_parts``)."""
         o = self.options
         self.compiled_networks, self.compile_seconds = [], None
-        with rng_untouched(self.device):  # gray data are binarized with random draws
-            probe = next(self.train.batches(2, False))
-        with compiled(self.model, probe, o.compile, o.precision, self.device) as names, \
+        with compiled(self.model, self.probe, o.compile, o.precision, self.device) as names, \
                 contextlib.ExitStack() as self.eager_parts:
             self.compiled_networks = names
             yield
@@ -309,19 +325,41 @@ class Trainer:
         return ", ".join(self.compiled_networks)
 
     def _build_step(self, model_fn) -> None:
-        o = self.options
-        probe = next(self.train.batches(2, False))  # two points to trace the model on
-        self.params = trained_parameters(self.model, self.objective, probe,
-                                         o.freeze_model, model_fn)
+        """Find the trained parameters and check the model on the probe batch (none of
+        it draws from the run's random streams), then build the step."""
+        o, probe = self.options, self.probe
+        # A Renyi bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
+        self.num_data = len(self.train) if scales_with_data_size(self.objective) else None
+        with rng_untouched(self.device):
+            self.params = trained_parameters(self.model, self.objective, probe,
+                                             o.freeze_model, model_fn)
+            _check_beta_sites(self.model, probe, o.beta_sites)
+            if self.num_data is not None and o.batch_size < self.num_data:
+                check_num_data(self.model, self.objective, probe, self.num_data, model_fn)
+            if self.world.main:
+                with torch.no_grad(), pyro.validation_enabled(False):  # diagnostics only
+                    warn_if_monte_carlo_kl(self.objective, model_fn, self.model.guide,
+                                           *probe)
+                    hidden_from_pyro(self.model, self.params, probe, model_fn)
         optimizer = make_optimizer(o.optimizer, self.params.values(), o.lr, o.clip_norm)
         self.step = Step(self.model, self.objective, self.params, optimizer, self.world,
                          model_fn, o.beta_sites)
-        _check_beta_sites(self.model, probe, o.beta_sites)
-        if self.world.main:
-            with torch.no_grad(), pyro.validation_enabled(False):  # a diagnostic only
-                warn_if_monte_carlo_kl(self.objective, model_fn, self.model.guide, *probe)
-        # A Renyi bound runs unscaled (see pyro_vae.objectives); the rest see N / B.
-        self.num_data = len(self.train) if scales_with_data_size(self.objective) else None
+
+    def _check_resume(self, state: TrainState) -> None:
+        """Refuse to resume ``state`` with weights other than those saved with it, or
+        with another objective unless ``allow_loss_change``."""
+        if state.fingerprint is not None and fingerprint(self.model) != state.fingerprint:
+            raise ValueError(
+                "resume: the model's weights are not those saved with this training state; "
+                "load them first (model.load_state_dict(pv.read_checkpoint(path)['model']))")
+        now, saved = describe_elbo(self.objective), state.objective
+        if saved is not None and saved != now and not self.options.allow_loss_change:
+            changed = ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}"
+                                for k in sorted(set(saved) | set(now))
+                                if saved.get(k) != now.get(k))
+            raise ValueError(
+                f"resume: the state was trained with another objective ({changed}); pass "
+                f"the same loss, or allow_loss_change=True if the change is meant")
 
     def _restore(self, state: TrainState) -> None:
         state.check_data(len(self.train), self.options.batch_size)
@@ -329,6 +367,12 @@ class Trainer:
         if self.pos.order is not None:
             self.pos.order = self.pos.order.to(self.device)
         self.history = [dict(r) for r in state.history]
+        shapes = {k: list(p.shape) for k, p in self.params.items()}
+        if state.parameters is not None and state.parameters != shapes:
+            bad = next((k for k in {**state.parameters, **shapes}
+                        if state.parameters.get(k) != shapes.get(k)))
+            raise ValueError(f"resume: parameter {bad} was trained with shape "
+                             f"{state.parameters.get(bad)}, it is {shapes.get(bad)} now")
         load_optimizer_state(self.step.optimizer, list(self.params), state.optimizer,
                              self.options.lr, self.options.clip_norm)
         set_rng_state(state.rng, self.generator, self.world)
@@ -342,11 +386,9 @@ class Trainer:
             pos.order = torch.randperm(len(self.train), device=self.device,
                                        generator=self.generator)
         self.clock = time.perf_counter()
-        self.bar = tqdm(self.train.batches(o.batch_size, order=pos.order, start=pos.step,
-                                           generator=self.generator),
-                        total=self.steps, initial=pos.step,
-                        desc=f"epoch {pos.epoch}/{o.epochs}", disable=not self.progress,
-                        leave=False, dynamic_ncols=True)
+        self.bar = bar(self.train.batches(o.batch_size, order=pos.order, start=pos.step,
+                                          generator=self.generator), self.progress,
+                       total=self.steps, initial=pos.step, desc=f"epoch {pos.epoch}/{o.epochs}")
         for batch in self.bar:
             self._take_step(batch)
         self.bar.close()
@@ -407,7 +449,7 @@ class Trainer:
                 failed = self._nonfinite(step, bad, batch_loss, last=taken[-1][0])
         if failed is not None:
             self._diverged(*failed, last=taken[-1][0])
-        if self.progress:
+        if not self.bar.disable:
             self.bar.set_postfix(elbo=f"{-self.pos.total / max(self.pos.seen, 1):.2f}",
                                  refresh=False)
 
@@ -438,7 +480,8 @@ class Trainer:
         """Validate, record, call the hooks, checkpoint; whether to stop."""
         record = {"epoch": self.pos.epoch, "beta": self.beta,
                   "train_elbo": -self.pos.total / max(self.pos.seen, 1), "valid_elbo": None,
-                  "seconds": self.pos.seconds + time.perf_counter() - self.clock}
+                  "seconds": self.pos.seconds + time.perf_counter() - self.clock,
+                  "loss": type(self.objective).__name__}
         if self.compile_seconds is not None:  # the first epoch of this call of fit
             record["compile_seconds"], self.compile_seconds = self.compile_seconds, None
         self.history.append(record)
@@ -450,8 +493,8 @@ class Trainer:
                 if hasattr(self.model, "metrics"):  # e.g. a classifier's error
                     record.update({f"valid_{k}": v
                                    for k, v in self.model.metrics(self.valid).items()})
-            if self.progress:
-                tqdm.write(_format(record))
+            if self.progress:  # one line per epoch, on a terminal or in a log file
+                self.bar.write(_format(record))
             # Every hook sees the epoch, even after one has asked to stop.
             stop = any([bool(h.on_epoch_end(record, self.history, self.model))
                         for h in self.hooks])
@@ -466,10 +509,13 @@ class Trainer:
         if running:
             self.pos.seconds += time.perf_counter() - self.clock
         rng = get_rng_state(self.generator, self.world)  # every process takes part
-        if self.world.main:
+        if self.world.main and self.hooks:
             state = TrainState(self.pos, self.history,
                                {"parameters": list(self.params),
-                                "state": self.step.optimizer.state_dict()}, rng)
+                                "state": self.step.optimizer.state_dict()}, rng,
+                               objective=describe_elbo(self.objective),
+                               parameters={k: list(p.shape) for k, p in self.params.items()},
+                               fingerprint=fingerprint(self.model))
             for hook in self.hooks:
                 hook.on_checkpoint(state)
         if running:
@@ -567,6 +613,15 @@ def _refuse_prior_on_guide(module, batch, guide_ids) -> None:
             log_p, ours, allow_unused=True)):
         raise ValueError("freeze_model: the prior is built on the guide's encoder and would "
                          "train with it; give the model its own (VAE.swap_guide)")
+
+
+def _describe(objective) -> str:
+    """An ELBO (or ``describe_elbo``'s dict of one) in a few words:
+    ``TraceEnum_ELBO(num_particles=1, max_plate_nesting=1)``."""
+    d = describe_elbo(objective) if isinstance(objective, ELBO) else objective
+    shown = ", ".join(f"{k}={d[k]}" for k in ("num_particles", "max_plate_nesting", "alpha")
+                      if k in d)
+    return f"{str(d.get('class', '?')).rsplit('.', 1)[-1]}({shown})"
 
 
 def _format(record: Dict) -> str:

@@ -165,7 +165,7 @@ CASES: Sequence[Case] = [
     Case("11+", "unknown --guide", DIGITS + ["--guide", "exact"],
          "unknown guide 'exact'; choose one of ['diagonal', 'fullrank', 'iaf']"),
     Case("11+", "unknown --loss", DIGITS + ["--loss", "kl"],
-         "argument --loss: invalid choice: 'kl' (choose from 'trace', 'meanfield', 'iwae', 'enum')"),
+         "argument --loss: invalid choice: 'kl' (choose from 'auto', 'trace', 'meanfield', 'iwae', 'enum')"),
     Case("11+", "unknown --dataset", ["--dataset", "cifar"],
          "argument --dataset: invalid choice: 'cifar' (choose from 'digits', 'mnist', "
          "'fashion-mnist', 'binarized-mnist', 'caltech101', 'frey-faces')"),

@@ -113,13 +113,11 @@ def test_a_nonfinite_step_leaves_a_checkpoint_of_the_state_before_it(tmp_path):
 
 def test_resume_state_for_other_data_is_refused(tmp_path):
     train, _, _ = load("digits")
-    states = []
-    fit(VAE(64, 4, (16,)), train, epochs=1, batch_size=64, progress=False,
-        hooks=[KeepStates(states)])
+    states, vae = [], VAE(64, 4, (16,))
+    fit(vae, train, epochs=1, batch_size=64, progress=False, hooks=[KeepStates(states)])
     with pytest.raises(ValueError, match="saved training on 1297 points in batches of 64, "
                                          "not 1297 in batches of 32"):
-        fit(VAE(64, 4, (16,)), train, epochs=2, batch_size=32, progress=False,
-            resume=states[-1])
+        fit(vae, train, epochs=2, batch_size=32, progress=False, resume=states[-1])
 
 
 def test_resume_config_keeps_the_runs_settings(tmp_path):

@@ -275,7 +275,8 @@ def test_ssvae_run_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_epoch"] == 1 + errors.index(min(errors))  # kept by valid error
     vae, config = load_run(out)  # best.pt
-    assert config.loss == "enum" and config.act == "softplus"
+    assert config.loss == "auto" and config.act == "softplus"
+    assert all(m["loss"] == "TraceEnum_ELBO" for m in metrics)  # its default_loss
     assert summary["test_error"] == pytest.approx(classification_error(vae, test), abs=1e-9)
     assert r.stdout.strip().splitlines()[-1] == (f"test error: {summary['test_error']:.2f}% "
                                                  f"(classifier q(y|x), 50 training labels)")

@@ -97,8 +97,9 @@ def test_hooks_see_each_record_once_and_a_true_return_stops_training():
         ("function", 2, True, True), ("object", 2, True, True)]
     assert all(record is history[n - 1] for _, record, n, _, _ in seen)
     assert checkpoints == [(0, 0), (1, 1), (2, 2)]
-    assert all(set(r) == {"epoch", "beta", "train_elbo", "valid_elbo", "seconds"}
+    assert all(set(r) == {"epoch", "beta", "train_elbo", "valid_elbo", "seconds", "loss"}
                for r in history)
+    assert all(r["loss"] == "TraceMeanField_ELBO" for r in history)
     assert all(r["beta"] == 1.0 for r in history)
     assert all(r["seconds"] > 0 for r in history)
     assert sum(r["seconds"] for r in history) < wall
