@@ -16,7 +16,7 @@ from . import __version__, distributed
 from .compiled import PRECISIONS
 from .errors import ArgumentError
 from .train import TrainingInterrupted
-from .config import RESUMABLE_CHANGES, TrainConfig, flag, parse_options
+from .config import GROUPS, RESUMABLE_CHANGES, TrainConfig, flag, parse_options
 from .runs import evaluate_run, read_config, resume_run, train_run
 
 
@@ -34,10 +34,14 @@ def _flag_of(name: str) -> str:
     return "--" + flag(name[:-1] if name.endswith("_options") else name)
 
 
-def _add_config_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """One option per ``TrainConfig`` field; ``defaults=False``: absent options stay out
-    of the parsed namespace (to tell which were given)."""
+def _add_config_options(parser: argparse.ArgumentParser, defaults: bool = True) -> dict:
+    """One option per ``TrainConfig`` field, in a group per ``GROUPS`` entry (returned
+    by name); ``defaults=False``: absent options stay out of the parsed namespace (to tell
+    which were given)."""
+    groups = {name: parser.add_argument_group(f"{name} options", about)
+              for name, about in GROUPS.items()}
     for f in dataclasses.fields(TrainConfig):
+        group = groups[f.metadata["group"]]
         option = _flag_of(f.name)
         kind = _field_type(f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -48,16 +52,17 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: bool = True) 
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if kind is bool:
-            parser.add_argument(option, action=argparse.BooleanOptionalAction, **kw)
+            action = group.add_argument(option, action=argparse.BooleanOptionalAction, **kw)
         elif kind is tuple:
-            parser.add_argument(option, type=int, nargs="+", metavar="N", **kw)
+            action = group.add_argument(option, type=int, nargs="+", metavar="N", **kw)
         elif kind is dict:
-            parser.add_argument(option, action="append", metavar="KEY=VALUE", **kw)
+            action = group.add_argument(option, action="append", metavar="KEY=VALUE", **kw)
         else:
-            parser.add_argument(option, type=kind, **kw)
+            action = group.add_argument(option, type=kind, **kw)
         if defaults and default is not None and kind not in (bool, dict) and not f.metadata.get(
                 "derived"):
-            parser._actions[-1].help += " (default: %(default)s)"
+            action.help += " (default: %(default)s)"
+    return groups
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,16 +81,17 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         prog="pyro-vae", description="Variational autoencoders in Pyro.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a VAE and write a run folder")
-    _add_config_options(train, defaults)
-    train.add_argument("--resume", metavar="RUN",
+    train = sub.add_parser("train", help="train a VAE and write a run folder",
+                           description="Train a VAE and write a run folder.")
+    run = _add_config_options(train, defaults)["run"]
+    run.add_argument("--resume", metavar="RUN",
                        help="continue the run in folder RUN from its last checkpoint, with "
                             "its settings; only " + ", ".join(
                                 "--" + flag(name) for name in RESUMABLE_CHANGES
                                 if name not in ("out", "overwrite")) + " may change")
-    train.add_argument("--quiet", action="store_true",
-                       help="no progress bar, no per-epoch lines, and only warnings of the log")
-    train.add_argument("--trust-imports", action="store_true", help=_TRUST)
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress bar, no per-epoch lines, and only warnings of the log")
+    run.add_argument("--trust-imports", action="store_true", help=_TRUST)
 
     evaluate = sub.add_parser(
         "evaluate", help="log-likelihood, ELBO surgery and active units of a run folder")

@@ -46,8 +46,8 @@ class TrainConfig:
     data_dir: Optional[str] = _opt(None, f"data root (default: ${datasets.ENV_VAR}, else "
                                          f"~/.cache/pyro_vae)", "data")
     download: bool = _opt(True, "download missing data files", "data")
-    out: str = _opt("runs/quickstart", "run folder to write", "data")
-    overwrite: bool = _opt(False, "replace a run already in --out", "data")
+    out: str = _opt("runs/quickstart", "run folder to write", "run")
+    overwrite: bool = _opt(False, "replace a run already in --out", "run")
     limit: Optional[int] = _opt(None, "train on the first N training points only", "data")
     binarize: Optional[bool] = _opt(None, "binarize gray data (default: with the "
                                           "bernoulli likelihood)", "data")
@@ -217,7 +217,7 @@ class TrainConfig:
             loss=self.loss or AUTO)
 
     def group(self, name: str) -> Dict[str, Any]:
-        """The settings of one group (``data``, ``model`` or ``training``)."""
+        """The settings of one group (a key of ``GROUPS``)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.metadata["group"] == name}
 
@@ -225,6 +225,14 @@ class TrainConfig:
     def binarize_data(self) -> bool:
         return self.likelihood == "bernoulli" if self.binarize is None else self.binarize
 
+
+#: The groups of settings (``pyro-vae train --help`` shows them so), each in a line.
+GROUPS = {
+    "data": "what the model learns from: the data set, its split and its preparation",
+    "model": "p(x, z) and q(z | x): the model, its parts and their sizes",
+    "training": "the objective, the optimizer, the loop, and the device it runs on",
+    "run": "the run folder: where it is written, how a run continues, what is printed",
+}
 
 #: Data sets with the 10 classes ``--model ssvae`` needs.
 SEMI_SUPERVISED_DATASETS = ("digits", "mnist", "fashion-mnist")

@@ -25,12 +25,20 @@ def image_grid(images: torch.Tensor, image_shape: Tuple[int, int], ncols: int) -
     return grid
 
 
-def save_grid(grid, path, title: str) -> None:
-    """Write an ``image_grid`` to ``path`` in gray levels, with ``title``."""
+def save_grid(grid, path, title: str, columns: Sequence[str] = (),
+              cell_width: int = 0) -> None:
+    """Write an ``image_grid`` to ``path`` in gray levels, with ``title``; ``columns``:
+    a label above each column of cells ``cell_width`` pixels wide."""
     fig, ax = plt.subplots(figsize=(grid.shape[1] / 25 + 1, grid.shape[0] / 25 + 1))
     ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title, fontsize=9)
-    ax.axis("off")
+    ax.set_yticks([])
+    ax.set_xticks([c * (cell_width + 1) + (cell_width - 1) / 2 for c in range(len(columns))],
+                  list(columns), fontsize=7)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -101,7 +109,8 @@ def plot_analogies(vae, x: torch.Tensor, image_shape, path) -> None:
     c, b = styles.shape[:2]
     rows = torch.cat([x.unsqueeze(0).to(styles.dtype), styles]).transpose(0, 1)
     save_grid(image_grid(rows.reshape((c + 1) * b, -1), image_shape, c + 1), path,
-              "test image, then its style decoded with each label")
+              "each row: a test image, then its style z decoded with label y",
+              columns=["x"] + [f"y={y}" for y in range(c)], cell_width=image_shape[1])
 
 
 def plot_confusion(counts: torch.Tensor, path, title: str = "") -> None:

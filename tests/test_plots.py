@@ -183,3 +183,27 @@ def test_plot_elbo_draws_the_history(tmp_path, monkeypatch):
     assert train.get_xydata().tolist() == [[1, -3.0], [2, -2.0], [3, -1.0]]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train"]
     assert _pixels_of(png, C0) > 50 and _pixels_of(png, C1) == 0
+
+
+def test_plot_analogies_labels_its_columns(tmp_path, monkeypatch):
+    """analogies.png: a row per test image, its columns labelled: the image (x), then its
+    style decoded with each label (y=0, y=1, ...), each label centred over its column."""
+    import matplotlib.pyplot as plt
+
+    from pyro_vae import SemiSupervisedVAE
+
+    torch.manual_seed(0)
+    vae = SemiSupervisedVAE(16, z_dim=2, hidden=(8,), num_classes=3)
+    x = torch.bernoulli(torch.full((4, 16), 0.5))
+    figures = []
+    with monkeypatch.context() as patch:
+        patch.setattr(plots.plt, "close", lambda fig=None: figures.append(fig))
+        plots.plot_analogies(vae, x, (4, 4), tmp_path / "a.png")
+    (ax,) = figures[0].axes
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["x", "y=0", "y=1", "y=2"]
+    assert list(ax.get_xticks()) == [1.5, 6.5, 11.5, 16.5]  # centres of 4-pixel cells
+    assert ax.get_images()[0].get_array().shape == (4 * 5 - 1, 4 * 5 - 1)
+    plt.close(figures[0])
+    seen, _ = _read_grid(tmp_path / "a.png", (4, 4), nrows=4, ncols=4)
+    assert np.abs(seen[:, :4] - plots.image_grid(x, (4, 4), 1).numpy()).max() <= GRAY_TOL
