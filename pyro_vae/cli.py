@@ -17,7 +17,7 @@ from .compiled import PRECISIONS
 from .errors import ArgumentError
 from .train import TrainingInterrupted
 from .config import GROUPS, RESUMABLE_CHANGES, TrainConfig, flag, parse_options
-from .runs import evaluate_run, read_config, resume_run, train_run
+from .runs import WEIGHTS, evaluate_run, read_config, resume_run, train_run
 
 
 def _field_type(name: str):
@@ -109,6 +109,10 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                           help="ELBO surgery on the first N of those points (default: all; "
                                "it costs N^2 posterior densities, and for a flow guide "
                                "each is an inversion: use a few thousand at most)")
+    evaluate.add_argument("--weights", choices=WEIGHTS,
+                          help="the best validated epoch's weights (best.pt) or the last "
+                               "epoch's (checkpoint.pt) (default: those of the run's "
+                               "summary: best with --early-stopping, else last)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--seed", type=int, default=0,
                           help="seed of the Monte Carlo draws (default: %(default)s)")
@@ -201,7 +205,8 @@ def _train(args: dict, argv) -> None:
     bits = (f", {summary['test_elbo_bits_per_dim']:.4f} bits/dim"
             if "test_elbo_bits_per_dim" in summary else "")
     print(f"test ELBO: {summary['test_elbo']:.4f} {summary['units']} (log-"
-          f"{summary['likelihood_of']}{bits}; {summary['num_test']} test points)")
+          f"{summary['likelihood_of']}{bits}; {summary['num_test']} test points; "
+          f"{_weights(summary)})")
     if "test_error" in summary:
         print(f"test error: {summary['test_error']:.2f}% (classifier q(y|x), "
               f"{summary['labels']} training labels)")
@@ -212,8 +217,9 @@ def _evaluate(args: dict) -> None:
                      args["limit"], args["device"], args["seed"],
                      progress=not args["quiet"], surgery_points=args["surgery_points"],
                      trust_imports=args["trust_imports"], compile=args["compile"],
-                     precision=args["precision"])
+                     precision=args["precision"], which=args["weights"])
     n = f"{r['num_points']} {r['split']} points"
+    print(f"model:           {_weights(r)}")
     print(f"ELBO:            {r['test_elbo']:.4f}   ({r['elbo_estimator']}, {n})")
     if "reconstruction" in r:
         print(f"ELBO surgery, one z ~ q(z|x) per point ({r['surgery_points']} points):")
@@ -226,13 +232,22 @@ def _evaluate(args: dict) -> None:
         print(f"active units:    {r['active_units']}")
     if "test_error" in r:
         print(f"error of q(y|x): {r['test_error']:.2f}%   ({n})")
-    print(f"eval.json and elbo_surgery.png in {args['run']}")
+    for part in ("surgery", "active_units"):
+        if f"{part}_skipped" in r:
+            print(f"{'ELBO surgery' if part == 'surgery' else 'active units'} skipped: "
+                  f"{r[part + '_skipped']}")
+    print(f"{' and '.join(r['written'])} in {args['run']}")
     print(f"log-likelihood: {r['log_likelihood']:.4f} +- {r['log_likelihood_stderr']:.4f} "
           f"{r['units']} (log-{r['likelihood_of']}; {n}, S = {r['num_samples']})")
     if "log_likelihood_bits_per_dim" in r:
         print(f"                = {r['log_likelihood_bits_per_dim']:.4f} +- "
               f"{r['log_likelihood_stderr_bits_per_dim']:.4f} bits/dim "
               f"(D = {r['dims']})")
+
+
+def _weights(results: dict) -> str:
+    """Whose numbers: "the last epoch's weights (epoch 30)"."""
+    return f"the {results['weights']} epoch's weights (epoch {results['weights_epoch']})"
 
 
 if __name__ == "__main__":

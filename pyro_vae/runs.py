@@ -1,14 +1,16 @@
 """Run folders: a ``TrainConfig`` in, a folder of results out, and back again.
 
 A run folder holds ``config.json`` (every setting), ``metrics.jsonl`` (one JSON object per
-epoch), ``checkpoint.pt`` (the weights, and everything needed to resume exactly),
-``best.pt`` (the best validated epoch's weights, which runs with early stopping use),
-``summary.json`` (test ELBO, timings) and the figures ``samples.png``,
-``reconstructions.png``, ``elbo.png``; ``pyro-vae evaluate`` adds ``eval.json`` and
-``elbo_surgery.png``. A semi-supervised run (``--model ssvae``) adds ``labels.json`` (the
-labelled training points) and the figures ``analogies.png``, ``confusion.png`` and
-``error.png``. ``RunFolder`` is the
-one place that knows these names.
+epoch), ``checkpoint.pt`` (the last epoch's weights, and everything needed to resume
+exactly), ``best.pt`` (the best validated epoch's weights, which runs with early stopping
+report), ``summary.json`` (test ELBO, timings, and which weights they are of) and the
+figures ``samples.png``, ``reconstructions.png``, ``elbo.png``; ``pyro-vae evaluate`` adds
+``eval.json`` and ``elbo_surgery.png``. A semi-supervised run (``--model ssvae``) adds
+``labels.json`` (the labelled training points) and the figures ``analogies.png``,
+``confusion.png`` and ``error.png``. ``run.lock`` is the folder's write lock: the process
+that writes the folder holds it (``fcntl.flock``) and its PID is in it; the file stays,
+empty of meaning once the holder has exited. ``RunFolder`` is the one place that knows
+these names.
 """
 
 import contextlib
@@ -28,6 +30,7 @@ from . import datasets, distributed, plots
 from .compiled import check_precision
 from .checkpoints import (TrainState, atomic_write, load_checkpoint, read_checkpoint,
                           save_checkpoint)
+from .errors import ArgumentError
 from .config import (MODEL_SETTINGS, RESUMABLE_CHANGES, TrainConfig, build_model,
                      config_from_dict, config_to_dict, flag, resolve_device)
 from .evaluation import (MAX_SAMPLES, active_units, bits_per_dim, elbo_surgery,
@@ -152,9 +155,27 @@ class RunFolder:
         files = REPORT_FILES + (CLASSIFIER_FILES if config.model == "ssvae" else ())
         return all((self.path / f).exists() for f in files)
 
-    def weights(self, config: TrainConfig) -> Path:
-        """The checkpoint that holds the run's model: ``best.pt`` with early stopping."""
-        return self.best if config.early_stopping else self.checkpoint
+    def weights(self, config: TrainConfig, which: Optional[str] = None) -> Path:
+        """The checkpoint holding the model: ``best.pt`` for ``which="best"`` (the best
+        validated epoch's weights), ``checkpoint.pt`` for ``"last"``; ``None``: the one
+        the run's summary and figures use (``which_weights``)."""
+        return self.best if which_weights(config, which) == "best" else self.checkpoint
+
+
+#: The weights a run folder keeps: the best validated epoch's and the last epoch's.
+WEIGHTS = ("best", "last")
+
+
+def which_weights(config: TrainConfig, which: Optional[str] = None) -> str:
+    """``which`` ("best" or "last"), or for ``None`` the run's own: the best epoch's
+    with early stopping (which trains on past it), else the last epoch's. Raises
+    ``ArgumentError`` naming ``which`` otherwise."""
+    if which is None:
+        return "best" if config.early_stopping else "last"
+    if which not in WEIGHTS:
+        raise ArgumentError("which", f"must be one of {list(WEIGHTS)} (or None: the run's "
+                            f"own), got {which!r}")
+    return which
 
 
 def load_data(config: TrainConfig):
@@ -343,7 +364,7 @@ def _finish(config: TrainConfig, run: RunFolder, state: dict, training: TrainSta
     if distributed.is_main():
         run.remove_leftovers()
         run.restart_metrics(training.history)
-        if config.early_stopping:
+        if which_weights(config) == "best":
             load_checkpoint(run.best, vae)
         return _report(config, run, vae.to(device), data, device, training.history)
     return {}
@@ -365,7 +386,7 @@ def _train_and_report(config: TrainConfig, run: RunFolder, vae, data, device,
                   **dict(options, num_particles=config.particles, device=device))
     if not main:
         return {}
-    if config.early_stopping:  # the summary and figures are the best epoch's model's
+    if which_weights(config) == "best":  # the summary and figures are that model's
         load_checkpoint(run.best, vae, map_location=device)
     return _report(config, run, vae, data, device, history)
 
@@ -376,9 +397,14 @@ def _report(config: TrainConfig, run: RunFolder, vae, data, device, history) -> 
     test = test.to(device)
     objective, _ = choose_elbo(config.loss, config.particles, vae, probe_batch(test))
     # The plain ELBO (beta = 1) for every run; the IWAE bound too where it was trained.
+    which = which_weights(config)
     summary = {
         "test_elbo": evaluate_elbo(vae, test, plain_elbo(objective), seed=config.seed),
         "num_test": len(test),
+        # Whose numbers: the best epoch's weights (best.pt) or the last one's.
+        "weights": which,
+        "weights_epoch": best_epoch(history, config.monitor) if which == "best"
+        else len(history),
         "epochs": config.epochs,
         "epochs_trained": len(history),
         "best_epoch": best_epoch(history, config.monitor),
@@ -419,21 +445,31 @@ def read_config(path, trust_imports: bool = False) -> TrainConfig:
     return config_from_dict(raw, str(path), trust_imports)
 
 
-def load_run(run_dir, device="cpu", trust_imports: bool = False
-             ) -> Tuple[torch.nn.Module, TrainConfig]:
-    """The trained model and the config of a run folder, on ``device``: the best epoch's
-    (``best.pt``) for a run with ``--early-stopping``, else the last one's. A config that
-    names a class by import path is refused unless ``trust_imports`` (never imported)."""
+def load_run(run_dir, device="cpu", trust_imports: bool = False,
+             which: Optional[str] = None) -> Tuple[torch.nn.Module, TrainConfig]:
+    """The trained model and the config of a run folder, on ``device``. ``which``:
+    ``"best"`` (the best validated epoch's weights, ``best.pt``), ``"last"`` (the last
+    epoch's, ``checkpoint.pt``), or ``None``: those the run's summary used (the best with
+    ``--early-stopping``, else the last). A config that names a class by import path is
+    refused unless ``trust_imports`` (never imported). Raises ``FileNotFoundError`` for a
+    missing file (a folder written by ``save_run`` has no ``best.pt``) and
+    ``ValueError`` for one that is not a run's."""
+    vae, config, _ = _load_run(run_dir, device, trust_imports, which)
+    return vae, config
+
+
+def _load_run(run_dir, device, trust_imports: bool, which: Optional[str]):
+    """``load_run``'s model and config, and the checkpoint's content."""
     run = RunFolder(run_dir)
     config = run.read_config(trust_imports)
-    path = run.weights(config)
+    path = run.weights(config, which)
     state = read_checkpoint(path)
     # x_dim is stored in the checkpoint, so the data need not be loaded to rebuild the net.
     if not isinstance(state.get("x_dim"), int):
         raise ValueError(f"{path}: checkpoint has no x_dim")
     vae = build_model(config, state["x_dim"])
     load_checkpoint(path, vae, state=state)
-    return vae.to(device), config
+    return vae.to(device), config, state
 
 
 def save_run(run_dir, vae, config: TrainConfig, overwrite: bool = False) -> RunFolder:
@@ -460,16 +496,19 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
                  limit: Optional[int] = None, device: str = "auto", seed: int = 0,
                  progress: bool = True, surgery_points: Optional[int] = None,
                  trust_imports: bool = False, compile: bool = False,
-                 precision: str = "float32") -> dict:
-    """Evaluate a run folder on one of its splits; writes ``eval.json`` and
-    ``elbo_surgery.png`` there and returns the results. ``surgery_points``: ELBO surgery
-    on the first N evaluated points only (default: all). ``trust_imports``: see
-    ``load_run``. ``compile``, ``precision``: see ``pyro_vae.compiled``."""
+                 precision: str = "float32", which: Optional[str] = None) -> dict:
+    """Evaluate a run folder on one of its splits; writes ``eval.json`` (and
+    ``elbo_surgery.png`` where the surgery applies) there and returns the results, with
+    ``"written"``: the files written, and for a part that does not apply to the model
+    ``"surgery_skipped"`` / ``"active_units_skipped"``: why. ``surgery_points``: ELBO
+    surgery on the first N evaluated points only (default: all). ``trust_imports``,
+    ``which`` (the best or the last epoch's weights): see ``load_run``. ``compile``,
+    ``precision``: see ``pyro_vae.compiled``."""
     _check_evaluation(split, samples, chunk, limit, surgery_points)
     run = RunFolder(run_dir)
     dev = resolve_device(device)
     check_precision(precision, dev)
-    vae, config = load_run(run_dir, dev, trust_imports)
+    vae, config, state = _load_run(run_dir, dev, trust_imports, which)
     data = dict(zip(("train", "valid", "test"), load_data(config)))[split]
     data = data.subset(limit).to(dev)
     vae.eval()
@@ -480,6 +519,8 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
     ll_stderr = (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else 0.0
     results = {
         "split": split,
+        "weights": which_weights(config, which),
+        "weights_epoch": state.get("epoch"),
         "guide": config.guide,
         "num_points": len(data),
         "num_samples": samples,
@@ -502,6 +543,7 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
             test_elbo_bits_per_dim=bits_per_dim(results["test_elbo"], dims))
     surgery = _posterior_diagnostics(vae, data, surgery_points, seed, results,
                                      dict(compile=compile, precision=precision))
+    results["written"] = ["eval.json"] + (["elbo_surgery.png"] if surgery is not None else [])
     with run.lock():  # not while another process writes the folder
         if surgery is not None:
             plots.plot_elbo_surgery(surgery, run / "elbo_surgery.png")

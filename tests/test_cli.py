@@ -37,6 +37,9 @@ def test_train_on_digits_end_to_end(tmp_path):
     assert sorted(os.listdir(out)) == sorted(["run.lock"] + [f for f in RUN_FILES if f not in (
         "eval.json", "elbo_surgery.png",  # written by pyro-vae evaluate
         "labels.json", "analogies.png", "confusion.png", "error.png")])  # by ssvae runs
+    import pyro_vae.runs
+    for name in RUN_FILES + ("run.lock",):  # each documented where the folder is
+        assert f"``{name}``" in pyro_vae.runs.__doc__, name
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert all({"epoch", "train_elbo", "valid_elbo", "seconds"} <= set(m) for m in metrics)
@@ -45,10 +48,15 @@ def test_train_on_digits_end_to_end(tmp_path):
                                  out=str(out), act="relu", loss="auto")
     for png in ("samples.png", "reconstructions.png", "elbo.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The last line is the test ELBO; reloading the run reproduces it.
+    # The last line is the test ELBO, of the last epoch's weights (no early stopping);
+    # reloading the run reproduces it.
     last = r.stdout.strip().splitlines()[-1]
-    assert last.startswith("test ELBO: ") and last.endswith("; 250 test points)")
+    assert last.startswith("test ELBO: ") and last.endswith(
+        "; 250 test points; the last epoch's weights (epoch 3))")
     printed = float(last.split()[2])
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["weights"], summary["weights_epoch"]) == ("last", 3)
+    assert all(m["loss"] == "TraceMeanField_ELBO" for m in metrics)
     # nats per 8 x 8 image of binary pixels (a probability), and the same in bits/dim
     bits = float(re.search(r"nats per image \(log-probability, (\S+) bits/dim", last)[1])
     assert bits == pytest.approx(-printed / (64 * math.log(2)), abs=1e-4)
@@ -90,7 +98,7 @@ def test_train_on_real_mnist(tmp_path, data_root):
     test_elbo = float(r.stdout.strip().splitlines()[-1].split()[2])
     # 80 steps from about -545 nats (untrained); the full run reaches about -102.
     assert -250 < test_elbo < -100
-    assert "; 10000 test points)" in r.stdout
+    assert "; 10000 test points; the last epoch's weights (epoch" in r.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[1]["valid_elbo"] > metrics[0]["valid_elbo"]
 
@@ -187,8 +195,10 @@ def test_evaluate_a_run(tmp_path):
     assert result["avg_kl"] == pytest.approx(
         result["mutual_information"] + result["marginal_kl"], abs=1e-9)
     lines = r.stdout.splitlines()
-    assert lines[0] == (f"ELBO:            {result['test_elbo']:.4f}   "
-                        f"(TraceMeanField_ELBO, 60 test points)")
+    assert lines[:2] == [f"model:           the last epoch's weights (epoch 2)",
+                         f"ELBO:            {result['test_elbo']:.4f}   "
+                         f"(TraceMeanField_ELBO, 60 test points)"]
+    assert f"eval.json and elbo_surgery.png in {out}" in lines
     assert f"  reconstruction - average KL: {result['surgery_elbo']:.4f}" in lines
     ll, bits = r.stdout.strip().splitlines()[-2:]
     assert ll.startswith(f"log-likelihood: {result['log_likelihood']:.4f} +- ")
@@ -359,8 +369,24 @@ def test_early_stopping_given_on_resume_keeps_the_earlier_best_epoch(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     saved = torch.load(out / "best.pt", weights_only=True)
     assert summary["best_epoch"] == saved["epoch"] == best["epoch"] <= 6
+    assert (summary["weights"], summary["weights_epoch"]) == ("best", best["epoch"])
+    assert f"the best epoch's weights (epoch {best['epoch']}))" in r.stdout
     vae, _ = load_run(out)
     assert all(torch.equal(v, saved["model"][k]) for k, v in vae.state_dict().items())
+    # which= picks either: the last epoch's weights are checkpoint.pt's.
+    last, _ = load_run(out, which="last")
+    final = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, final[k]) for k, v in last.state_dict().items())
+    assert not all(torch.equal(v, saved["model"][k]) for k, v in last.state_dict().items())
+    with pytest.raises(ValueError, match=r"^which must be one of \['best', 'last'\] \(or "
+                                         r"None: the run's own\), got 'first'$"):
+        load_run(out, which="first")
+    e = run_cli("evaluate", str(out), "--samples", "5", "--limit", "20", "--weights",
+                "last", "--quiet")
+    assert e.returncode == 0, e.stderr
+    assert e.stdout.splitlines()[0] == f"model:           the last epoch's weights (epoch " \
+                                       f"{len(metrics)})"
+    assert json.loads((out / "eval.json").read_text())["weights"] == "last"
 
 
 def test_resume_finishes_a_run_stopped_before_its_summary(tmp_path):

@@ -287,6 +287,12 @@ def test_ssvae_run_end_to_end(tmp_path):
     assert f"error of q(y|x): {summary['test_error']:.2f}%" in e.stdout
     assert results["log_likelihood"] >= results["test_elbo"] - 1.0
     assert "active_units_skipped" in results and "surgery_skipped" in results
+    # It says what it wrote (no ELBO surgery figure here) and why each part was skipped.
+    assert f"eval.json in {out}" in e.stdout.splitlines()
+    assert "elbo_surgery.png" not in e.stdout and not (out / "elbo_surgery.png").exists()
+    skipped = [line for line in e.stdout.splitlines() if " skipped: " in line]
+    assert skipped == [f"ELBO surgery skipped: {results['surgery_skipped']}",
+                       f"active units skipped: {results['active_units_skipped']}"]
 
 
 def test_ssvae_resume_is_exact(tmp_path):
