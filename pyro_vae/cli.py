@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from . import __version__, distributed
 from .compiled import PRECISIONS
-from .errors import ArgumentError
+from .errors import ArgumentError, MissingData
 from .train import TrainingInterrupted
 from .config import GROUPS, RESUMABLE_CHANGES, TrainConfig, flag, parse_options
 from .runs import WEIGHTS, evaluate_run, read_config, resume_run, train_run
@@ -150,6 +150,8 @@ def _as_flags(e: Exception) -> str:
     """The error's text, naming a bad library argument by its command-line option."""
     if isinstance(e, ArgumentError):
         return e.named("--" + _FLAGS.get(e.argument, e.argument).replace("_", "-"))
+    if isinstance(e, MissingData):
+        return e.named("--data-dir")
     return str(e)
 
 

@@ -25,6 +25,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .errors import MissingData
+
 ENV_VAR = "PYRO_VAE_DATA"
 
 # name -> folder, files {plain file name: md5 of the decompressed content}, remote suffix,
@@ -293,12 +295,12 @@ def fetch(name: str, data_dir=None, download: bool = True) -> Dict[str, bytes]:
                     errors.append(f"{mirror + remote}: {e}")
         missing = [f for f in missing if f not in out]
     if missing:
-        raise FileNotFoundError(
+        raise MissingData(
             f"{folder} lacks {', '.join(m + src['suffix'] for m in missing)} "
             f"(expected: {', '.join(f + src['suffix'] for f in src['files'])}); "
             + (f"download failed ({errors[-1]})" if download and errors
                else "it has no download mirror" if download else "downloads are off")
-            + f"; put the files there or point --data-dir / ${ENV_VAR} at a folder "
+            + f"; put the files there or point {{argument}} / ${ENV_VAR} at a folder "
               f"holding {src['folder']}/")
     return out
 

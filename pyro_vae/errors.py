@@ -13,3 +13,16 @@ class ArgumentError(ValueError):
 
     def named(self, name: str) -> str:
         return f"{name} {self.message}"
+
+
+class MissingData(FileNotFoundError):
+    """Data files that are not where they were looked for. ``str(e)`` says to point the
+    Python argument ``data_dir`` at them; the command line shows ``e.named(flag)``
+    (``--data-dir``) instead."""
+
+    def __init__(self, template: str):
+        self.template = template  # "{argument}" where the argument is named
+        super().__init__(template.format(argument="data_dir="))
+
+    def named(self, name: str) -> str:
+        return self.template.format(argument=name)

@@ -191,6 +191,10 @@ CASES: Sequence[Case] = [
     Case("12+", "missing data files, downloads off", ["--dataset", "mnist", "--data-dir",
                                                       "{tmp}/nothing", "--no-download"],
          "nothing/mnist lacks train-images-idx3-ubyte.gz"),
+    Case("12+", "missing data files: the option named", ["--dataset", "mnist", "--data-dir",
+                                                         "{tmp}/nothing", "--no-download"],
+         "downloads are off; put the files there or point --data-dir / $PYRO_VAE_DATA at a "
+         "folder holding mnist/"),
     Case("13", "--resume with another model", ["--resume", "{tmp}/run", "--z-dim", "5"],
          "--resume {tmp}/run: --z-dim 5 differs from the run's 4 and changes the model",
          _trained_run),

@@ -70,6 +70,9 @@ def test_missing_files_offline_name_directory_and_files(tmp_path):
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         assert name in msg
     assert "\n" not in msg
+    # In Python it names the Python argument (the command line names --data-dir).
+    assert msg.endswith("; put the files there or point data_dir= / $PYRO_VAE_DATA at a "
+                        "folder holding mnist/")
 
 
 def test_unreachable_mirror_gives_the_missing_files_error(fake_mnist):

@@ -704,3 +704,16 @@ def test_early_stopping_ends_patience_epochs_after_the_best():
     assert all(r["valid_elbo"] < history[best - 1]["valid_elbo"] for r in history[best:])
     with pytest.raises(ValueError, match="early_stopping must be an integer >= 0"):
         fit(vae, train, valid, epochs=1, progress=False, early_stopping=-1)
+
+
+def test_progress_in_a_log_file_is_one_line_per_epoch(capsys):
+    """Where standard error is not a terminal (a log file, a pipe, pytest's capture),
+    fit draws no progress bar; it prints one line per epoch."""
+    train, valid, _ = _digits()
+    fit(VAE(64, 4, (16,)), train, valid, epochs=3, progress=True)
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["epoch", "1"], ["epoch", "2"],
+                                                    ["epoch", "3"]]
+    assert all("train ELBO" in line and "valid ELBO" in line for line in lines)
