@@ -10,15 +10,26 @@ Required is Pyro's own contract and nothing more: an object (a ``PyroModule``, o
 
 where ``batch`` is one minibatch of a data set's tensors (images, labels, a mask, ...),
 all sites of one data point sit in ``pyro.plate("data", num_data or len(x),
-subsample=x)`` (so a minibatch estimates the whole data set's ELBO), and distributions
-broadcast over a particle dimension left of that plate (vectorized particles, the
-log-likelihood estimator). ``TraceEnum_ELBO`` needs the usual ``config_enumerate`` marks.
+subsample=x)`` (so a minibatch estimates the whole data set's ELBO; ``fit`` refuses a
+model whose loss ignores ``num_data``), and distributions broadcast over a particle
+dimension left of that plate (vectorized particles, the log-likelihood estimator).
+Sites marked for enumeration (``config_enumerate``) are summed out by
+``TraceEnum_ELBO``, which ``fit`` then chooses.
+
+So that plain ``pyro.infer.SVI`` trains the same model as ``fit`` (``fit`` finds the
+parameters by their gradients; SVI by the ``param`` sites Pyro sees), write it the
+way Pyro's own examples do: a ``PyroModule`` whose ``model`` and ``guide`` are decorated
+with ``@pyro.nn.pyro_method`` (its plain ``nn`` children are then registered with Pyro's
+parameter store), or whose networks are ``PyroModule`` children, or an ``nn.Module``
+that calls ``pyro.module(name, self)`` in both. ``fit`` says in one line when Pyro would
+not see a parameter it trains (``hidden_from_pyro``).
 
 Everything else is optional and discovered (``hasattr``); ``LatentVariableModel`` lists it
 with its meaning. A model without a piece simply does not get what needs it: ``sample``
 and ``reconstruct`` for figures, ``encode``/``decode``/``p_z`` for ELBO surgery and active
 units, ``guide_modules`` for freezing the model and starting a fresh guide, ``metrics``
-for validation numbers beside the ELBO (a classifier's error).
+for validation numbers beside the ELBO (a classifier's error), ``default_loss`` for the
+objective it trains with unless told otherwise.
 
 The package's ``VAE`` and ``HierarchicalVAE`` take parts with contracts of their own; the
 likelihood head is the one that shapes the model: it declares ``outputs_per_feature`` (the
@@ -28,7 +39,8 @@ bits per dimension too), see ``pyro_vae.likelihoods``. A model of your own with 
 """
 
 import logging
-from typing import ContextManager, Dict, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import (ContextManager, Dict, List, Optional, Protocol, Sequence, Union,
+                    runtime_checkable)
 
 import torch
 from torch import nn
@@ -64,6 +76,12 @@ class LatentVariableModel(PyroModel, Protocol):
     #: Names of the child modules that make the guide (``("encoder",)``): a fresh guide
     #: re-initializes them, ``freeze_model`` trains them alone.
     guide_modules: Sequence[str]
+
+    #: The objective ``fit``, ``elbo`` and ``log_likelihood`` use for ``loss="auto"``
+    #: (their default): a name of ``pyro_vae.objectives.LOSSES`` or a ``pyro.infer.ELBO``
+    #: object. Without it the ELBO is chosen from the model and guide
+    #: (``pyro_vae.objectives.choose_elbo``).
+    default_loss: Union[str, "pyro.infer.ELBO"]
 
     def check_data(self, *tensors: torch.Tensor, what: str = "data") -> None:
         """Raise a one-line ``ValueError`` naming ``what`` for data the model cannot take
