@@ -552,14 +552,17 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
 
 
 def _check_evaluation(split, samples, chunk, limit, surgery_points) -> None:
-    """One-line errors for ``evaluate_run``'s arguments, named by their flags."""
+    """One-line errors for ``evaluate_run``'s arguments, naming the argument (the command
+    line names its option)."""
     if split not in ("train", "valid", "test"):
-        raise ValueError(f"--split: {split!r} is not one of ['train', 'valid', 'test']")
-    if any(v is not None and v < 1 for v in (samples, chunk, limit, surgery_points)):
-        raise ValueError("--samples, --chunk, --limit and --surgery-points must be >= 1")
+        raise ArgumentError("split", f"{split!r} is not one of ['train', 'valid', 'test']")
+    for name, value in (("samples", samples), ("chunk", chunk), ("limit", limit),
+                        ("surgery_points", surgery_points)):
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
     if samples > MAX_SAMPLES:
-        raise ValueError(f"--samples {samples} is more than {MAX_SAMPLES} importance "
-                         f"samples per point")
+        raise ArgumentError("samples", f"{samples} is more than {MAX_SAMPLES} importance "
+                            f"samples per point")
 
 
 def _posterior_diagnostics(vae, data, surgery_points, seed, results: dict,

@@ -211,6 +211,14 @@ def test_evaluate_a_run(tmp_path):
 
     bad = run_cli("evaluate", str(out), "--split", "nope")
     assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
+    # The library names its arguments, the command line its options.
+    bad = run_cli("evaluate", str(out), "--surgery-points", "0")
+    assert bad.stderr == "pyro-vae: error: --surgery-points must be an integer >= 1, got 0\n"
+    from pyro_vae.runs import evaluate_run
+    with pytest.raises(ValueError, match=r"^surgery_points must be an integer >= 1, got 0$"):
+        evaluate_run(out, surgery_points=0)
+    with pytest.raises(ValueError, match=r"^split 'nope' is not one of"):
+        evaluate_run(out, split="nope")
     missing = run_cli("evaluate", str(tmp_path / "absent"))
     assert missing.returncode == 2 and "config.json: no such file" in missing.stderr
     assert missing.stderr.strip().count("\n") == 0
