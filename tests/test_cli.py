@@ -446,3 +446,26 @@ def test_one_writer_per_run_folder(tmp_path):
     holder.wait()
     r = run_cli("train", "--resume", str(out), "--epochs", "2", "--quiet")
     assert r.returncode == 0, r.stderr
+
+
+def test_train_help_is_grouped_by_data_model_training_and_run_folder(capsys):
+    """pyro-vae train --help: a section per group of settings, each with its one-line
+    description, each option in the section of its group."""
+    import dataclasses
+
+    from pyro_vae.cli import _flag_of, main
+    from pyro_vae.config import GROUPS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    sections = re.split(r"^(\w+) options:\n", text, flags=re.M)
+    found = dict(zip(sections[1::2], sections[2::2]))
+    assert list(found) == list(GROUPS)
+    for name, about in GROUPS.items():
+        assert found[name].lstrip().startswith(about), name
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("derived"):
+            assert re.search(rf"^  {_flag_of(f.name)}\b", found[f.metadata["group"]], re.M), f.name
+    for option in ("--resume", "--quiet", "--trust-imports"):
+        assert re.search(rf"^  {option}\b", found["run"], re.M), option
