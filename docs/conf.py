@@ -61,12 +61,29 @@ autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"
 autodoc_default_options = {"show-inheritance": True}
 autodoc_preserve_defaults = True
+autodoc_inherit_docstrings = False  # nn.Module.forward's text is not ours to show
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 add_module_names = False
 python_use_unqualified_type_names = True
 api_pages.write(HERE / "api" / "generated")
+
+
+
+def public_bases(app, name, obj, options, bases):
+    """A private base class (``_LatentModel``) is shown as its own public bases."""
+    i = 0
+    while i < len(bases):
+        if bases[i].__name__.startswith("_"):
+            bases[i:i + 1] = [b for b in bases[i].__bases__ if b not in bases]
+        else:
+            i += 1
+
+
+def setup(app):
+    app.connect("autodoc-process-bases", public_bases)
+
 
 # --- Links into Python's, PyTorch's, Pyro's and NumPy's documentation. The inventories
 # are stored in docs/_inventories (the build never goes online); docs/_inventories/README.md

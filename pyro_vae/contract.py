@@ -2,7 +2,7 @@
 a model, and what they use when it is there.
 
 Required is Pyro's own contract and nothing more: an object (a ``PyroModule``, or an
-``nn.Module`` holding every parameter) with
+``nn.Module`` holding every parameter) with::
 
     model(*batch, num_data=None)     # p(x, z): observes the batch's tensors
     guide(*batch, num_data=None)     # q(z | x): samples every latent site the model does

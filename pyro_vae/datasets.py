@@ -189,7 +189,15 @@ def spread_evenly(order: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def as_dataset(data, name: str = "data", split: str = "given") -> TensorDataset:
     """``data`` as a ``TensorDataset``: one already, a tensor (N, D), or a tuple of
-    tensors with a shared first dimension (x first)."""
+    tensors with a shared first dimension (x first). ``name`` and ``split`` name it in
+    errors; a ``TypeError`` says what was given instead.
+
+    Example:
+        >>> import torch
+        >>> data = as_dataset((torch.rand(5, 3), torch.arange(5)))
+        >>> len(data), tuple(data.x.shape)
+        (5, (5, 3))
+    """
     if isinstance(data, TensorDataset):
         return data
     if isinstance(data, torch.Tensor):

@@ -62,7 +62,12 @@ def units(model, data) -> dict:
 
 
 def bits_per_dim(nats: float, dims: int) -> float:
-    """-nats / (dims ln 2): a log-probability per point in bits per dimension."""
+    """-nats / (dims ln 2): a log-probability per point in bits per dimension.
+
+    Example:
+        >>> round(bits_per_dim(-87.3, 784), 4)   # MNIST: nats per image -> bits/dim
+        0.1606
+    """
     return -nats / (dims * math.log(2))
 
 
