@@ -360,7 +360,7 @@ def continuous_bernoulli_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ContinuousBernoulliLogits(TorchDistribution):
-    """The continuous Bernoulli, elementwise, computed from logits l:
+    """The continuous Bernoulli, elementwise, computed from logits l::
 
         log p(x) = x l - softplus(l) + log C(l),   C(l) = l / tanh(l / 2).
 

@@ -1,14 +1,16 @@
 """Semi-supervised learning with a label as a latent variable: M2 of Kingma, Rezende,
 Mohamed & Welling, "Semi-supervised learning with deep generative models" (NeurIPS 2014).
 
-Model:  y ~ Cat(1/C),  z ~ p(z),  x ~ p(x | decoder(z, y))
-Guide:  y ~ q(y | x) = Cat(classifier(x)),  z ~ q(z | x, y) = N(mu(x, y), diag sigma(x, y)^2)
+::
+
+    Model:  y ~ Cat(1/C),  z ~ p(z),  x ~ p(x | decoder(z, y))
+    Guide:  y ~ q(y | x) = Cat(classifier(x)),  z ~ q(z | x, y) = N(mu(x, y), diag sigma(x, y)^2)
 
 A labelled point observes y: its ELBO is
 
     L(x, y) = E_q(z|x,y)[log p(x | y, z) + log p(y) + log p(z) - log q(z | x, y)],
 
-and q(y | x) takes no part in it. An unlabelled point sums y out under the classifier:
+and q(y | x) takes no part in it. An unlabelled point sums y out under the classifier::
 
     U(x) = sum_y q(y | x) L(x, y) + H(q(y | x)),
 
