@@ -73,6 +73,8 @@ api_pages.write(HERE / "api" / "generated")
 
 def public_bases(app, name, obj, options, bases):
     """A private base class (``_LatentModel``) is shown as its own public bases."""
+    if bases == [object]:  # nothing to say
+        bases.clear()
     i = 0
     while i < len(bases):
         if bases[i].__name__.startswith("_"):
@@ -81,8 +83,31 @@ def public_bases(app, name, obj, options, bases):
             i += 1
 
 
+def dataclass_fields(app, what, name, obj, options, lines):
+    """A dataclass whose fields carry ``help`` metadata (``TrainConfig``: the command
+    line's help texts) lists its fields with their defaults and help, grouped."""
+    import dataclasses
+
+    if what != "class" or not dataclasses.is_dataclass(obj):
+        return
+    fields = [f for f in dataclasses.fields(obj) if "help" in f.metadata]
+    if not fields:
+        return
+    for group in dict.fromkeys(f.metadata.get("group", "") for f in fields):
+        lines += ["", f".. rubric:: {group.capitalize() or 'Fields'} settings", ""]
+        for f in fields:
+            if f.metadata.get("group", "") != group:
+                continue
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory())
+            help_text = " ".join(f.metadata["help"].split()).replace("*", r"\*")
+            lines += [f"- ``{f.name}`` (default ``{default!r}``): {help_text}"]
+    lines.append("")
+
+
 def setup(app):
     app.connect("autodoc-process-bases", public_bases)
+    app.connect("autodoc-process-docstring", dataclass_fields)
 
 
 # --- Links into Python's, PyTorch's, Pyro's and NumPy's documentation. The inventories
@@ -134,5 +159,7 @@ html_theme_options = {
     "source_repository": "",
     "navigation_with_keys": True,
 }
+smartquotes = False  # "--out" stays two hyphens, as typed on the command line
+highlight_language = "none"  # literal blocks (formulas, commands) are not Python
 pygments_style = "sphinx"
 pygments_dark_style = "monokai"
