@@ -108,6 +108,8 @@ def dataclass_fields(app, what, name, obj, options, lines):
 def setup(app):
     app.connect("autodoc-process-bases", public_bases)
     app.connect("autodoc-process-docstring", dataclass_fields)
+    app.connect("source-read", tutorial_gallery.add_note)
+    app.connect("builder-inited", tutorial_gallery.rerun_stale, priority=400)
 
 
 # --- Links into Python's, PyTorch's, Pyro's and NumPy's documentation. The inventories
