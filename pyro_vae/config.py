@@ -232,6 +232,8 @@ RESUMABLE_CHANGES = ("epochs", "early_stopping", "lr", "clip_norm", "skip_nonfin
 
 
 def flag(name: str) -> str:
+    """The command-line flag of a field, without its dashes: ``batch_size`` ->
+    ``batch-size``."""
     return name.replace("_", "-")
 
 

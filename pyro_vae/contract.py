@@ -40,7 +40,10 @@ from .errors import ArgumentError
 
 @runtime_checkable
 class PyroModel(Protocol):
-    """The required part: a Pyro model/guide pair on one module."""
+    """The required part: a Pyro model/guide pair on one module.
+
+    Any object with these two methods is one (``isinstance(obj, PyroModel)`` checks
+    for them); nothing needs to inherit from it."""
 
     def model(self, *batch: Optional[torch.Tensor], num_data: Optional[int] = None):
         """p(x, z) of a minibatch; with ``num_data`` = N the plate scales it by N / B.

@@ -128,6 +128,7 @@ class TensorDataset:
                                    extras=tuple(f(t) for t in self.extras))
 
     def to(self, device) -> "TensorDataset":
+        """The same split with every tensor on ``device`` (a new ``TensorDataset``)."""
         return self._map(lambda t: t.to(device))
 
     def subset(self, n: Optional[int]) -> "TensorDataset":

@@ -136,7 +136,13 @@ class Options:
 
 
 class Trainer:
-    """Trains ``model`` on ``train`` as ``options`` say (see ``fit``)."""
+    """Trains ``model`` on ``train`` as ``options`` (an ``Options``) say: ``fit`` is
+    ``Trainer(model, train, valid, Options(**options), hooks, progress).fit(resume)``.
+
+    Building it checks the options, the objective and the precision, and moves the model
+    to the device (one-line ``ValueError``s for what cannot work); ``fit()`` trains and
+    returns the history. Its phases (the step, warm-up, epochs, validation, checkpoints)
+    are methods of their own."""
 
     def __init__(self, model, train, valid=None, options: Optional[Options] = None,
                  hooks: Sequence = (), progress: bool = True):
