@@ -24,7 +24,8 @@ Every process draws the same global batch of ``--batch-size`` points and trains 
 share of it under ``torch.nn.parallel.DistributedDataParallel``, which averages the
 gradients: the run is that of one process with the same batches, and process 0 alone
 writes the run folder. On several machines it is the same command with torchrun's
-``--nnodes``, ``--node_rank`` and ``--master_addr`` (see the README).
+``--nnodes``, ``--node_rank`` and ``--master_addr`` (see the user guide's page on GPUs
+and several processes, ``docs/guide/scaling.md``).
 
 What to look at
 ---------------
