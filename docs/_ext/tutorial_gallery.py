@@ -65,9 +65,12 @@ def reset_argv(gallery_conf, script_vars) -> list:
     name = Path(script_vars["src_file"]).name
     out = out_dir(script_vars["src_file"])
     shutil.rmtree(out, ignore_errors=True)  # figures of an earlier build are not shown
-    args = ["--out", str(out)]
+    # Relative to the tutorial's folder (where sphinx-gallery runs it), as a user's own
+    # run would print it.
+    args = ["--out", os.path.relpath(out, Path(script_vars["src_file"]).parent)]
     if name.startswith("05_"):  # the surgery of tutorial 4's models, not of new ones
-        args += ["--models", str(output_root() / "04_vampprior")]
+        args += ["--models", os.path.relpath(output_root() / "04_vampprior",
+                                             Path(script_vars["src_file"]).parent)]
     args += wanted(name)
     GALLERY.mkdir(parents=True, exist_ok=True)
     _record(name).write_text(json.dumps(wanted(name)))
