@@ -25,20 +25,21 @@ MODES = ("full", "smoke", "off")
 GALLERY = Path(__file__).resolve().parents[1] / "tutorials"  # sphinx-gallery's output
 
 #: Options of each tutorial in a full build, beyond its defaults: shorter runs of the
-#: same lesson, so that the whole site builds in about an hour on a 2-core CPU. Each page
-#: says which options built it (``note``).
+#: same lessons, so that the whole site builds in about an hour on a shared 2-core CPU.
+#: Each page says which options built it (``note``).
 FULL = {
     "03_beta_vae.py": ["--epochs", "3"],
-    "04_vampprior.py": ["--epochs", "3", "--ll-points", "500", "--ll-samples", "500"],
-    "05_elbo_surgery.py": ["--epochs", "3", "--points", "2000"],
-    "06_custom_model.py": ["--epochs", "3"],
-    "07_swapping_guides.py": ["--epochs", "3", "--guide-epochs", "2", "--ll-points", "500",
-                              "--ll-samples", "500"],
-    "08_hierarchical_vampprior.py": ["--epochs", "3", "--ll-points", "500",
-                                     "--ll-samples", "500"],
-    "09_scaling_up.py": ["--epochs", "3"],
-    "10_your_own_model.py": ["--epochs", "4", "--ll-points", "500", "--ll-samples", "200"],
-    "11_semi_supervised.py": ["--epochs", "5", "--draws", "100"],
+    "04_vampprior.py": ["--epochs", "2", "--ll-points", "300", "--ll-samples", "300"],
+    "05_elbo_surgery.py": ["--epochs", "2", "--points", "1000"],
+    "06_custom_model.py": ["--epochs", "2"],
+    "07_swapping_guides.py": ["--epochs", "2", "--guide-epochs", "1", "--ll-points", "300",
+                              "--ll-samples", "300"],
+    "08_hierarchical_vampprior.py": ["--epochs", "2", "--ll-points", "300",
+                                     "--ll-samples", "300"],
+    "09_scaling_up.py": ["--epochs", "2", "--limit", "5000"],
+    "10_your_own_model.py": ["--epochs", "2", "--ll-points", "300", "--ll-samples", "200"],
+    "11_semi_supervised.py": ["--epochs", "3", "--draws", "50"],
+    "12_continuous_data.py": ["--epochs", "30", "--ll-samples", "300"],
 }
 
 
