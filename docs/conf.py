@@ -34,7 +34,6 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
-    "sphinx.ext.doctest",
     "myst_parser",
     "sphinx_gallery.gen_gallery",
 ]
