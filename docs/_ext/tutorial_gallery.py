@@ -25,7 +25,7 @@ MODES = ("full", "smoke", "off")
 GALLERY = Path(__file__).resolve().parents[1] / "tutorials"  # sphinx-gallery's output
 
 #: Options of each tutorial in a full build, beyond its defaults: shorter runs of the
-#: same lessons, so that the whole site builds in about an hour on a shared 2-core CPU.
+#: same lessons, so that the whole site builds in under 80 minutes on a shared 2-core CPU.
 #: Each page says which options built it (``note``).
 FULL = {
     "03_beta_vae.py": ["--epochs", "3"],
