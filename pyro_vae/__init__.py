@@ -1,8 +1,8 @@
 """Variational autoencoders written the Pyro way.
 
 The generative model p(x, z) is a Pyro ``model``, the amortized encoder q(z|x) a Pyro
-``guide``; Pyro's ELBOs give the loss and its gradients (``fit``). See README.md for a
-tour, and tutorials/ for lessons.
+``guide``; Pyro's ELBOs give the loss and its gradients (``fit``). The documentation
+(``docs/``: a user guide, the tutorials, this reference) gives the tour.
 """
 
 __version__ = "0.1.0"

@@ -39,6 +39,7 @@ class Position:
     skipped: int = 0
 
     def next_epoch(self) -> "Position":
+        """The position at the start of the next epoch (no step done, a new order)."""
         return Position(self.num_data, self.batch_size, self.epoch + 1, skipped=self.skipped)
 
 
@@ -67,6 +68,8 @@ class TrainState:
         return len(self.history)
 
     def to_dict(self) -> Dict:
+        """The state as plain tensors and containers (what a checkpoint file holds;
+        ``from_dict`` reads it back)."""
         position = dataclasses.asdict(self.position)
         if self.position.order is not None:
             position["order"] = self.position.order.cpu()

@@ -246,13 +246,21 @@ RESUMABLE_CHANGES = ("epochs", "early_stopping", "lr", "clip_norm", "skip_nonfin
 
 
 def flag(name: str) -> str:
+    """The command-line flag of a field, without its dashes: ``batch_size`` ->
+    ``batch-size``."""
     return name.replace("_", "-")
 
 
 def parse_options(pairs: Iterable[str], what: str) -> Dict[str, Any]:
     """``["components=50", "pseudo_init=data"]`` -> ``{"components": 50, "pseudo_init":
     "data"}``: each value read as JSON where it is (numbers, true/false, null), else kept
-    as text. ``what`` names the option in errors."""
+    as text. ``what`` names the option in errors (a ``ValueError`` for a pair without
+    ``=`` or whose key is not a Python name).
+
+    Example:
+        >>> parse_options(["components=50", "pseudo_init=data"], "prior_options")
+        {'components': 50, 'pseudo_init': 'data'}
+    """
     options = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")

@@ -2,7 +2,7 @@
 a model, and what they use when it is there.
 
 Required is Pyro's own contract and nothing more: an object (a ``PyroModule``, or an
-``nn.Module`` holding every parameter) with
+``nn.Module`` holding every parameter) with::
 
     model(*batch, num_data=None)     # p(x, z): observes the batch's tensors
     guide(*batch, num_data=None)     # q(z | x): samples every latent site the model does
@@ -59,7 +59,10 @@ logger = logging.getLogger("pyro_vae")
 
 @runtime_checkable
 class PyroModel(Protocol):
-    """The required part: a Pyro model/guide pair on one module."""
+    """The required part: a Pyro model/guide pair on one module.
+
+    Any object with these two methods is one (``isinstance(obj, PyroModel)`` checks
+    for them); nothing needs to inherit from it."""
 
     def model(self, *batch: Optional[torch.Tensor], num_data: Optional[int] = None):
         """p(x, z) of a minibatch; with ``num_data`` = N the plate scales it by N / B.

@@ -130,6 +130,7 @@ class TensorDataset:
                                    extras=tuple(f(t) for t in self.extras))
 
     def to(self, device) -> "TensorDataset":
+        """The same split with every tensor on ``device`` (a new ``TensorDataset``)."""
         return self._map(lambda t: t.to(device))
 
     def subset(self, n: Optional[int]) -> "TensorDataset":
@@ -192,8 +193,15 @@ def spread_evenly(order: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def as_dataset(data, name: str = "data", split: str = "given") -> TensorDataset:
     """``data`` as a ``TensorDataset``: one already, PyTorch's
     ``torch.utils.data.TensorDataset`` (its tensors), a tensor (N, D), or a tuple of
-    tensors with a shared first dimension (x first). Raises ``TypeError`` for anything
-    else, naming its class."""
+    tensors with a shared first dimension (x first). ``name`` and ``split`` name it in
+    errors; a ``TypeError`` names the class of anything else by its full path.
+
+    Example:
+        >>> import torch
+        >>> data = as_dataset((torch.rand(5, 3), torch.arange(5)))
+        >>> len(data), tuple(data.x.shape)
+        (5, (5, 3))
+    """
     if isinstance(data, TensorDataset):
         return data
     if isinstance(data, torch.utils.data.TensorDataset):

@@ -137,7 +137,7 @@ class IAFEncoder(nn.Module):
     form, z_i = s_i z_i + (1 - s_i) m_i with (m, logit s) from a masked network of
     z_<i and h. Each step has its own variable order (a random permutation).
 
-    log q(z|x) = log N(eps) - sum_t log |det df_t/dz|; for the guide's own samples Pyro
+    log q(z|x) = log N(eps) - sum_t log ``|det df_t/dz|``; for the guide's own samples Pyro
     caches eps, so no inverse is computed. Evaluating q at other points (a VampPrior built
     on this guide, ELBO surgery) needs the inverse, z_dim sequential network passes per
     step: correct, but slow.

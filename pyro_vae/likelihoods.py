@@ -49,7 +49,7 @@ class Likelihood(nn.Module):
     """Base of the package's heads: the two declarations, the feature split, and the
     support checks. A head of your own may subclass it or declare the same attributes."""
 
-    #: Decoder outputs per feature of x (k): the decoder has k * x_dim outputs.
+    #: The decoder's outputs per feature of x, k; the decoder has k * x_dim outputs.
     outputs_per_feature = 1
     #: Whether ``log_prob`` is a log-probability (then bits per dimension are reported).
     discrete = False
@@ -313,7 +313,7 @@ class DiscretizedLogistic(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        """Exact: sum_k c_k P(c_k) = (1 / (bins - 1)) sum_{j >= 1} P(X >= c_j)."""
+        """Exact, sum_k c_k P(c_k) = (1 / (bins - 1)) sum_{j >= 1} P(X >= c_j)."""
         last = self.bins - 1
         lower = (torch.arange(1, self.bins, dtype=self.loc.dtype, device=self.loc.device)
                  - 0.5) / last
@@ -349,7 +349,7 @@ def continuous_bernoulli_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
     """log C(l) of the continuous Bernoulli with logit l = log(lambda / (1 - lambda)).
 
     C = 2 atanh(1 - 2 lambda) / (1 - 2 lambda) is l / tanh(l / 2) in the logit: exact
-    and finite for any |l| >= 0.1; below that (lambda near 1/2, where it is 0 / 0) the
+    and finite for any ``|l| >= 0.1``; below that (lambda near 1/2, where it is 0 / 0) the
     series log 2 + l^2 / 12 - 7 l^4 / 1440 (error < 1e-9).
     """
     small = logits.abs() < 0.1
@@ -360,12 +360,12 @@ def continuous_bernoulli_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ContinuousBernoulliLogits(TorchDistribution):
-    """The continuous Bernoulli, elementwise, computed from logits l:
+    """The continuous Bernoulli, elementwise, computed from logits l::
 
         log p(x) = x l - softplus(l) + log C(l),   C(l) = l / tanh(l / 2).
 
     torch's ``ContinuousBernoulli`` clamps lambda to [eps, 1 - eps], which changes the
-    density once |l| > ~16 (at l = -30 it gives log p(0) = 2.769; the exact value is
+    density once ``|l| > ~16`` (at l = -30 it gives log p(0) = 2.769; the exact value is
     log 30 = 3.401); this form is exact at every logit.
     """
 
@@ -392,7 +392,7 @@ class ContinuousBernoulliLogits(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
-        """sigmoid(l) / tanh(l / 2) - 1 / l; 1/2 + l / 12 - l^3 / 720 for |l| < 0.1."""
+        """sigmoid(l) / tanh(l / 2) - 1 / l; 1/2 + l / 12 - l^3 / 720 for ``|l| < 0.1``."""
         l = self.logits
         small = l.abs() < 0.1
         safe = torch.where(small, torch.ones_like(l), l)

@@ -184,8 +184,10 @@ def _check_encoder(encoder: nn.Module, x_dim: int, z_dim: int) -> None:
 class VAE(_LatentModel):
     """Variational autoencoder (Kingma & Welling 2014) as a Pyro model/guide pair.
 
-    Model:  z_n ~ p(z),  x_n ~ p(x | decoder(z_n))      for n in the "data" plate
-    Guide:  z_n ~ q(z | x_n) = encoder(x_n)
+    ::
+
+        Model:  z_n ~ p(z),  x_n ~ p(x | decoder(z_n))      for n in the "data" plate
+        Guide:  z_n ~ q(z | x_n) = encoder(x_n)
 
     ``prior``, ``likelihood`` and ``encoder`` are registry names (see ``PRIORS``,
     ``LIKELIHOODS``, ``GUIDES``), ``"package.module:ClassName"``, or ready-made modules.
@@ -252,8 +254,10 @@ class VAE(_LatentModel):
 class HierarchicalVAE(_LatentModel):
     """Two stochastic layers (the VampPrior paper's HVAE, L = 2; Tomczak & Welling 2018).
 
-    Model:  z2 ~ p(z2),  z1 ~ p(z1 | z2),  x ~ p(x | z1, z2)
-    Guide:  z2 ~ q(z2 | x),  z1 ~ q(z1 | x, z2)
+    ::
+
+        Model:  z2 ~ p(z2),  z1 ~ p(z1 | z2),  x ~ p(x | z1, z2)
+        Guide:  z2 ~ q(z2 | x),  z1 ~ q(z1 | x, z2)
 
     p(z2) is any prior of ``PRIORS``; built on q(z2 | .), ``"vamp"`` gives the paper's
     model. q(z2 | x) is any guide family (``encoder``, as for the VAE); the other

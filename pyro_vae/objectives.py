@@ -73,7 +73,13 @@ def make_elbo(loss: Loss = "meanfield", num_particles: int = 1,
     """The ELBO named ``loss`` (a key of ``LOSSES``) with ``num_particles`` vectorized
     particles and ``max_plate_nesting`` plates, or ``loss`` itself if it is an ELBO object
     (then ``num_particles`` must be 1: the object carries its own). ``"auto"`` needs the
-    model: see ``choose_elbo``. Raises ``ValueError`` for an unknown name."""
+    model: see ``choose_elbo``. Raises ``ValueError`` for an unknown name, for ``"auto"``,
+    and for ``num_particles`` given with an ELBO object.
+
+    Example:
+        >>> make_elbo("iwae", num_particles=5)
+        <pyro.infer.renyi_elbo.RenyiELBO object at ...>
+    """
     if isinstance(loss, ELBO):
         if num_particles != 1:
             raise ValueError(f"num_particles={num_particles} with an ELBO object: set "
@@ -228,7 +234,12 @@ def check_objective(objective: ELBO, beta: float = 1.0, warmup_epochs: int = 0) 
 
 def beta_at(epoch: int, beta: float = 1.0, warmup_epochs: int = 0) -> float:
     """KL weight for ``epoch`` (1-based): rises linearly from 0 at epoch 1 to ``beta`` at
-    epoch ``warmup_epochs + 1`` and stays there (Bowman et al. 2016; Sonderby et al. 2016)."""
+    epoch ``warmup_epochs + 1`` and stays there (Bowman et al. 2016; Sonderby et al. 2016).
+
+    Example:
+        >>> [beta_at(epoch, beta=2.0, warmup_epochs=4) for epoch in range(1, 7)]
+        [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    """
     if warmup_epochs <= 0:
         return beta
     return beta * min(1.0, (epoch - 1) / warmup_epochs)
@@ -249,8 +260,16 @@ class scale_latents(Messenger):
     weighted: it is refused unless ``sites`` leaves it out (and ``TraceEnum_ELBO`` takes
     no beta at all: Pyro sums enumerated sites out under one common scale).
 
-        with scale_latents(4.0):
-            loss = Trace_ELBO().differentiable_loss(model, guide, x)
+    Example:
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyro import poutine
+        >>> def model():
+        ...     z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        ...     pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.5))
+        >>> with scale_latents(4.0):
+        ...     trace = poutine.trace(model).get_trace()
+        >>> trace.nodes["z"]["scale"], trace.nodes["x"]["scale"]   # x is observed
+        (4.0, 1.0)
     """
 
     def __init__(self, beta: float, sites: Optional[Collection[str]] = None):

@@ -154,6 +154,12 @@ def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     is zero. The clamp keeps ``exp`` (forward and backward) on its fast path, which on CPU
     makes the K-component mixtures here several times faster. Rows that are all -inf give
     -inf, like ``torch.logsumexp``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[0.0, -1.0, -200.0], [-float("inf")] * 3])
+        >>> logsumexp(x, dim=-1)
+        tensor([0.3133,   -inf])
     """
     top = x.detach().amax(dim, keepdim=True)
     finite = torch.isfinite(top)

@@ -74,6 +74,7 @@ class RunFolder:
         return self.path / "best.pt"
 
     def existing(self):
+        """The names of the run files (``RUN_FILES``) the folder holds."""
         return [f for f in RUN_FILES if (self.path / f).exists()]
 
     def prepare(self, overwrite: bool) -> None:
@@ -118,13 +119,16 @@ class RunFolder:
                 tmp.unlink()
 
     def write_json(self, name: str, obj) -> None:
+        """Write ``obj`` as indented JSON to the folder's file ``name``, atomically."""
         atomic_write(self.path / name, lambda f: f.write(json.dumps(obj, indent=2) + "\n"),
                      binary=False)
 
     def write_config(self, config: TrainConfig) -> None:
+        """Write ``config.json`` (``config_to_dict``: the format, then every setting)."""
         self.write_json("config.json", config_to_dict(config))
 
     def read_config(self, trust_imports: bool = False) -> TrainConfig:
+        """The run's ``TrainConfig`` (see the module function ``read_config``)."""
         return read_config(self.path / "config.json", trust_imports)
 
     def restart_metrics(self, history) -> None:

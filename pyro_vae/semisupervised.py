@@ -1,14 +1,16 @@
 """Semi-supervised learning with a label as a latent variable: M2 of Kingma, Rezende,
 Mohamed & Welling, "Semi-supervised learning with deep generative models" (NeurIPS 2014).
 
-Model:  y ~ Cat(1/C),  z ~ p(z),  x ~ p(x | decoder(z, y))
-Guide:  y ~ q(y | x) = Cat(classifier(x)),  z ~ q(z | x, y) = N(mu(x, y), diag sigma(x, y)^2)
+::
+
+    Model:  y ~ Cat(1/C),  z ~ p(z),  x ~ p(x | decoder(z, y))
+    Guide:  y ~ q(y | x) = Cat(classifier(x)),  z ~ q(z | x, y) = N(mu(x, y), diag sigma(x, y)^2)
 
 A labelled point observes y: its ELBO is
 
     L(x, y) = E_q(z|x,y)[log p(x | y, z) + log p(y) + log p(z) - log q(z | x, y)],
 
-and q(y | x) takes no part in it. An unlabelled point sums y out under the classifier:
+and q(y | x) takes no part in it. An unlabelled point sums y out under the classifier::
 
     U(x) = sum_y q(y | x) L(x, y) + H(q(y | x)),
 
@@ -136,9 +138,12 @@ class SemiSupervisedVAE(PyroModule):
     # The distributions ---------------------------------------------------------------
 
     def p_y(self) -> dist.Distribution:
+        """p(y): the uniform Categorical over the C classes (the ``class_weights``
+        buffer, 1/C each)."""
         return dist.Categorical(self.class_weights)
 
     def p_z(self) -> dist.Distribution:
+        """p(z): the prior, event shape (z_dim,)."""
         return self.prior(None)
 
     def classify(self, x: torch.Tensor) -> dist.Distribution:
@@ -159,6 +164,11 @@ class SemiSupervisedVAE(PyroModule):
     @pyro_method
     def model(self, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
               known: Optional[torch.Tensor] = None, num_data: Optional[int] = None):
+        """p(x, y, z) of a batch: labelled points observe y (sites ``y``, ``z``, ``x``),
+        unlabelled ones leave it latent (``y_unlabelled``, ``z_unlabelled``,
+        ``x_unlabelled``); ``known`` says which is which (see the class). In training,
+        labelled points add ``aux_weight * log q(y | x)`` (a ``pyro.factor``). ``x=None``
+        generates ``num_data`` points."""
         with pyro.plate("data", _plate_size(x, num_data), subsample=x):
             if y is not None:
                 with _masked(known):
@@ -178,6 +188,8 @@ class SemiSupervisedVAE(PyroModule):
     @pyro_method
     def guide(self, x: torch.Tensor, y: Optional[torch.Tensor] = None,
               known: Optional[torch.Tensor] = None, num_data: Optional[int] = None):
+        """q(z | x, y) for labelled points, and q(y | x) q(z | x, y) for the others, with
+        ``y_unlabelled`` marked for enumeration (``TraceEnum_ELBO`` sums it out)."""
         with pyro.plate("data", num_data or len(x), subsample=x):
             if y is not None:
                 with _masked(known):
@@ -191,6 +203,8 @@ class SemiSupervisedVAE(PyroModule):
     # Optional parts of the contract ----------------------------------------------------
 
     def check_data(self, x: torch.Tensor, *rest, what: str = "data") -> None:
+        """Raise a one-line ``ValueError`` naming ``what`` for points of the wrong width,
+        labels that are not integers in [0, C), or x outside the likelihood's support."""
         if x.dim() != 2 or x.shape[1] != self.x_dim:
             raise ValueError(f"{what} has points of shape {tuple(x.shape[1:])}; the model "
                              f"takes x_dim = {self.x_dim} features per point")

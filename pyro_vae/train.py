@@ -58,41 +58,42 @@ class TrainingInterrupted(RuntimeError):
 class Options:
     """What ``fit`` takes besides the model and the data (all keyword arguments).
 
-    epochs: passes over the training data.
-    loss: ``"auto"`` (chosen from the model and guide: ``TraceEnum_ELBO`` for sites
-        marked for enumeration, ``Trace_ELBO`` for a guide that is not mean-field,
-        else ``TraceMeanField_ELBO``; a model's ``default_loss`` first, see
-        ``pyro_vae.objectives.choose_elbo``), ``"trace"``, ``"meanfield"``, ``"iwae"``,
-        ``"enum"``, or any ``pyro.infer.ELBO`` object. The choice is logged and recorded
-        in each history record (``"loss"``) and in the training state.
-    allow_loss_change: on resume, accept an objective other than the one the training
-        state was saved with (refused otherwise: the optimizer's state belongs to it).
-    num_particles: vectorized samples per data point for a named loss (K of the IWAE
-        bound); an ELBO object carries its own.
-    beta, warmup_epochs: the KL weight (beta-VAE, Higgins et al. 2017) on every latent
-        site of model and guide; with W warm-up epochs it rises linearly from 0 at epoch 1
-        to ``beta`` at epoch W + 1. beta_sites: the latent sites it weights (default all).
-    batch_size, lr: minibatch size, learning rate.
-    optimizer, clip_norm: ``"adam"`` (PyTorch's fused Adam) or ``"clipped_adam"`` (Pyro's,
-        each gradient clipped elementwise to +-clip_norm).
-    seed: initial random state; process r of several draws its noise from seed + r.
-    device: move the model and data there (default: the model's device).
-    validate: check distribution arguments and supports on the first step.
-    freeze_model: train the guide alone (the modules ``model.guide_modules`` names).
-    skip_nonfinite: skip (and log) up to this many non-finite steps before stopping.
-    checkpoint_every: also checkpoint every N steps (0: after each epoch only).
-    check_every: read the finite checks every N steps (default 1 on the CPU, 50 on GPU).
-    early_stopping: stop after P epochs without a better ``monitor`` value (0: off).
-    monitor: the record field early stopping watches: ``"valid_elbo"`` (maximized) or a
-        validation metric of the model's, e.g. ``"valid_error"`` (minimized; see
-        ``pyro_vae.hooks.higher_is_better``).
-    compile: record the whole step (Pyro's ELBO and its backward pass) once per batch
-        shape and compile it with ``torch.compile``, or where it cannot be recorded the
-        model's networks and the package's densities alone (``pyro_vae.compiled``);
-        compiling takes seconds, once per call of ``fit``, and the first epoch's record
-        gives them as ``compile_seconds``.
-    precision: ``"float32"``, or ``"bf16"``: the networks' matrix products in bfloat16
-        (log-densities and the ELBO stay float32); refused where bfloat16 is not fast.
+    Attributes:
+        epochs: passes over the training data.
+        loss: ``"auto"`` (chosen from the model and guide: ``TraceEnum_ELBO`` for sites
+            marked for enumeration, ``Trace_ELBO`` for a guide that is not mean-field,
+            else ``TraceMeanField_ELBO``; a model's ``default_loss`` first, see
+            ``pyro_vae.objectives.choose_elbo``), ``"trace"``, ``"meanfield"``, ``"iwae"``,
+            ``"enum"``, or any ``pyro.infer.ELBO`` object. The choice is logged and recorded
+            in each history record (``"loss"``) and in the training state.
+        allow_loss_change: on resume, accept an objective other than the one the training
+            state was saved with (refused otherwise: the optimizer's state belongs to it).
+        num_particles: vectorized samples per data point for a named loss (K of the IWAE
+            bound); an ELBO object carries its own.
+        beta, warmup_epochs: the KL weight (beta-VAE, Higgins et al. 2017) on every latent
+            site of model and guide; with W warm-up epochs it rises linearly from 0 at epoch 1
+            to ``beta`` at epoch W + 1. beta_sites: the latent sites it weights (default all).
+        batch_size, lr: minibatch size, learning rate.
+        optimizer, clip_norm: ``"adam"`` (PyTorch's fused Adam) or ``"clipped_adam"`` (Pyro's,
+            each gradient clipped elementwise to +-clip_norm).
+        seed: initial random state; process r of several draws its noise from seed + r.
+        device: move the model and data there (default: the model's device).
+        validate: check distribution arguments and supports on the first step.
+        freeze_model: train the guide alone (the modules ``model.guide_modules`` names).
+        skip_nonfinite: skip (and log) up to this many non-finite steps before stopping.
+        checkpoint_every: also checkpoint every N steps (0: after each epoch only).
+        check_every: read the finite checks every N steps (default 1 on the CPU, 50 on GPU).
+        early_stopping: stop after P epochs without a better ``monitor`` value (0: off).
+        monitor: the record field early stopping watches: ``"valid_elbo"`` (maximized) or a
+            validation metric of the model's, e.g. ``"valid_error"`` (minimized; see
+            ``pyro_vae.hooks.higher_is_better``).
+        compile: record the whole step (Pyro's ELBO and its backward pass) once per batch
+            shape and compile it with ``torch.compile``, or where it cannot be recorded the
+            model's networks and the package's densities alone (``pyro_vae.compiled``);
+            compiling takes seconds, once per call of ``fit``, and the first epoch's record
+            gives them as ``compile_seconds``.
+        precision: ``"float32"``, or ``"bf16"``: the networks' matrix products in bfloat16
+            (log-densities and the ELBO stay float32); refused where bfloat16 is not fast.
     """
 
     epochs: int = 10
@@ -146,7 +147,13 @@ class Options:
 
 
 class Trainer:
-    """Trains ``model`` on ``train`` as ``options`` say (see ``fit``)."""
+    """Trains ``model`` on ``train`` as ``options`` (an ``Options``) say: ``fit`` is
+    ``Trainer(model, train, valid, Options(**options), hooks, progress).fit(resume)``.
+
+    Building it checks the options, the objective and the precision, and moves the model
+    to the device (one-line ``ValueError``s for what cannot work); ``fit()`` trains and
+    returns the history. Its phases (the step, warm-up, epochs, validation, checkpoints)
+    are methods of their own."""
 
     def __init__(self, model, train, valid=None, options: Optional[Options] = None,
                  hooks: Sequence = (), progress: bool = True):

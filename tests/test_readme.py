@@ -15,7 +15,7 @@ BLOCKS = re.findall(r"^```python\n(.*?)^```", (REPO / "README.md").read_text(),
 
 
 def test_the_readme_has_python_blocks():
-    assert len(BLOCKS) >= 3
+    assert len(BLOCKS) >= 2  # Python, and a model of your own
 
 
 @pytest.mark.slow

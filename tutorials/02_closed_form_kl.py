@@ -1,10 +1,16 @@
-"""Tutorial 2: Trace_ELBO against TraceMeanField_ELBO, the value of a closed-form KL.
+"""Tutorial 2: Trace_ELBO against TraceMeanField_ELBO, the value of a closed-form KL
+=================================================================================
+
+``Trace_ELBO`` against ``TraceMeanField_ELBO``: gradient variance on one minibatch,
+training curves.
+
+Run it::
 
     python tutorials/02_closed_form_kl.py --data-dir path/to/data [--epochs 10] [--draws 300]
 
 The maths
 ---------
-The ELBO can be estimated from one draw z = mu + sigma * eps in two ways:
+The ELBO can be estimated from one draw z = mu + sigma * eps in two ways::
 
     Trace_ELBO:          log p(x | z) + log p(z) - log q(z | x)           (all Monte Carlo)
     TraceMeanField_ELBO: log p(x | z) - KL(q(z | x) || p(z))              (KL exact)
@@ -18,7 +24,7 @@ What to look at
 ---------------
 - The table: on one fixed minibatch and one fixed model, ``--draws`` gradient estimates
   of each objective, with the same noise for both. The means agree (both unbiased: the
-  per-draw differences average to zero within their standard error, |t| about 0.7 in
+  per-draw differences average to zero within their standard error, ``|t|`` about 0.7 in
   the median as for any mean-zero noise); the variance of the encoder's gradient is
   smaller with the closed-form KL; the decoder's, which the KL does not touch, is
   identical draw by draw.
@@ -44,6 +50,9 @@ if args.smoke:
     args.draws = 20
 train, valid, test = mnist(args)
 
+# %%
+# 1. Gradient estimates on one minibatch
+# --------------------------------------
 # A model trained for one epoch: the comparison is made where training actually is.
 torch.manual_seed(0)
 start = pv.VAE(784, 20, (400,)).to(args.device)
@@ -66,6 +75,8 @@ def gradients(loss_name: str) -> dict:
     return {name: torch.stack(g) for name, g in draws.items()}
 
 
+# %%
+# Both objectives' gradients, with the same noise for both.
 grads = {name: gradients(name) for name in ("trace", "meanfield")}
 
 print(f"{args.draws} gradient estimates of each objective on one minibatch of {len(x)}, "
@@ -90,6 +101,8 @@ for part in ("encoder", "decoder"):
     print(f"{part:<11} {var['trace']:15.4g} {var['meanfield']:15.4g} "
           f"{var['trace'] / var['meanfield']:6.2f}   {test}")
 
+# %%
+# The variance per encoder parameter tensor.
 fig, ax = plt.subplots(figsize=(7, 3.5))
 tensors = [k for k in grads["trace"] if k.startswith("encoder")]
 width = 0.4
@@ -105,6 +118,9 @@ ax.set_title("encoder gradient estimates on one minibatch")
 ax.legend(fontsize=8)
 save_figure(fig, args.out / "gradient_variance.png")
 
+# %%
+# 2. Training curves
+# ------------------
 # Training with each objective from the same initial weights and batches.
 histories = {}
 for loss_name in ("trace", "meanfield"):
@@ -115,6 +131,7 @@ for loss_name in ("trace", "meanfield"):
     print(f"{loss_name:>9}: valid ELBO after {args.epochs} epochs "
           f"{histories[loss_name][-1]['valid_elbo']:.2f}")
 
+# %%
 fig, ax = plt.subplots(figsize=(5, 3.5))
 for loss_name, label in (("trace", "Trace_ELBO"), ("meanfield", "TraceMeanField_ELBO")):
     h = histories[loss_name]

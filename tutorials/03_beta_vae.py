@@ -1,10 +1,15 @@
-"""Tutorial 3: beta-VAE, the rate-distortion trade-off and active units.
+"""Tutorial 3: beta-VAE, the rate-distortion trade-off and active units
+====================================================================
+
+Β-VAE: rate–distortion curve, KL per dimension, active units, latent traversals.
+
+Run it::
 
     python tutorials/03_beta_vae.py --data-dir path/to/data [--epochs 10]
 
 The maths
 ---------
-The beta-VAE (Higgins et al. 2017) maximizes
+The beta-VAE (Higgins et al. 2017) maximizes::
 
     E_q[log p(x | z)] - beta * KL(q(z | x) || p(z)).
 
@@ -46,6 +51,10 @@ train, valid, test = mnist(args)
 betas = [1.0, 4.0] if args.smoke else [0.5, 1.0, 2.0, 4.0, 8.0]
 Z = 10
 
+# %%
+# 1. One model per beta
+# ---------------------
+# The same network, initial weights and data; distortion, rate and ELBO on the test set.
 models, rows = {}, []
 for beta in betas:
     torch.manual_seed(0)
@@ -63,6 +72,9 @@ print(f"{'beta':>5} {'distortion':>11} {'rate':>7} {'ELBO':>9} {'active units':>
 for beta, distortion, rate, elbo, active in rows:
     print(f"{beta:5.1f} {distortion:11.2f} {rate:7.2f} {elbo:9.2f} {active:>9d} of {Z}")
 
+# %%
+# 2. Rate against distortion
+# --------------------------
 fig, ax = plt.subplots(figsize=(5, 4))
 ax.plot([r[2] for r in rows], [r[1] for r in rows], marker="o")
 for beta, distortion, rate, _, _ in rows:
@@ -74,6 +86,9 @@ ax.set_title("rate-distortion trade-off (test set)")
 ax.grid(alpha=0.3)
 save_figure(fig, args.out / "rate_distortion.png")
 
+# %%
+# 3. KL per latent dimension
+# --------------------------
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for i, beta in enumerate((1.0, 4.0)):
     kl = models[beta][1]["kl_per_dim"]
@@ -85,7 +100,10 @@ ax.set_ylabel("average KL (nats)")
 ax.legend()
 save_figure(fig, args.out / "kl_per_dim.png")
 
-# Traversals: one dimension at a time from -3 to 3, the others at the image's code.
+# %%
+# 4. Latent traversals
+# --------------------
+# One dimension at a time from -3 to 3, the others at the image's code.
 x = test.x[:1]
 steps = torch.linspace(-3, 3, 9, device=args.device)
 for beta in (1.0, 4.0):

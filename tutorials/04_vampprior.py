@@ -1,4 +1,10 @@
-"""Tutorial 4: the VampPrior against a standard normal and a mixture-of-Gaussians prior.
+"""Tutorial 4: the VampPrior against a standard normal and a mixture-of-Gaussians prior
+====================================================================================
+
+VampPrior against standard and mixture-of-Gaussians priors: pseudo-inputs, samples, test
+log-likelihood.
+
+Run it::
 
     python tutorials/04_vampprior.py --data-dir path/to/data [--epochs 10]
         [--ll-points 1000] [--ll-samples 1000]
@@ -7,14 +13,14 @@ The maths
 ---------
 The prior that maximizes the ELBO, averaged over the N training points, is the
 aggregate posterior q(z) = (1/N) sum_n q(z | x_n). The VampPrior (Tomczak & Welling 2018)
-approximates it with K learned pseudo-inputs u_k:
+approximates it with K learned pseudo-inputs u_k::
 
     p(z) = (1/K) sum_k q(z | u_k),
 
 a mixture of the encoder's own posteriors, so prior and posterior speak the same
 language. A mixture of K free Gaussians (``mog``) is the half-way house; N(0, I) the
 usual start. All three VAEs here share the network, initial weights, data and epochs.
-The test log-likelihood is the importance-sampled estimate
+The test log-likelihood is the importance-sampled estimate::
 
     log p(x) ~= log (1/S) sum_s p(x, z_s) / q(z_s | x),   z_s ~ q(z | x).
 
@@ -29,6 +35,7 @@ What to look at
   encoder puts no code (the "holes" between the aggregate posterior's clusters), and the
   decoder has never learned what to draw there. The VampPrior's samples come from
   codes of the kind the encoder uses.
+
 The three trained models are saved in ``--out`` (``normal.pt``, ``mog.pt``, ``vamp.pt``)
 for tutorial 5.
 """
@@ -44,8 +51,16 @@ if args.smoke:
     print("--smoke: one epoch on 1 000 points: the numbers below are not meaningful "
           "(any ranking among them is arbitrary)")
 train, valid, test = mnist(args)
+
+# %%
+# 1. Three priors, one network
+# ----------------------------
+# The same initial weights, data and epochs for each (``_common.prior_models``).
 models = prior_models(args, train, valid)
 
+# %%
+# 2. Test ELBO, log p(x) and samples of each
+# ------------------------------------------
 subset = test.subset(args.ll_points)
 print(f"\n{'prior':<22} {'test ELBO':>10} {'log p(x)':>18}   "
       f"(log p(x): first {len(subset)} test points, S = {args.ll_samples})")
@@ -59,6 +74,9 @@ for name, vae in models.items():
     save_images(vae.sample(100), args.out / f"samples_{short}.png",
                 f"samples, {name} prior")
 
+# %%
+# 3. The learned pseudo-inputs
+# ----------------------------
 u = models["VampPrior"].prior.pseudo_inputs.detach()[:50]
 save_images(u, args.out / "pseudo_inputs.png", "VampPrior: the first 50 pseudo-inputs")
 print(f"figures and models in {args.out}/")

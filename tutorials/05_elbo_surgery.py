@@ -1,4 +1,9 @@
-"""Tutorial 5: ELBO surgery, where a better prior wins.
+"""Tutorial 5: ELBO surgery, where a better prior wins
+===================================================
+
+ELBO surgery of tutorial 4's models: where a better prior wins.
+
+Run it::
 
     python tutorials/05_elbo_surgery.py --data-dir path/to/data [--models runs/tutorial04]
         [--points 10000]
@@ -6,7 +11,7 @@
 The maths
 ---------
 Hoffman & Johnson (2016) split the average KL term of the ELBO over N data points with
-the aggregate posterior q(z) = (1/N) sum_n q(z | x_n):
+the aggregate posterior q(z) = (1/N) sum_n q(z | x_n)::
 
     ELBO = E[log p(x_n | z)] - I(n; z) - KL(q(z) || p(z)),
     (1/N) sum_n KL(q(z | x_n) || p(z)) = I(n; z) + KL(q(z) || p(z)).
@@ -43,6 +48,10 @@ if args.smoke:
 train, valid, test = mnist(args)
 models = prior_models(args, train, valid, folder=args.models)
 
+# %%
+# 1. The surgery
+# --------------
+# Every term from one z_n ~ q(z | x_n) per point, for each of tutorial 4's models.
 data = test.subset(args.points)
 terms = ("reconstruction", "mutual_information", "marginal_kl", "avg_kl", "elbo")
 labels = ("E log p(x|z)", "I(n; z)", "KL(q(z)||p(z))", "average KL", "ELBO")
@@ -61,6 +70,9 @@ print(f"\nVampPrior against the standard normal: ELBO {gain:+.2f}, of which marg
       f"{base['mutual_information'] - vamp['mutual_information']:+.2f}, reconstruction "
       f"{vamp['reconstruction'] - base['reconstruction']:+.2f}")
 
+# %%
+# 2. The terms side by side
+# -------------------------
 # Two panels: the KL terms (a few to tens of nats) and the totals (about -100).
 fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8),
                                   gridspec_kw={"width_ratios": [3, 2]})

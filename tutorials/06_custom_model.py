@@ -1,10 +1,16 @@
-"""Tutorial 6: write your own model in Pyro style, from the package's parts.
+"""Tutorial 6: write your own model in Pyro style, from the package's parts
+========================================================================
+
+Your own model in Pyro style: a conditional VAE, a prior of your own through the
+registry.
+
+Run it::
 
     python tutorials/06_custom_model.py --data-dir path/to/data [--epochs 10]
 
 The maths
 ---------
-A conditional VAE (Sohn et al. 2015) observes a label y beside each image x:
+A conditional VAE (Sohn et al. 2015) observes a label y beside each image x::
 
     model:  z ~ p(z),            x ~ p(x | z, y) = Bernoulli(f([z, y]))
     guide:  z ~ q(z | x, y) = N(mu([x, y]), diag sigma([x, y])^2)
@@ -64,7 +70,10 @@ if args.smoke:
 X, Y, Z = 784, 10, 4
 
 
-# --- 1. A prior of our own: heavier tails than N(0, I). Registered by name.
+# %%
+# 1. A prior of our own
+# ---------------------
+# Heavier tails than N(0, I). Registered by name.
 class StudentTPrior(nn.Module):
     """p(z) = prod_k StudentT(z_k; df, 0, 1)."""
 
@@ -82,7 +91,10 @@ class StudentTPrior(nn.Module):
 pv.PRIORS["student_t"] = StudentTPrior
 
 
-# --- 2. The conditional VAE: one PyroModule, model and guide as methods (as pv.VAE).
+# %%
+# 2. The conditional VAE
+# ----------------------
+# One ``PyroModule``, model and guide as methods (as ``pv.VAE``).
 class ConditionalVAE(PyroModule):
     guide_modules = ("encoder",)  # what makes the guide (freeze_model, fresh guides)
 
@@ -116,6 +128,10 @@ class ConditionalVAE(PyroModule):
             pyro.sample("z", self.encoder(torch.cat([x, y], dim=-1)))
 
 
+# %%
+# 3. Training
+# -----------
+# The batches are ``(x, y)``: ``fit`` calls ``model(x, y, num_data=N)``.
 train, valid, test = [split.with_labels() for split in mnist(args)]
 
 cvae = ConditionalVAE().to(args.device)
@@ -123,7 +139,10 @@ history = pv.fit(cvae, train, valid, epochs=args.epochs, progress=False)
 print(f"conditional VAE, Student-t prior: valid ELBO {history[-1]['valid_elbo']:.2f} "
       f"after {args.epochs} epochs; test ELBO {pv.elbo(cvae, test, seed=0):.2f}")
 
-# --- 3. Samples per label, and the style of test images under every label.
+# %%
+# 4. Samples per label
+# --------------------
+# And the style of test images under every label.
 cvae.eval()
 labels = torch.eye(Y, device=args.device)
 with torch.no_grad():
@@ -140,7 +159,10 @@ with torch.no_grad():
     save_images(torch.cat(rows), args.out / "style_transfer.png",
                 "a test image, then its code decoded with labels 0-9", ncols=Y + 1)
 
-# --- 4. Pyro draws the model's graph, if graphviz is there.
+# %%
+# 5. The model's graph
+# --------------------
+# Pyro draws it, if graphviz is there.
 try:
     graph = pyro.render_model(cvae.model, model_args=(test.x[:4], test.labels[:4]),
                               render_distributions=True)

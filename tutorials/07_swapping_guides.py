@@ -1,4 +1,9 @@
-"""Tutorial 7: one frozen model, three guide families, and the gap each leaves.
+"""Tutorial 7: one frozen model, three guide families, and the gap each leaves
+===========================================================================
+
+One frozen model, diagonal / full-rank / flow guides, the gap log p(x) − ELBO of each.
+
+Run it::
 
     python tutorials/07_swapping_guides.py --data-dir path/to/data [--epochs 10]
         [--guide-epochs 5] [--ll-points 1000] [--ll-samples 1000]
@@ -54,14 +59,20 @@ train, valid, test = mnist(args)
 subset = test.subset(args.ll_points)
 Z = 20
 
-# 1. The model, trained once with the usual diagonal guide.
+# %%
+# 1. The model
+# ------------
+# Trained once, with the usual diagonal guide.
 torch.manual_seed(0)
 vae = pv.VAE(784, Z, (400,)).to(args.device)
 pv.fit(vae, train, valid, epochs=args.epochs, progress=False)
 print(f"model trained with its own diagonal guide: test ELBO "
       f"{pv.elbo(vae, test, seed=0):.2f}")
 
-# 2. Fresh guides on the frozen model: the same epochs, seed and objective for each.
+# %%
+# 2. Fresh guides on the frozen model
+# -----------------------------------
+# The same epochs, seed and objective for each.
 results = {}
 for name in ("diagonal", "fullrank", "iaf"):
     torch.manual_seed(1)
@@ -73,6 +84,9 @@ for name in ("diagonal", "fullrank", "iaf"):
     log_px = pv.evaluation.log_likelihood(vae, subset, num_samples=args.ll_samples)
     results[name] = (elbo, log_px.mean().item(), log_px.std().item() / len(log_px) ** 0.5)
 
+# %%
+# 3. The gap each guide leaves
+# ----------------------------
 print(f"\nfirst {len(subset)} test points, log p(x) with S = {args.ll_samples}:")
 print(f"{'guide':<10} {'ELBO':>9} {'log p(x)':>17} {'gap':>7}")
 for name, (elbo, log_px, se) in results.items():

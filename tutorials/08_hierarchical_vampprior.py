@@ -1,11 +1,16 @@
-"""Tutorial 8: two stochastic layers with a VampPrior (the VampPrior paper's HVAE).
+"""Tutorial 8: two stochastic layers with a VampPrior (the VampPrior paper's HVAE)
+===============================================================================
+
+The two-layer VAE with a VampPrior against one layer.
+
+Run it::
 
     python tutorials/08_hierarchical_vampprior.py --data-dir path/to/data [--epochs 10]
         [--ll-points 1000] [--ll-samples 1000]
 
 The maths
 ---------
-Tomczak & Welling (2018) stack two latent layers, z2 on top:
+Tomczak & Welling (2018) stack two latent layers, z2 on top::
 
     model:  z2 ~ p(z2) = (1/K) sum_k q(z2 | u_k)       (the VampPrior)
             z1 ~ p(z1 | z2) = N(mu(z2), diag sigma(z2)^2)
@@ -45,6 +50,10 @@ if args.smoke:
 train, valid, test = mnist(args)
 subset = test.subset(args.ll_points)
 
+# %%
+# 1. Two layers and one
+# ---------------------
+# The same VampPrior, networks per layer, data and epochs.
 models = {}
 for name, cls in (("two layers (HVAE)", pv.HierarchicalVAE), ("one layer (VAE)", pv.VAE)):
     torch.manual_seed(0)
@@ -56,6 +65,9 @@ for name, cls in (("two layers (HVAE)", pv.HierarchicalVAE), ("one layer (VAE)",
     vae.eval()
     models[name] = vae
 
+# %%
+# 2. Test ELBO, log p(x) and active units
+# ---------------------------------------
 print(f"\n{'model':<20} {'test ELBO':>10} {'log p(x)':>17} {'active units (top)':>19}")
 for name, vae in models.items():
     ll = pv.evaluation.log_likelihood(vae, subset, num_samples=args.ll_samples)
@@ -64,6 +76,9 @@ for name, vae in models.items():
           f"{ll.std().item() / len(ll) ** 0.5:4.2f} {units:>12d} of 40")
 print(f"(log p(x): first {len(subset)} test points, S = {args.ll_samples})")
 
+# %%
+# 3. Samples and pseudo-inputs
+# ----------------------------
 for name, short in (("two layers (HVAE)", "hvae"), ("one layer (VAE)", "vae")):
     save_images(models[name].sample(100), args.out / f"samples_{short}.png",
                 f"samples, {name}, VampPrior")

@@ -1,4 +1,9 @@
-"""Tutorial 9: training on a GPU and on several processes.
+"""Tutorial 9: training on a GPU and on several processes
+======================================================
+
+Training on a GPU, and on several processes with ``torchrun``.
+
+Run it::
 
     python tutorials/09_scaling_up.py --data-dir path/to/data [--device cuda]
         [--epochs 5] [--processes 2] [--limit 10000]
@@ -11,7 +16,7 @@ finite check of each step on the device, reading them every ``check_every`` step
 (50 by default on a GPU, every step on the CPU): the package's part of a step never
 waits for the GPU. (Pyro's ELBOs themselves read the loss once or twice per step.)
 
-On several processes, ``torchrun`` starts one copy of the command per process:
+On several processes, ``torchrun`` starts one copy of the command per process::
 
     torchrun --standalone --nproc_per_node 4 -m pyro_vae train --dataset mnist --out runs/ddp
 
@@ -19,7 +24,8 @@ Every process draws the same global batch of ``--batch-size`` points and trains 
 share of it under ``torch.nn.parallel.DistributedDataParallel``, which averages the
 gradients: the run is that of one process with the same batches, and process 0 alone
 writes the run folder. On several machines it is the same command with torchrun's
-``--nnodes``, ``--node_rank`` and ``--master_addr`` (see the README).
+``--nnodes``, ``--node_rank`` and ``--master_addr`` (see the user guide's page on GPUs
+and several processes, ``docs/guide/scaling.md``).
 
 What to look at
 ---------------
@@ -50,7 +56,9 @@ if args.smoke:
     print("--smoke: one epoch on 1 000 (and 400) points: the timings and ELBOs below "
           "are not meaningful")
 
-# --- 1. One process, on the device.
+# %%
+# 1. One process, on the device
+# -----------------------------
 train, valid, test = mnist(args)
 devices = [args.device]
 if torch.cuda.is_available() and args.device.type == "cpu":
@@ -63,7 +71,10 @@ for device in devices:
     print(f"fit on {device}: {per_epoch:.2f} s per epoch of {len(train)} points (median), "
           f"valid ELBO {history[-1]['valid_elbo']:.2f}")
 
-# --- 2. The same training by the command line, on one process and on several.
+# %%
+# 2. One process and several
+# --------------------------
+# The same training by the command line, on one process and on several.
 common = ["train", "--dataset", "mnist", "--limit", str(args.limit), "--epochs",
           str(args.epochs), "--z-dim", "20", "--device", "cpu", "--overwrite", "--quiet"]
 if args.data_dir:

@@ -1,4 +1,12 @@
-"""Tutorial 10: a model of your own, from scratch, with a discrete latent summed out.
+"""Tutorial 10: a model of your own, from scratch, with a discrete latent summed out
+=================================================================================
+
+A model from scratch as a plain ``PyroModule``: a mixture prior as a discrete latent
+summed out by ``TraceEnum_ELBO``, the posterior over it (``infer_discrete``), stopping
+and resuming exactly from a checkpoint, log p(x) with the discrete latent drawn or
+summed out.
+
+Run it::
 
     python tutorials/10_your_own_model.py --data-dir path/to/data [--epochs 5]
         [--ll-points 1000] [--ll-samples 500]
@@ -6,7 +14,7 @@
 The maths
 ---------
 A VAE whose prior is a mixture of K = 10 Gaussians, written with the mixture's component
-as a discrete latent variable c:
+as a discrete latent variable c::
 
     model:  c ~ Categorical(1/K),  z ~ N(mu_c, diag sigma_c^2),  x ~ Bernoulli(f(z))
     guide:  z ~ q(z | x) = N(mu(x), diag sigma(x)^2)
@@ -14,7 +22,7 @@ as a discrete latent variable c:
 with mu_c, sigma_c learned. The guide does not sample c: the model sums it out. Pyro's
 ``TraceEnum_ELBO`` runs the guide, then evaluates the site "c" at all K values at once
 (``infer={"enumerate": "parallel"}`` puts them in a new tensor dimension left of the
-plates, dim -2 with ``max_plate_nesting=1``) and sums them out exactly:
+plates, dim -2 with ``max_plate_nesting=1``) and sums them out exactly::
 
     ELBO(x) = E_q(z|x)[ log p(x | z) + log sum_c p(c) p(z | c) - log q(z | x) ].
 
@@ -90,7 +98,10 @@ if args.smoke:
 X, Z, K = 784, 10, 10
 
 
-# --- 1. The model: a plain PyroModule, model and guide as methods.
+# %%
+# 1. The model
+# ------------
+# A plain ``PyroModule``, model and guide as methods.
 class MixturePriorVAE(PyroModule):
     guide_modules = ("encoder",)  # what makes the guide (optional: fresh guides, freezing)
 
@@ -138,7 +149,10 @@ class MixturePriorVAE(PyroModule):
         return self.p_x_given_z(self.p_z_given_c(c).sample()).mean
 
 
-# --- 2. Questions about c: p(c | z) by hand, and infer_discrete.
+# %%
+# 2. Questions about c
+# --------------------
+# p(c | z) by hand, and ``infer_discrete``.
 @torch.no_grad()
 def log_p_z_each(vae, z):
     """log p(c) + log p(z | c) for every c: shape z.shape[:-1] + (K,)."""
@@ -194,14 +208,19 @@ def fit(vae, **kwargs):
                   loss=TraceEnum_ELBO(max_plate_nesting=1), **kwargs)
 
 
-# --- 3. Train without interruption.
+# %%
+# 3. Train without interruption
+# -----------------------------
 vae = new_model(0)
 history = fit(vae)
 for record in history:
     print(f"epoch {record['epoch']}: train ELBO {record['train_elbo']:8.2f}, "
           f"valid ELBO {record['valid_elbo']:8.2f} ({record['seconds']:.1f} s)")
 
-# --- 4. The same run, stopped after part of the epochs, then resumed from its checkpoint.
+# %%
+# 4. Stopped and resumed
+# ----------------------
+# The same run, stopped after part of the epochs, then resumed from its checkpoint.
 stop = args.epochs // 2
 path = args.out / "checkpoint.pt"
 interrupted = new_model(0)
@@ -218,7 +237,9 @@ print(f"\nstopped after epoch {stop} of {args.epochs}, resumed from {path.name} 
       f"weights {difference}; valid ELBO {resumed_history[-1]['valid_elbo']:.2f} and "
       f"{history[-1]['valid_elbo']:.2f}")
 
-# --- 5. ELBO and log-likelihood.
+# %%
+# 5. ELBO and log-likelihood
+# --------------------------
 vae.eval()
 subset = test.subset(args.ll_points)
 enum_elbo = TraceEnum_ELBO(max_plate_nesting=1)
@@ -235,7 +256,9 @@ print(f"  log p(x), c summed out          {mean_se(ll_summed)}   (by hand)")
 print(f"  summed out - drawn, per image   {mean_se(ll_summed - ll_drawn)}   (the same images: "
       f"a far smaller standard error)")
 
-# --- 6. The posterior over c.
+# %%
+# 6. The posterior over c
+# -----------------------
 x6, y6 = test.x[:6], test.labels[:6]
 probs = posterior_c(vae, x6)
 print("\nq(c | x) for the first test images:")
@@ -265,7 +288,10 @@ for c in range(K):
 print(f"cluster-label agreement (each component counted as its most common digit): "
       f"{agree / len(x_all):.1%} of {len(x_all)} test images")
 
-# --- 7. Figures: samples (plot_samples calls the model's own sample()), what each
+# %%
+# 7. Figures
+# ----------
+# Samples (``plot_samples`` calls the model's own ``sample()``), what each
 # component generates, and the test images it claims.
 pv.plots.plot_samples(vae, train.image_shape, args.out / "samples.png", n=100)
 with torch.no_grad():

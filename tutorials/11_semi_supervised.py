@@ -1,4 +1,13 @@
-"""Tutorial 11: semi-supervised learning, a label as a latent variable summed out (M2).
+"""Tutorial 11: semi-supervised learning, a label as a latent variable summed out (M2)
+===================================================================================
+
+Semi-supervised learning with the label as a latent variable (M2,
+``SemiSupervisedVAE``): why y is summed out by ``TraceEnum_ELBO`` rather than drawn (the
+classifier's gradient, enumeration against REINFORCE: same mean, variance and cost),
+what the classification weight alpha does, the decoder's use of y; analogies, confusion
+matrix, validation error.
+
+Run it::
 
     python tutorials/11_semi_supervised.py --data-dir path/to/data [--epochs 10]
         [--train-points 10000] [--labels 100] [--draws 200]
@@ -7,21 +16,21 @@ The maths
 ---------
 M2 of Kingma, Rezende, Mohamed & Welling (2014), ``pv.SemiSupervisedVAE``: the digit's
 class y is a latent variable of a VAE, observed for a few training images and latent for
-all the others:
+all the others::
 
     model:  y ~ Cat(1/10),  z ~ N(0, I),  x ~ Bernoulli(f(y, z))
     guide:  y ~ q(y | x) = Cat(g(x))  (the classifier),  z ~ q(z | x, y)
 
-A labelled image observes y; its ELBO
+A labelled image observes y; its ELBO::
 
     L(x, y) = E_q(z|x,y)[log p(x | y, z) + log p(y) + log p(z) - log q(z | x, y)]
 
-holds no q(y | x). An unlabelled image has y latent too:
+holds no q(y | x). An unlabelled image has y latent too::
 
     U(x) = E_q(y|x)[L(x, y) - log q(y | x)] = sum_y q(y | x) L(x, y) + H(q(y | x)).
 
 Why y is summed, not sampled. L(x, y) does not depend on the classifier's weights phi,
-so the gradient of U with respect to them is (sum_y grad q(y | x) = 0 removes the rest)
+so the gradient of U with respect to them is (sum_y grad q(y | x) = 0 removes the rest)::
 
     grad U = sum_y grad q(y | x) [L(x, y) - log q(y | x)]                  (10 terms)
            = E_q(y|x)[ grad log q(y | x) [L(x, y) - log q(y | x)] ]        (one y drawn)
@@ -96,7 +105,7 @@ What you should see
 10 000 training images, 100 labels, 200 gradient draws) with one torch thread on a
 2-core AMD EPYC CPU that two other training processes kept busy: 3 min 40 s (3 min 30 s
 to 3 min 52 s over five runs; 1.4 GB of memory at most, the 2 x 200 gradients). The
-numbers are the same from run to run on the CPU, the times per estimate aside.
+numbers are the same from run to run on the CPU, the times per estimate aside.::
 
     10000 training images, 100 of them labelled (10 per class, 1 per batch of 100)
     10000 validation and 10000 test images; a = alpha N / N_l = 0.1 x 10000 / 100 = 10
@@ -156,7 +165,10 @@ if args.smoke:
 SNAPSHOT_EPOCHS = 2  # the trained model of section 2: 200 steps on 10 000 images
 BATCH = 100
 
-# --- 1. The data: a few labels among many images.
+# %%
+# 1. The data
+# -----------
+# A few labels among many images.
 train, valid, test = mnist(args)
 train = labelled_split(train.subset(args.train_points), args.labels, seed=0)
 AUX = paper_aux_weight(len(train), args.labels)  # alpha = 0.1
@@ -181,7 +193,10 @@ def fit(vae, epochs: int, valid=None):
                   epochs=epochs, batch_size=BATCH, lr=1e-3, progress=False)
 
 
-# --- 2. y summed out against y drawn: the classifier's gradient, many times over.
+# %%
+# 2. y summed out against y drawn
+# -------------------------------
+# The classifier's gradient, many times over.
 def drawn(fn):
     """``fn`` with every site's enumeration mark removed: Trace_ELBO draws y. (An infer
     dict is updated, not replaced: the key has to be set, to None.)"""
@@ -251,7 +266,10 @@ vae = new_model(AUX)
 fit(vae, SNAPSHOT_EPOCHS)
 compare(f"after {SNAPSHOT_EPOCHS * STEPS_PER_EPOCH} steps", vae)
 
-# --- 3. What alpha does: the same run with and without the classification term.
+# %%
+# 3. What alpha does
+# ------------------
+# The same run with and without the classification term.
 runs = {}
 for name, aux_weight in (("alpha = 0", 0.0), ("alpha = 0.1", AUX)):
     vae = new_model(aux_weight)
@@ -259,6 +277,7 @@ for name, aux_weight in (("alpha = 0", 0.0), ("alpha = 0.1", AUX)):
     vae.eval()
     runs[name] = (vae, history)
 
+# %%
 # The yardstick: the classifier network alone on the labelled images, cross-entropy.
 known = train.spread
 x_known, y_known = train.x[known], train.labels[known]
@@ -293,6 +312,7 @@ with torch.no_grad():
 print(f"{'classifier alone':<16} {'-':>10} {alone:9.2f}% {h:9.2f}  (the {len(x_known)} "
       f"labelled images)")
 
+# %%
 # Does p(x | y, z) depend on y? Styles z of test images decoded with every label.
 print(f"\nthe decoder's use of y: {min(1000, len(test))} test images' styles decoded with "
       f"each label, pixel sd")
@@ -302,7 +322,10 @@ for name, (vae, _) in runs.items():
     print(f"{name:<16} {decoded.std(0).mean().item():17.4f} "
           f"{decoded.std(1).mean().item():18.4f}")
 
-# --- 4. Figures of the run with alpha: analogies, confusion matrix, validation error.
+# %%
+# 4. Figures of the run with alpha
+# --------------------------------
+# Analogies, confusion matrix, validation error.
 vae, history = runs["alpha = 0.1"]
 pv.plots.plot_classifier(vae, test, history, args.out)
 counts = confusion_matrix(vae, test)

@@ -1,4 +1,13 @@
-"""Tutorial 12: gray images, three likelihoods for them, and a badly started sigma.
+"""Tutorial 12: gray images, three likelihoods for them, and a badly started sigma
+===============================================================================
+
+Gray data (Frey Faces): the ``gaussian_decoded``, ``discretized_logistic`` and
+``continuous_bernoulli`` heads side by side, why a density's log p(x) and a
+probability's (bits/dim) are in different units; a Gaussian sigma started at 1 against
+0.1, and the mean face it decodes to. Needs ``frey-faces/freyfaces_uint8_1965x560.npy``
+in the data folder: it is not downloaded (there is no public mirror).
+
+Run it::
 
     python tutorials/12_continuous_data.py --data-dir path/to/data [--epochs 100]
         [--ll-samples 1000]
@@ -72,7 +81,7 @@ What you should see
 -------------------
 ``OMP_NUM_THREADS=1 python tutorials/12_continuous_data.py`` (100 epochs, S = 1000) on
 a 2-core Intel Xeon CPU with one torch thread: 1 min 32 s. (On a busy 2-core machine, one
-torch thread is much faster than two for these small networks.)
+torch thread is much faster than two for these small networks.)::
 
     Frey Faces: 1565 train, 200 valid, 200 test images of 28 x 20 gray pixels (k / 255)
 
@@ -158,7 +167,9 @@ def save_rows(rows: dict, path, title: str) -> None:
     save_figure(fig, path)
 
 
-# --- 1. Three heads for gray data, side by side.
+# %%
+# 1. Three heads for gray data, side by side
+# ------------------------------------------
 HEADS = ("gaussian_decoded", "discretized_logistic", "continuous_bernoulli")
 heads, codes = {}, {}
 print(f"\n{'head':<22} {'likelihood of':<13} {'test ELBO':>10} {'log p(x) +- se':>17} "
@@ -198,7 +209,10 @@ for name, vae in heads.items():
 save_rows(samples, args.out / "samples.png", "mean of p(x | z), z ~ p(z), a row per head")
 
 
-# --- 2. The plain Gaussian head: sigma started at 1 against the default 0.1.
+# %%
+# 2. The plain Gaussian head
+# --------------------------
+# sigma started at 1 against the default 0.1.
 def recorder(log):
     """An on_epoch_end hook: the test reconstruction error and the mean sigma."""
     def hook(record, history, model):

@@ -19,7 +19,8 @@ import pyro_vae as pv
 
 def options(doc: str, name: str, epochs: int, extra=()) -> argparse.Namespace:
     """Parse the tutorial's options; ``extra``: (flag, keyword arguments) pairs."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
+    # Under sphinx-gallery (the docs build) the docstring is the page, and __doc__ is "".
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n")[0] or None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="data root (default: $PYRO_VAE_DATA, else "
                                            "~/.cache/pyro_vae)")
