@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .checkpoints import TrainState, save_checkpoint
+from .files import append_text
 
 logger = logging.getLogger("pyro_vae")
 
@@ -87,14 +88,14 @@ class KeepBest(Hook):
 
 
 class MetricsWriter(Hook):
-    """Append each epoch's record to a JSON-lines file, flushed at once."""
+    """Append each epoch's record to a JSON-lines file, written at once (a symbolic link
+    or a hard-linked file there is refused in one line, not written through)."""
 
     def __init__(self, path):
         self.path = Path(path)
 
     def on_epoch_end(self, record, history, model):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")  # never through a link
 
 
 class Checkpointer(Hook):
