@@ -171,6 +171,7 @@ class GaussianLikelihood(Likelihood):
     """
 
     name = "gaussian"
+    option_ranges = {"scale": (">", 0), "init_scale": (">", 0), "min_scale": (">=", 0)}
 
     def __init__(self, x_dim: int, scale: Optional[float] = None, init_scale: float = 0.1,
                  min_scale: float = 1e-3):
@@ -207,6 +208,7 @@ class _DecodedScale(Likelihood):
     sigma = min_scale + softplus(s + c), with c such that s = 0 gives ``init_scale``."""
 
     outputs_per_feature = 2
+    option_ranges = {"init_scale": (">", 0), "min_scale": (">=", 0), "bins": (">=", 2)}
 
     def __init__(self, x_dim: int, init_scale: float = 0.1, min_scale: float = 1e-3):
         super().__init__(x_dim)
