@@ -16,9 +16,10 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .compiled import compiled, rng_untouched
-from .contract import check_data
+from .contract import check_data, check_model, check_model_guide
 from .datasets import as_dataset
 from .errors import ArgumentError
+from .memory import check_fits
 from .objectives import Loss, is_latent, kl_weight, make_elbo
 from .guides import posterior_mean
 from .priors import Mixture, logsumexp
@@ -61,6 +62,13 @@ def units(model, data) -> dict:
             "dims": int(data.x[0].numel())}
 
 
+def check_counts(**counts) -> None:
+    """One line naming the argument for a count that is not an integer >= 1."""
+    for name, value in counts.items():
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
+
+
 def bits_per_dim(nats: float, dims: int) -> float:
     """-nats / (dims ln 2): a log-probability per point in bits per dimension."""
     return -nats / (dims * math.log(2))
@@ -81,9 +89,15 @@ def elbo(model, data, loss: Loss = "meanfield", num_particles: int = 1,
     E_q[log p(x|z)] alone. ``check``: refuse data the model cannot take first (the
     trainer, which checked its validation data once, skips it every epoch).
     """
+    check_model(model)
+    check_counts(num_particles=num_particles, batch_size=batch_size)
+    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool)
+            and 0 <= beta < math.inf):
+        raise ArgumentError("beta", f"must be a finite number >= 0, got {beta!r}")
     data = as_dataset(data)
     if check:
         check_data(model, data)
+        check_model_guide(model, data)
     objective = make_elbo(loss, num_particles)
     total = 0.0
     with _evaluating(model), seeded(seed, data.device), kl_weight(beta, beta_sites):
@@ -185,11 +199,18 @@ def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
     ``compile`` and ``precision``: as for ``fit`` (``pyro_vae.compiled``); the first
     compiled call for a model compiles (seconds), later ones reuse what it compiled.
     """
+    check_model(model)
+    check_counts(num_samples=num_samples, chunk=chunk, batch_size=batch_size,
+                 max_plate_nesting=max_plate_nesting)
     data = as_dataset(data)
     check_data(model, data)
     if num_samples > MAX_SAMPLES:
         raise ArgumentError("num_samples", f"{num_samples} is more than {MAX_SAMPLES} "
                             f"importance samples per point")
+    samples, points = min(chunk, num_samples), min(batch_size, len(data))
+    check_fits(4 * samples * points * data.x[0].numel(), data.device,
+               f"chunks of {samples} samples x {points} points x {data.x[0].numel()} "
+               f"features", "lower chunk (--chunk)")
     out = []
     batches = data.batches(batch_size, shuffle=False)
     bar = tqdm(batches, total=-(-len(data) // batch_size), disable=not progress,
@@ -244,6 +265,7 @@ def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0,
     I(n; z) = average KL - marginal KL, between 0 and log N. All in nats per data point.
     ``compile`` and ``precision``: as for ``fit`` (``pyro_vae.compiled``).
     """
+    check_counts(chunk=chunk)
     x = _all_points(vae, data, "ELBO surgery")
     with compiled(vae, (x[:2],), compile, precision):
         q = vae.encode(x)  # batch (N,)
@@ -284,6 +306,9 @@ def active_units(vae, data, threshold: float = 0.01, seed: Optional[int] = 0) ->
     mean moves with the data. Also the average KL(q(z_u | x) || p(z_u)) per dimension when
     the prior and the guide are both diagonal Gaussians (else None).
     """
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+            and 0 <= threshold < math.inf):
+        raise ArgumentError("threshold", f"must be a finite number >= 0, got {threshold!r}")
     x = _all_points(vae, data, "active_units")
     q = vae.encode(x)
     with seeded(seed, x.device):

@@ -31,12 +31,13 @@ from .compiled import (TraceError, TracedLoss, check_precision, compare_speed, c
                        compiled, eagerly, rng_untouched, warm_up)
 from .checkpoints import (Position, TrainState, get_rng_state, load_optimizer_state,
                           set_rng_state)
-from .contract import check_data, guide_parameters
+from .contract import check_data, check_model, check_model_guide, guide_parameters
 from .datasets import as_dataset
 from .distributed import World
 from .errors import ArgumentError
 from .evaluation import elbo as evaluate_elbo
 from .hooks import EarlyStopping, Hook, _FunctionHook
+from .memory import check_fits
 from .objectives import (Loss, beta_at, check_objective, is_latent, make_elbo,
                          plain_elbo, scales_with_data_size, warn_if_monte_carlo_kl)
 from .step import OPTIMIZERS, Step, make_optimizer, trained_parameters
@@ -112,6 +113,9 @@ class Options:
 
     def check(self) -> None:
         """One-line errors naming the argument, before anything is trained."""
+        _check_kinds(self)
+        if self.device is not None:
+            check_device(self.device)
         counts = ("epochs", "skip_nonfinite", "checkpoint_every", "early_stopping",
                   "warmup_epochs")
         for name in counts:
@@ -127,11 +131,94 @@ class Options:
             raise ArgumentError("lr", f"must be finite and >= 0, got {self.lr}")
         if not 0 < self.clip_norm < math.inf:
             raise ArgumentError("clip_norm", f"must be finite and > 0, got {self.clip_norm}")
+        if not 0 <= self.beta < math.inf:
+            raise ArgumentError("beta", f"must be finite and >= 0, got {self.beta}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ArgumentError("seed", f"must lie in 0 ... 2**32 - 1, got {self.seed}")
         if not isinstance(self.compile, bool):
             raise ArgumentError("compile", f"must be True or False, got {self.compile!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
                              f"{list(OPTIMIZERS)}")
+
+
+#: Seeds run from 0 to 2**32 - 1 (NumPy's range; ``pyro.set_rng_seed`` seeds it too).
+MAX_SEED = 2 ** 32
+
+# Options by kind (a Python value of another kind is refused before its range is read).
+_INTEGERS = ("epochs", "num_particles", "warmup_epochs", "batch_size", "seed",
+             "skip_nonfinite", "checkpoint_every", "early_stopping")
+_NUMBERS = ("beta", "lr", "clip_norm")
+_FLAGS = ("validate", "freeze_model", "compile")
+_NAMES = ("optimizer", "monitor", "precision")
+
+
+def _check_kinds(o: Options) -> None:
+    """One line naming the argument for a value of the wrong kind: a count that is not
+    an integer (or is a bool), a number given as text, a flag that is not a bool."""
+    for name in _INTEGERS + (("check_every",) if o.check_every is not None else ()):
+        value = getattr(o, name)
+        if not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ArgumentError(name, f"must be an integer, got {value!r}")
+    for name in _NUMBERS:
+        value = getattr(o, name)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise ArgumentError(name, f"must be a number, got {value!r}")
+    for name in _FLAGS:
+        if not isinstance(getattr(o, name), bool):
+            raise ArgumentError(name, f"must be True or False, got {getattr(o, name)!r}")
+    for name in _NAMES:
+        if not isinstance(getattr(o, name), str):
+            raise ArgumentError(name, f"must be a name (str), got {getattr(o, name)!r}")
+    sites = o.beta_sites
+    if sites is not None and not (isinstance(sites, (tuple, list))
+                                  and all(isinstance(s, str) for s in sites)):
+        raise ArgumentError("beta_sites", f"must be a list of site names, got {sites!r}")
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` this package trains on (the CPU, or a CUDA device
+    that exists here); one line naming the argument otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ArgumentError("device", f"{device!r} is not a device this package trains on "
+                                      f"(cpu, cuda, cuda:N)")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ArgumentError("device", f"{device!r} asked for, but CUDA is not available")
+        if parsed.index is not None and parsed.index >= count:
+            raise ArgumentError("device", f"{device!r} asked for, but this machine has "
+                                          f"{count} CUDA device{'s' * (count > 1)}")
+    return parsed
+
+
+def check_step_memory(data, batch_size: int, particles: int, device) -> None:
+    """Refuse, in one line, a step that cannot fit on ``device``: its decoder's output
+    alone, particles x batch x features floats, would be more than the device holds."""
+    batch = min(batch_size, len(data))
+    features = data.x[0].numel() if len(data) else 0
+    check_fits(4 * particles * batch * features, device,
+               f"steps of {particles} particles x {batch} points x {features} features",
+               "lower num_particles (--particles) or batch_size (--batch-size)")
+
+
+def check_hooks(hooks) -> list:
+    """``hooks`` as a list of ``Hook``s: a plain function becomes an ``on_epoch_end``
+    hook; anything else is refused in one line, before training starts."""
+    if isinstance(hooks, (Hook, str, bytes)) or callable(hooks) or not hasattr(
+            hooks, "__iter__"):
+        raise ArgumentError("hooks", f"must be a list of hooks, got {type(hooks).__name__}")
+    hooks = list(hooks)
+    bad = next((h for h in hooks if not (isinstance(h, Hook) or callable(h))), None)
+    if bad is not None:
+        raise ArgumentError("hooks", f"holds {type(bad).__name__}, neither a "
+                                     f"pyro_vae.Hook nor a function of (record, history, "
+                                     f"model)")
+    return [h if isinstance(h, Hook) else _FunctionHook(h) for h in hooks]
 
 
 class Trainer:
@@ -141,6 +228,7 @@ class Trainer:
                  hooks: Sequence = (), progress: bool = True):
         self.options = o = options or Options()
         o.check()
+        check_model(model)
         self.objective = make_elbo(o.loss, o.num_particles)
         check_objective(self.objective, o.beta, o.warmup_epochs)
         self.device = torch.device(o.device) if o.device is not None else _module_device(model)
@@ -150,11 +238,14 @@ class Trainer:
         self.train = as_dataset(train, split="train").to(self.device)
         self.valid = None if valid is None else as_dataset(valid, split="valid").to(self.device)
         check_data(model, self.train, self.valid, batch_size=o.batch_size)
+        check_model_guide(self.model, self.train, validate=o.validate)
+        check_step_memory(self.train, o.batch_size, getattr(self.objective, "num_particles", 1),
+                          self.device)
         self.steps = math.ceil(len(self.train) / o.batch_size)
         if self.world.size > 1:
             _check_distributed(self.objective, len(self.train), o.batch_size, self.world)
         self.check_every = o.check_every or (1 if self.device.type == "cpu" else 50)
-        self.hooks = [h if isinstance(h, Hook) else _FunctionHook(h) for h in hooks]
+        self.hooks = check_hooks(hooks)
         if o.monitor != "valid_elbo" and not (valid is not None and hasattr(model, "metrics")):
             raise ArgumentError("monitor", f"{o.monitor!r} is a validation metric of the "
                                 f"model's: give validation data and a model with metrics()")
@@ -192,20 +283,26 @@ class Trainer:
     def _interruptible(self):
         """SIGINT and SIGTERM only note that a stop was asked for inside the block; the
         step under way ends, a checkpoint is taken and ``TrainingInterrupted`` raised
-        (``_take_step``). One process in the main thread only: several processes would
-        have to agree on the step, and there a killed run resumes from its checkpoint."""
+        (``_take_step``); a signal after the first is ignored, with one line. One process
+        in the main thread only: several processes would have to agree on the step, and
+        there a killed run resumes from its checkpoint."""
         self.signals = []
         if self.world.size > 1 or threading.current_thread() is not threading.main_thread():
             yield
             return
         caught = (signal.SIGINT, signal.SIGTERM)
-        before = {s: signal.signal(s, lambda signum, _: self.signals.append(signum))
-                  for s in caught}
+        before = {s: signal.signal(s, self._on_signal) for s in caught}
         try:
             yield
         finally:
             for s, handler in before.items():
                 signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signals:
+            logger.warning("%s ignored: already stopping at the end of this step",
+                           signal.Signals(signum).name)
+        self.signals.append(signum)
 
     @contextlib.contextmanager
     def _frozen_model(self):
