@@ -225,7 +225,7 @@ CASES: Sequence[Case] = [
     Case("14+", "--overwrite with an infinite likelihood scale",
          DIGITS + ["--likelihood", "gaussian", "--likelihood-option", "scale=Infinity",
                    "--overwrite"],
-         "likelihood scale must be finite and > 0, got inf", _trained_run),
+         "likelihood option scale must be finite, got inf", _trained_run),
     Case("14+", "--overwrite with device mps", DIGITS + ["--device", "mps", "--overwrite"],
          "--device: 'mps' is not a device this package trains on", _trained_run),
     Case("14+", "--overwrite with device meta", DIGITS + ["--device", "meta", "--overwrite"],

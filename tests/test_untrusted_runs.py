@@ -44,6 +44,11 @@ def _cli(work, *args):
 REFUSED = "prior 'payload:P' would import module 'payload'; run folders may name registry"
 
 
+def _contents(run):
+    """Every file's bytes (run.lock: its presence; it holds its last holder's PID)."""
+    return {p.name: p.name == "run.lock" or p.read_bytes() for p in run.iterdir()}
+
+
 @pytest.mark.parametrize("args", [
     ["evaluate", "run", "--samples", "5", "--limit", "5", "--quiet"],
     ["train", "--resume", "run", "--epochs", "2", "--quiet"],
@@ -51,12 +56,12 @@ REFUSED = "prior 'payload:P' would import module 'payload'; run folders may name
 ], ids=["evaluate", "resume", "init-from"])
 def test_the_cli_never_imports_what_a_run_folder_names(poisoned, args):
     work, run = poisoned
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = _contents(run)
     r = _cli(work, *args)
     assert r.returncode == 2, r.stderr
     assert REFUSED in r.stderr and r.stderr.strip().count("\n") == 0
     assert not (work / "MARK").exists()
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert _contents(run) == before
     assert not (work / "other").exists()
 
 
