@@ -51,7 +51,8 @@ def mnist_files(tmp: Path, monkeypatch, registered=None, written=None, gz_cut=No
         data = gzip.compress(raw, mtime=0)
         (folder / (name + ".gz")).write_bytes(data[:len(data) // 2] if name == gz_cut else data)
     monkeypatch.setitem(SOURCES, "mnist", dict(SOURCES["mnist"], files={
-        k: hashlib.md5(v).hexdigest() for k, v in registered.items()}))
+        k: hashlib.md5(v).hexdigest() for k, v in registered.items()}, sizes={
+        k: len(v) for k, v in registered.items()}))
 
 
 def _wrong_md5(tmp, monkeypatch):

@@ -32,7 +32,8 @@ def fake_mnist(tmp_path, monkeypatch):
     for name, raw in payload.items():
         (mirror / (name + ".gz")).write_bytes(gzip.compress(raw))
     source = dict(SOURCES["mnist"], mirrors=[mirror.as_uri() + "/"],
-                  files={k: hashlib.md5(v).hexdigest() for k, v in payload.items()})
+                  files={k: hashlib.md5(v).hexdigest() for k, v in payload.items()},
+                  sizes={k: len(v) for k, v in payload.items()})
     monkeypatch.setitem(SOURCES, "mnist", source)
     return tmp_path / "root", mirror, payload
 
@@ -110,7 +111,8 @@ def test_image_and_label_counts_must_agree(fake_mnist, monkeypatch):
     (folder / "train-labels-idx1-ubyte").write_bytes(short)
     files = dict(SOURCES["mnist"]["files"], **{
         "train-labels-idx1-ubyte": hashlib.md5(short).hexdigest()})
-    monkeypatch.setitem(SOURCES, "mnist", dict(SOURCES["mnist"], files=files))
+    sizes = dict(SOURCES["mnist"]["sizes"], **{"train-labels-idx1-ubyte": len(short)})
+    monkeypatch.setitem(SOURCES, "mnist", dict(SOURCES["mnist"], files=files, sizes=sizes))
     with pytest.raises(ValueError, match="train-\\*: 12 images but 11 labels"):
         load("mnist", root, download=False)
 
