@@ -99,11 +99,11 @@ class TrainState:
         _check_rng_state(state["rng"], f"{where}: training.rng")
         return cls(position, [dict(r) for r in history], optimizer, state["rng"])
 
-    def check_data(self, num_data: int, batch_size: int) -> None:
+    def check_data(self, num_data: int, batch_size: int, where: str = "resume") -> None:
         """Refuse a state saved on other data (its order and totals would not fit)."""
         pos = self.position
         if (pos.num_data, pos.batch_size) != (num_data, batch_size):
-            raise ValueError(f"resume: the state was saved training on {pos.num_data} "
+            raise ValueError(f"{where}: the state was saved training on {pos.num_data} "
                              f"points in batches of {pos.batch_size}, not {num_data} "
                              f"in batches of {batch_size}")
 

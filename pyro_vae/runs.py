@@ -42,7 +42,7 @@ from .hooks import Checkpointer, KeepBest, MetricsWriter, best_epoch, stopped_ea
 from .semisupervised import classification_error, labelled_split, repeats
 from .step import make_optimizer
 from .contract import check_model_guide
-from .train import Options, check_data, check_step_memory, fit
+from .train import Options, check_data, check_device, check_step_memory, fit
 
 logger = logging.getLogger("pyro_vae")
 
@@ -357,7 +357,7 @@ def _resume(config: TrainConfig, run: RunFolder, device, progress: bool) -> dict
 def _check_resumable(run: RunFolder, training: TrainState, vae, train, config) -> None:
     """What the resumed run will load, checked before config.json is rewritten: the
     position fits the data, the optimizer state fits the model's parameters."""
-    training.check_data(len(train), config.batch_size)
+    training.check_data(len(train), config.batch_size, str(run.checkpoint))
     params, where = dict(vae.named_parameters()), f"{run.checkpoint}: training.optimizer"
     check_optimizer_state(training.optimizer, params, where)
     # Its groups' flags (fused, amsgrad, ...) against an optimizer of the run's kind.
@@ -460,6 +460,7 @@ def load_run(run_dir, device="cpu", trust_imports: bool = False
     """The trained model and the config of a run folder, on ``device``: the best epoch's
     (``best.pt``) for a run with ``--early-stopping``, else the last one's. A config that
     names a class by import path is refused unless ``trust_imports`` (never imported)."""
+    device = check_device(device)
     run = RunFolder(run_dir)
     config = run.read_config(trust_imports)
     path = run.weights(config)
