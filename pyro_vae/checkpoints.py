@@ -70,9 +70,10 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, state, where: str = "resume") -> "TrainState":
-        """The state ``to_dict`` wrote; a one-line error naming ``where`` otherwise."""
+        """The state ``to_dict`` wrote; a one-line error naming ``where`` otherwise. A
+        ``TrainState`` is checked the same way."""
         if isinstance(state, cls):
-            return state
+            state = state.to_dict()
         fmt = state.get("format", 1) if isinstance(state, dict) else None
         if fmt not in (1, cls.FORMAT):
             raise ValueError(f"{where}: not a training state of a known format "

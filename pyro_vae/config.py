@@ -29,7 +29,7 @@ from .nn import ACTIVATIONS, ARCHS
 from .objectives import LOSSES, check_objective, make_elbo
 from .priors import PRIORS
 from .semisupervised import SemiSupervisedVAE, paper_aux_weight, repeats
-from .train import MAX_SEED, OPTIMIZERS
+from .train import MAX_SEED, OPTIMIZERS, check_device
 
 
 def _opt(default, help, group="training", **kw):
@@ -271,7 +271,7 @@ def parse_options(pairs: Iterable[str], what: str) -> Dict[str, Any]:
             raise ValueError(f"--{flag(what)}: {pair!r} is not KEY=VALUE")
         try:
             options[key] = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or nested or long beyond reason)
             options[key] = text
     return options
 
@@ -287,9 +287,10 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: {name!r} is not a device this package trains on "
                          f"(auto, cpu, cuda, cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {name!r} asked for, but CUDA is not available")
-    return device
+    try:
+        return check_device(name)  # CUDA there, and the device's index
+    except ArgumentError as e:
+        raise ValueError(f"--device: {e.message}") from None
 
 
 def build_model(config: TrainConfig, x_dim: int, train=None):
@@ -312,7 +313,11 @@ def build_model(config: TrainConfig, x_dim: int, train=None):
         tensors = list(trial.parameters()) + list(trial.buffers())
         check_fits(sum(t.numel() * t.element_size() for t in tensors), "cpu",
                    "the model's weights", "choose a smaller --z-dim, --hidden or part options")
-    vae = _build(config, x_dim, train)
+    try:
+        vae = _build(config, x_dim, train)
+    except (TypeError, RuntimeError, OverflowError, MemoryError) as e:  # sizes torch refuses
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot build the model ({type(e).__name__}: {reason})") from e
     # A NaN or an infinity makes its tensor's sum non-finite (one pass, no mask).
     bad = next((name for name, t in list(vae.named_parameters()) + list(vae.named_buffers())
                 if t.is_floating_point() and not torch.isfinite(t.detach().sum())), None)
@@ -415,8 +420,9 @@ def _legacy(raw: dict) -> None:
     for old, (field, key) in _OLD_FIELDS.items():
         value = raw.pop(old, None)
         part = {"flow_steps": "guide", "prior_flow_steps": "prior_guide"}.get(old)
+        guide = raw.get(part) if isinstance(raw.get(part), str) else None  # else: schema
         if part and "flow_steps" not in inspect.signature(
-                GUIDES.get(raw.get(part), object)).parameters:
+                GUIDES.get(guide, object)).parameters:
             continue  # recorded for every run; only a flow guide took it
         if value is not None:
             raw[field] = dict(raw.get(field) or {}, **{key: value})

@@ -33,6 +33,9 @@ def seeded(seed: Optional[int], device=None):
     if seed is None:
         yield
         return
+    if not (type(seed) is int and 0 <= seed < 2 ** 64):
+        raise ArgumentError("seed", f"must be None or an integer in 0 ... 2**64 - 1, got "
+                                    f"{seed!r}")
     with rng_untouched(device or "cpu"):
         torch.manual_seed(seed)
         yield

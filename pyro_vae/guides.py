@@ -146,8 +146,10 @@ class IAFEncoder(nn.Module):
     step: correct, but slow.
     """
 
-    option_ranges = {"min_scale": (">", 0), "flow_steps": (">=", 1), "context_dim": (">=", 1),
-                     "flow_hidden": (">=", 1)}
+    # A flow of more than a hundred steps is a typo (papers use up to eight); each step
+    # is a module built at construction.
+    option_ranges = {"min_scale": (">", 0), "flow_steps": ((">=", 1), ("<=", 100)),
+                     "context_dim": (">=", 1), "flow_hidden": (">=", 1)}
 
     def __init__(self, x_dim: int, z_dim: int, hidden: Sequence[int] = (400,),
                  act: str = "relu", arch: str = "mlp", flow_steps: int = 2,

@@ -63,6 +63,9 @@ class EarlyStopping(Hook):
     stops where the uninterrupted one would."""
 
     def __init__(self, patience: int, monitor: str = "valid_elbo"):
+        if not (type(patience) is int and patience >= 1):
+            raise ValueError(f"EarlyStopping: patience must be an integer >= 1, got "
+                             f"{patience!r}")
         self.patience, self.monitor = patience, monitor
 
     def on_epoch_end(self, record, history, model) -> bool:

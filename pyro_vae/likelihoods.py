@@ -208,7 +208,7 @@ class _DecodedScale(Likelihood):
     sigma = min_scale + softplus(s + c), with c such that s = 0 gives ``init_scale``."""
 
     outputs_per_feature = 2
-    option_ranges = {"init_scale": (">", 0), "min_scale": (">=", 0), "bins": (">=", 2)}
+    option_ranges = {"init_scale": (">", 0), "min_scale": (">=", 0)}
 
     def __init__(self, x_dim: int, init_scale: float = 0.1, min_scale: float = 1e-3):
         super().__init__(x_dim)
@@ -248,6 +248,8 @@ class DiscretizedLogisticLikelihood(_DecodedScale):
 
     discrete = True
     name = "discretized_logistic"
+    # Its mean sums over the bins: 16-bit data are the most there are.
+    option_ranges = dict(_DecodedScale.option_ranges, bins=((">=", 2), ("<=", 2 ** 16)))
 
     def __init__(self, x_dim: int, bins: int = 256, init_scale: float = 0.1,
                  min_scale: float = 1e-3):

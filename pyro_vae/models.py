@@ -76,8 +76,9 @@ def check_options(cls, part, kind: str, context: Sequence[str],
     takes (not one of the ``context`` arguments the model passes itself), each value of
     the kind its annotation says (``int``, ``float``, ``bool``, ``str``, a sequence, a
     tensor; ``Optional`` allows None), numbers finite, and within the ranges the class
-    declares in ``option_ranges`` (``{"min_scale": (">", 0)}``; a range applies to each
-    element of a sequence). One line naming the part and the option otherwise."""
+    declares in ``option_ranges`` (``{"min_scale": (">", 0)}``, or several conditions:
+    ``{"bins": ((">=", 2), ("<=", 65536))}``; a range applies to each element of a
+    sequence). One line naming the part and the option otherwise."""
     if options is None:
         return {}
     if not (isinstance(options, dict) and all(isinstance(k, str) for k in options)):
@@ -156,13 +157,17 @@ _COMPARE = {">": (lambda a, b: a > b), ">=": (lambda a, b: a >= b),
 
 
 def _range_problem(declared, value) -> str:
+    """'' if ``value`` (each element of a list) meets the declared condition, one
+    ``(op, bound)`` or a tuple of them; else the condition it fails."""
     if declared is None or value is None:
         return ""
-    op, bound = declared
+    conditions = declared if isinstance(declared[0], tuple) else (declared,)
     values = value if isinstance(value, (list, tuple)) else [value]
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool)
-             and _COMPARE[op](v, bound) for v in values)
-    return "" if ok else f"must be {op} {bound}"
+    for op, bound in conditions:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and _COMPARE[op](v, bound) for v in values):
+            return f"must be {op} {bound}"
+    return ""
 
 
 def check_sizes(x_dim, z_dim, hidden) -> None:

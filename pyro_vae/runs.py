@@ -119,8 +119,11 @@ class RunFolder:
             raise RuntimeError(f"{self.path}: another process (PID {holder}) is writing "
                                f"this run folder; wait for it to end or stop it") from None
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+            except OSError as e:
+                raise OSError(f"{self.path / LOCK_FILE}: not written ({e.strerror})") from None
             yield self
         finally:
             os.close(fd)  # releases the lock
@@ -248,6 +251,9 @@ def _load_start(vae, state: dict, path: Path) -> None:
 def train_run(config: TrainConfig, progress: bool = True, trust_imports: bool = False) -> dict:
     """Train as ``config`` says and fill its run folder; returns the summary.
     ``trust_imports``: let ``init_from``'s run folder name classes by import path."""
+    if not isinstance(config, TrainConfig):
+        raise ArgumentError("config", f"must be a pyro_vae.TrainConfig, got "
+                                      f"{type(config).__name__}")
     config.validate()
     start = None
     if config.init_from:
@@ -287,8 +293,11 @@ def resume_config(run_dir, changes: Optional[dict] = None,
     the options given on the command line beside ``--resume``) applied. A change outside
     ``RESUMABLE_CHANGES`` is a one-line error naming the option: a resumed run keeps its
     model and what it was trained on."""
-    run_dir = Path(run_dir)
+    run_dir = RunFolder(run_dir).path
     saved = RunFolder(run_dir).read_config(trust_imports)
+    if not isinstance(changes, (dict, type(None))):
+        raise ArgumentError("changes", f"must be a dict of setting: value, got "
+                                       f"{type(changes).__name__}")
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in (changes or {}).items()}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, value in changes.items():
@@ -316,25 +325,31 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True,
                trust_imports: bool = False) -> dict:
     """Continue the run in ``run_dir`` from its checkpoint (``pyro-vae train --resume``):
     on the CPU a run killed at any point and resumed ends bitwise where the uninterrupted
-    run would. ``changes``: see ``resume_config`` (e.g. ``{"epochs": 50}`` to train on)."""
+    run would. ``changes``: see ``resume_config`` (e.g. ``{"epochs": 50}`` to train on).
+    The data are read as ``evaluate_run`` reads them: from the run's data_dir only where
+    that folder exists (nothing downloaded there), unless ``changes`` gives one."""
     config = resume_config(run_dir, changes, trust_imports)
     run = RunFolder(config.out)
     if not run.checkpoint.exists():
         raise ValueError(f"--resume {run.path}: no checkpoint.pt (the run stopped before "
                          f"its first checkpoint); start it again with --overwrite")
     device = distributed.setup(resolve_device(config.device))
+    source = config if "data_dir" in (changes or {}) else _run_data(config, None)
     with _writing(run):
-        return _resume(config, run, device, progress)
+        return _resume(config, run, device, progress, source)
 
 
-def _resume(config: TrainConfig, run: RunFolder, device, progress: bool) -> dict:
+def _resume(config: TrainConfig, run: RunFolder, device, progress: bool,
+            source: TrainConfig) -> dict:
+    """``resume_run`` holding the folder's lock; ``source``: the config to load the data
+    with (``_run_data``)."""
     out = run.path
     state, training = run.training_state()
     done = training.epochs_done
     finished = done >= config.epochs or stopped_early(training.history,
                                                       config.early_stopping, config.monitor)
     if finished and not run.reported(config):
-        return _finish(config, run, state, training, device)  # killed before its summary
+        return _finish(config, run, state, training, device, load_data(source))
     if stopped_early(training.history, config.early_stopping, config.monitor):
         raise ValueError(f"--resume {out}: the run stopped early after {done} epochs (no "
                          f"better {config.monitor} since epoch "
@@ -343,21 +358,24 @@ def _resume(config: TrainConfig, run: RunFolder, device, progress: bool) -> dict
     if done >= config.epochs:
         raise ValueError(f"--resume {out}: the run has finished its {done} epochs; give "
                          f"--epochs more than {done} to train on")
-    data = load_data(config)
+    data = load_data(source)
     vae = build_model(config, data[0].x.shape[1], data[0])
     load_checkpoint(run.checkpoint, vae, state=state)
     check_data(vae, *data, batch_size=config.batch_size)
-    _check_resumable(run, training, vae, data[0], config)
+    _check_resumable(run, training, vae, data[0], config, device)
     if distributed.is_main():
         run.remove_leftovers()
         run.write_config(config)
     return _train_and_report(config, run, vae, data, device, progress, resume=training)
 
 
-def _check_resumable(run: RunFolder, training: TrainState, vae, train, config) -> None:
+def _check_resumable(run: RunFolder, training: TrainState, vae, train, config,
+                     device) -> None:
     """What the resumed run will load, checked before config.json is rewritten: the
-    position fits the data, the optimizer state fits the model's parameters."""
+    position fits the data, the optimizer state fits the model's parameters, a step fits
+    in memory."""
     training.check_data(len(train), config.batch_size, str(run.checkpoint))
+    check_step_memory(train, config.batch_size, config.particles, device)
     params, where = dict(vae.named_parameters()), f"{run.checkpoint}: training.optimizer"
     check_optimizer_state(training.optimizer, params, where)
     # Its groups' flags (fused, amsgrad, ...) against an optimizer of the run's kind.
@@ -367,17 +385,18 @@ def _check_resumable(run: RunFolder, training: TrainState, vae, train, config) -
 
 
 def _finish(config: TrainConfig, run: RunFolder, state: dict, training: TrainState,
-            device) -> dict:
+            device, data) -> dict:
     """Write the summary and figures of a run whose training ended (it was stopped
     after its last checkpoint, before they were written)."""
-    data = load_data(config)
     vae = build_model(config, data[0].x.shape[1], data[0])
     load_checkpoint(run.checkpoint, vae, state=state)
+    check_step_memory(data[0], config.batch_size, config.particles, device)
+    best = read_checkpoint(run.best) if config.early_stopping else None  # before any write
     if distributed.is_main():
         run.remove_leftovers()
         run.restart_metrics(training.history)
-        if config.early_stopping:
-            load_checkpoint(run.best, vae)
+        if best is not None:
+            load_checkpoint(run.best, vae, state=best)
         return _report(config, run, vae.to(device), data, device, training.history)
     return {}
 
@@ -527,7 +546,7 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
     with run.lock():
         vae, config = load_run(run.path, dev, trust_imports)
         data = dict(zip(("train", "valid", "test"),
-                        load_data(_evaluation_data(config, data_dir))))[split]
+                        load_data(_run_data(config, data_dir))))[split]
         results, surgery = _evaluate(vae, config, data.subset(limit).to(dev), samples, chunk,
                                      seed, progress, surgery_points,
                                      dict(compile=compile, precision=precision))
@@ -537,8 +556,10 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
     return results
 
 
-def _evaluation_data(config: TrainConfig, data_dir) -> TrainConfig:
-    """``config`` with the data root ``evaluate_run`` reads from (see there)."""
+def _run_data(config: TrainConfig, data_dir) -> TrainConfig:
+    """``config`` with the data root to read a run folder's data from: ``data_dir`` when
+    the caller gives one; else config.json's where that folder exists, read only (never
+    created, nothing downloaded there); else the default root."""
     if data_dir is not None:
         return dataclasses.replace(config, data_dir=str(data_dir))
     if config.data_dir is not None and Path(config.data_dir).expanduser().is_dir():
@@ -587,8 +608,10 @@ def _check_evaluation(split, samples, chunk, limit, surgery_points) -> None:
     """One-line errors for ``evaluate_run``'s arguments, named by their flags."""
     if split not in ("train", "valid", "test"):
         raise ValueError(f"--split: {split!r} is not one of ['train', 'valid', 'test']")
-    if any(v is not None and v < 1 for v in (samples, chunk, limit, surgery_points)):
-        raise ValueError("--samples, --chunk, --limit and --surgery-points must be >= 1")
+    if any(v is not None and not (type(v) is int and v >= 1)
+           for v in (samples, chunk, limit, surgery_points)):
+        raise ValueError("--samples, --chunk, --limit and --surgery-points must be "
+                         "integers >= 1")
     if samples > MAX_SAMPLES:
         raise ValueError(f"--samples {samples} is more than {MAX_SAMPLES} importance "
                          f"samples per point")
