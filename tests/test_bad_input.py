@@ -505,6 +505,18 @@ def test_every_field_of_the_training_state_is_checked_before_anything_is_written
     assert _tree(run_copy) == before
 
 
+def test_a_failed_resume_leaves_config_json_as_it_was(run_copy, capsys):
+    """--resume rewrote config.json (epochs, out) before the training state failed to
+    load, so the folder no longer said what was trained."""
+    _edit_checkpoint(run_copy, lambda s: s["training"]["optimizer"].update(state={}))
+    config = (run_copy / "config.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", str(run_copy), "--epochs", "2", "--quiet"])
+    assert e.value.code == 2
+    assert "training.optimizer.state must hold" in capsys.readouterr().err
+    assert (run_copy / "config.json").read_bytes() == config
+
+
 def test_a_crafted_optimizer_state_never_reaches_the_fused_adam(run_copy):
     """A state tensor of the wrong shape made the fused Adam write out of bounds (glibc
     abort, exit 134): it is refused in one line, before anything is loaded."""
