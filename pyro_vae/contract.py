@@ -143,8 +143,8 @@ def check_model_guide(model, data, model_fn=None, validate: bool = True) -> None
     (with Pyro's distribution checks where ``validate``: a part's options that give
     invalid parameters show here), the guide's latent values have that dtype, and every
     latent site of the model has a site in the guide or is enumerated. One line naming
-    the tensor or the site otherwise. Draws from a stream of its own (the caller's
-    random state is left as it was)."""
+    the tensor or the site otherwise. Draws from a stream of its own and uses a parameter
+    store of its own (the caller's random state and store are left as they were)."""
     data = as_dataset(data)
     batch = tuple(t[:2] for t in data.support_view())
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -154,7 +154,11 @@ def check_model_guide(model, data, model_fn=None, validate: bool = True) -> None
             name = "x" if i == 0 else f"tensor {i + 1}"
             raise ValueError(f"{what}: {name} has dtype {t.dtype}; the model's parameters are "
                              f"{dtype} (convert the data with .to({dtype}))")
-    with rng_untouched(data.device), torch.no_grad(), pyro.validation_enabled(validate):
+    # An empty parameter store of its own: a PyroModule takes a same-named entry left in
+    # the store (by an earlier model) over its own parameter, so the caller's store is
+    # neither read nor changed.
+    with rng_untouched(data.device), torch.no_grad(), pyro.validation_enabled(validate), \
+            pyro.get_param_store().scope():
         guide = _trace(model.guide, batch, "guide")
         trace = _trace(poutine.replay(model_fn or model.model, trace=guide), batch, "model")
     sampled = [name for name, site in guide.nodes.items() if is_latent(site)]

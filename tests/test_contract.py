@@ -400,3 +400,28 @@ def test_the_pair_check_draws_from_a_stream_of_its_own():
     before = torch.get_rng_state()
     check_model_guide(model, data)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_pair_check_neither_reads_nor_changes_pyros_parameter_store():
+    """A PyroModule takes a same-named entry left in Pyro's store over its own parameter:
+    checked before fit clears the store, a model would have started from an earlier
+    model's weights (a resumed run was then no longer bitwise)."""
+    from pyro.nn import PyroParam
+    from pyro_vae.contract import check_model_guide
+
+    class WithPrior(Plain):
+        def __init__(self):
+            super().__init__()
+            self.prior_loc = PyroParam(torch.zeros(Z))
+
+        @pyro.nn.pyro_method
+        def model(self, x=None, num_data=None):
+            with pyro.plate("data", num_data or len(x), subsample=x):
+                z = pyro.sample("z", dist.Normal(self.prior_loc, 1.0).to_event(1))
+                pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+    model = WithPrior()
+    pyro.param("prior_loc", torch.ones(Z))  # left by an earlier model
+    check_model_guide(model, _data())
+    assert torch.equal(model.prior_loc, torch.zeros(Z))
+    assert torch.equal(pyro.param("prior_loc"), torch.ones(Z))
