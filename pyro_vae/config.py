@@ -29,7 +29,8 @@ from .nn import ACTIVATIONS, ARCHS
 from .objectives import LOSSES, check_objective, make_elbo
 from .priors import PRIORS
 from .semisupervised import SemiSupervisedVAE, paper_aux_weight, repeats
-from .train import MAX_SEED, OPTIMIZERS, check_device
+from .arguments import MAX_SEED, check_device
+from .train import OPTIMIZERS
 
 
 def _opt(default, help, group="training", **kw):

@@ -16,6 +16,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .compiled import compiled, rng_untouched
+from .arguments import check_counts, check_number
 from .contract import check_data, check_model, check_model_guide
 from .datasets import as_dataset
 from .errors import ArgumentError
@@ -65,13 +66,6 @@ def units(model, data) -> dict:
             "dims": int(data.x[0].numel())}
 
 
-def check_counts(**counts) -> None:
-    """One line naming the argument for a count that is not an integer >= 1."""
-    for name, value in counts.items():
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
-
-
 def bits_per_dim(nats: float, dims: int) -> float:
     """-nats / (dims ln 2): a log-probability per point in bits per dimension."""
     return -nats / (dims * math.log(2))
@@ -94,9 +88,7 @@ def elbo(model, data, loss: Loss = "meanfield", num_particles: int = 1,
     """
     check_model(model)
     check_counts(num_particles=num_particles, batch_size=batch_size)
-    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool)
-            and 0 <= beta < math.inf):
-        raise ArgumentError("beta", f"must be a finite number >= 0, got {beta!r}")
+    check_number("beta", beta)
     data = as_dataset(data)
     if check:
         check_data(model, data)
@@ -309,9 +301,7 @@ def active_units(vae, data, threshold: float = 0.01, seed: Optional[int] = 0) ->
     mean moves with the data. Also the average KL(q(z_u | x) || p(z_u)) per dimension when
     the prior and the guide are both diagonal Gaussians (else None).
     """
-    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-            and 0 <= threshold < math.inf):
-        raise ArgumentError("threshold", f"must be a finite number >= 0, got {threshold!r}")
+    check_number("threshold", threshold)
     x = _all_points(vae, data, "active_units")
     q = vae.encode(x)
     with seeded(seed, x.device):

@@ -28,3 +28,13 @@ def check_fits(nbytes: int, device, what: str, hint: str) -> None:
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / 2 ** 30:.3g} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:.3g} MiB"
+
+
+def check_step_memory(data, batch_size: int, particles: int, device) -> None:
+    """Refuse, in one line, a step that cannot fit on ``device``: its decoder's output
+    alone, particles x batch x features floats, would be more than the device holds."""
+    batch = min(batch_size, len(data))
+    features = data.x[0].numel() if len(data) else 0
+    check_fits(4 * particles * batch * features, device,
+               f"steps of {particles} particles x {batch} points x {features} features",
+               "lower num_particles (--particles) or batch_size (--batch-size)")

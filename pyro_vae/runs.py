@@ -27,9 +27,9 @@ import pyro
 
 from . import datasets, distributed, plots
 from .compiled import check_precision
-from .checkpoints import (TrainState, atomic_write, check_optimizer_state, load_checkpoint,
-                          read_checkpoint, save_checkpoint)
-from .errors import ArgumentError
+from .checkpoints import (TrainState, atomic_write, load_checkpoint, read_checkpoint,
+                          save_checkpoint)
+from .statecheck import check_optimizer_state
 from .config import (MODEL_SETTINGS, RESUMABLE_CHANGES, TrainConfig, build_model,
                      config_from_dict, config_to_dict, flag, resolve_device)
 from .files import MAX_JSON_BYTES, open_nofollow, read_bounded
@@ -42,7 +42,10 @@ from .hooks import Checkpointer, KeepBest, MetricsWriter, best_epoch, stopped_ea
 from .semisupervised import classification_error, labelled_split, repeats
 from .step import make_optimizer
 from .contract import check_model_guide
-from .train import Options, check_data, check_device, check_step_memory, fit
+from .arguments import check_device
+from .errors import ArgumentError
+from .memory import check_step_memory
+from .train import Options, check_data, fit
 
 logger = logging.getLogger("pyro_vae")
 

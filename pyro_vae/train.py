@@ -36,8 +36,9 @@ from .datasets import as_dataset
 from .distributed import World
 from .errors import ArgumentError
 from .evaluation import elbo as evaluate_elbo
-from .hooks import EarlyStopping, Hook, _FunctionHook
-from .memory import check_fits
+from .arguments import MAX_SEED, check_device, check_hooks, check_option_kinds
+from .hooks import EarlyStopping
+from .memory import check_step_memory
 from .objectives import (Loss, beta_at, check_objective, is_latent, make_elbo,
                          plain_elbo, scales_with_data_size, warn_if_monte_carlo_kl)
 from .step import OPTIMIZERS, Step, make_optimizer, trained_parameters
@@ -113,7 +114,7 @@ class Options:
 
     def check(self) -> None:
         """One-line errors naming the argument, before anything is trained."""
-        _check_kinds(self)
+        check_option_kinds(self)
         if self.device is not None:
             check_device(self.device)
         counts = ("epochs", "skip_nonfinite", "checkpoint_every", "early_stopping",
@@ -140,85 +141,6 @@ class Options:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of "
                              f"{list(OPTIMIZERS)}")
-
-
-#: Seeds run from 0 to 2**32 - 1 (NumPy's range; ``pyro.set_rng_seed`` seeds it too).
-MAX_SEED = 2 ** 32
-
-# Options by kind (a Python value of another kind is refused before its range is read).
-_INTEGERS = ("epochs", "num_particles", "warmup_epochs", "batch_size", "seed",
-             "skip_nonfinite", "checkpoint_every", "early_stopping")
-_NUMBERS = ("beta", "lr", "clip_norm")
-_FLAGS = ("validate", "freeze_model", "compile")
-_NAMES = ("optimizer", "monitor", "precision")
-
-
-def _check_kinds(o: Options) -> None:
-    """One line naming the argument for a value of the wrong kind: a count that is not
-    an integer (or is a bool), a number given as text, a flag that is not a bool."""
-    for name in _INTEGERS + (("check_every",) if o.check_every is not None else ()):
-        value = getattr(o, name)
-        if not (isinstance(value, int) and not isinstance(value, bool)):
-            raise ArgumentError(name, f"must be an integer, got {value!r}")
-    for name in _NUMBERS:
-        value = getattr(o, name)
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            raise ArgumentError(name, f"must be a number, got {value!r}")
-    for name in _FLAGS:
-        if not isinstance(getattr(o, name), bool):
-            raise ArgumentError(name, f"must be True or False, got {getattr(o, name)!r}")
-    for name in _NAMES:
-        if not isinstance(getattr(o, name), str):
-            raise ArgumentError(name, f"must be a name (str), got {getattr(o, name)!r}")
-    sites = o.beta_sites
-    if sites is not None and not (isinstance(sites, (tuple, list))
-                                  and all(isinstance(s, str) for s in sites)):
-        raise ArgumentError("beta_sites", f"must be a list of site names, got {sites!r}")
-
-
-def check_device(device) -> torch.device:
-    """``device`` as a ``torch.device`` this package trains on (the CPU, or a CUDA device
-    that exists here); one line naming the argument otherwise."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise ArgumentError("device", f"{device!r} is not a device this package trains on "
-                                      f"(cpu, cuda, cuda:N)")
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ArgumentError("device", f"{device!r} asked for, but CUDA is not available")
-        if parsed.index is not None and parsed.index >= count:
-            raise ArgumentError("device", f"{device!r} asked for, but this machine has "
-                                          f"{count} CUDA device{'s' * (count > 1)}")
-    return parsed
-
-
-def check_step_memory(data, batch_size: int, particles: int, device) -> None:
-    """Refuse, in one line, a step that cannot fit on ``device``: its decoder's output
-    alone, particles x batch x features floats, would be more than the device holds."""
-    batch = min(batch_size, len(data))
-    features = data.x[0].numel() if len(data) else 0
-    check_fits(4 * particles * batch * features, device,
-               f"steps of {particles} particles x {batch} points x {features} features",
-               "lower num_particles (--particles) or batch_size (--batch-size)")
-
-
-def check_hooks(hooks) -> list:
-    """``hooks`` as a list of ``Hook``s: a plain function becomes an ``on_epoch_end``
-    hook; anything else is refused in one line, before training starts."""
-    if isinstance(hooks, (Hook, str, bytes)) or callable(hooks) or not hasattr(
-            hooks, "__iter__"):
-        raise ArgumentError("hooks", f"must be a list of hooks, got {type(hooks).__name__}")
-    hooks = list(hooks)
-    bad = next((h for h in hooks if not (isinstance(h, Hook) or callable(h))), None)
-    if bad is not None:
-        raise ArgumentError("hooks", f"holds {type(bad).__name__}, neither a "
-                                     f"pyro_vae.Hook nor a function of (record, history, "
-                                     f"model)")
-    return [h if isinstance(h, Hook) else _FunctionHook(h) for h in hooks]
 
 
 class Trainer:
