@@ -140,10 +140,13 @@ _FLAGS = {"num_particles": "particles"}
 
 
 def _as_flags(e: Exception) -> str:
-    """The error's text, naming a bad library argument by its command-line option."""
+    """The error's first line (torch's allocation errors run to several), naming a bad
+    library argument by its command-line option."""
     if isinstance(e, ArgumentError):
         return e.named("--" + _FLAGS.get(e.argument, e.argument).replace("_", "-"))
-    return str(e)
+    if isinstance(e, MemoryError):
+        return f"out of memory ({str(e) or 'MemoryError'}); lower the sizes asked for"
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -165,7 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.exit(130, f"pyro-vae: {stop}; continue with: pyro-vae train --resume "
                              f"{run}\n")
         parser.exit(130, "pyro-vae: interrupted\n")  # outside training: nothing to resume
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:
         parser.exit(2, f"pyro-vae: error: {_as_flags(e)}\n")
     return 0
 

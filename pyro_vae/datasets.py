@@ -274,7 +274,10 @@ def _download(url: str, dest: Path, md5: str, size: int) -> bytes:
                 received += len(chunk)
                 if received > bound:
                     raise ValueError(f"{url}: more than {bound} bytes; not the expected file")
-                f.write(chunk)
+                try:
+                    f.write(chunk)
+                except OSError as e:  # a full disk: name the file, not only the URL
+                    raise OSError(f"{tmp}: not written ({e.strerror or e})") from None
         raw = _read_verified(Path(tmp), md5, size, gz=gz)
         os.replace(tmp, dest)
         return raw

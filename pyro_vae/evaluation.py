@@ -20,7 +20,7 @@ from .arguments import check_counts, check_number
 from .contract import check_data, check_model, check_model_guide
 from .datasets import as_dataset
 from .errors import ArgumentError
-from .memory import check_fits
+from .memory import check_fits, check_step_memory
 from .objectives import Loss, is_latent, kl_weight, make_elbo
 from .guides import posterior_mean
 from .priors import Mixture, logsumexp
@@ -93,6 +93,8 @@ def elbo(model, data, loss: Loss = "meanfield", num_particles: int = 1,
     if check:
         check_data(model, data)
         check_model_guide(model, data)
+        check_step_memory(data, batch_size, getattr(make_elbo(loss, num_particles),
+                                                    "num_particles", 1), data.device)
     objective = make_elbo(loss, num_particles)
     total = 0.0
     with _evaluating(model), seeded(seed, data.device), kl_weight(beta, beta_sites):
