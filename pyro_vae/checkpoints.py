@@ -19,6 +19,9 @@ import numpy as np
 import torch
 
 from .distributed import World
+from .files import open_regular
+from .statecheck import (check_history, check_optimizer_layout, check_optimizer_state,
+                         check_progress, check_rng_state)
 
 logger = logging.getLogger("pyro_vae")
 
@@ -79,9 +82,10 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, state, where: str = "resume") -> "TrainState":
-        """The state ``to_dict`` wrote; a one-line error naming ``where`` otherwise."""
+        """The state ``to_dict`` wrote; a one-line error naming ``where`` otherwise. A
+        ``TrainState`` is checked the same way."""
         if isinstance(state, cls):
-            return state
+            state = state.to_dict()
         fmt = state.get("format", 1) if isinstance(state, dict) else None
         if fmt not in (1, 2, cls.FORMAT):
             raise ValueError(f"{where}: not a training state of a known format "
@@ -102,14 +106,18 @@ class TrainState:
                 and isinstance(optimizer.get("state"), dict)):
             raise ValueError(f"{where}: training.optimizer must hold 'parameters' (a "
                              f"list) and 'state' (a dict)")
+        check_history(history, f"{where}: training.history")
+        check_progress(position, len(history), f"{where}: training.position")
+        check_optimizer_layout(optimizer, f"{where}: training.optimizer")
+        check_rng_state(state["rng"], f"{where}: training.rng")
         return cls(position, [dict(r) for r in history], optimizer, state["rng"],
                    **_checked_identity(state, fmt, where))
 
-    def check_data(self, num_data: int, batch_size: int) -> None:
+    def check_data(self, num_data: int, batch_size: int, where: str = "resume") -> None:
         """Refuse a state saved on other data (its order and totals would not fit)."""
         pos = self.position
         if (pos.num_data, pos.batch_size) != (num_data, batch_size):
-            raise ValueError(f"resume: the state was saved training on {pos.num_data} "
+            raise ValueError(f"{where}: the state was saved training on {pos.num_data} "
                              f"points in batches of {pos.batch_size}, not {num_data} "
                              f"in batches of {batch_size}")
 
@@ -181,14 +189,18 @@ def _checked_position(raw: dict, where: str) -> Position:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, names: List[str], saved: Dict,
-                         lr: float, clip_norm: float) -> None:
+                         lr: float, clip_norm: float, where: str = "resume") -> None:
     """Load a saved optimizer state, with the learning rate (and clipping bound) of this
-    call: a resumed run may lower them."""
+    call: a resumed run may lower them. The state is checked against the optimizer's
+    parameters first (``check_optimizer_state``)."""
     if saved["parameters"] != names:
         diff = next((f"{a!r} saved, {b!r} now" for a, b in zip(saved["parameters"], names)
                      if a != b), f"{len(saved['parameters'])} saved, {len(names)} now")
-        raise ValueError(f"resume: the saved optimizer state is for other parameters "
+        raise ValueError(f"{where}: the saved optimizer state is for other parameters "
                          f"({diff}); resume the model it was saved with")
+    check_optimizer_state(saved, dict(zip(names, (p for g in optimizer.param_groups
+                                                   for p in g["params"]))),
+                          f"{where}: training.optimizer", optimizer)
     state = copy.deepcopy(saved["state"])
     for group in state["param_groups"]:
         group["lr"] = lr
@@ -273,8 +285,8 @@ def atomic_write(path, write: Callable, binary: bool = True) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # the file written, not a name
+        os.replace(tmp, path)  # replaces a link at path; never writes through it
         _fsync_folder(path.parent)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         raise _write_error(path, e) from None
@@ -290,7 +302,7 @@ def _umask() -> int:
 
 
 def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -327,12 +339,20 @@ def read_checkpoint(path, map_location="cpu") -> Dict:
     Uses ``torch.load(weights_only=True)``: tensors and plain containers only, never
     arbitrary pickled objects, so a crafted file cannot run code. (Pyro's own
     ``ParamStoreDict.load`` and ``PyroOptim.load`` unpickle; they are not used here.)
+    A path that is not a regular file (a FIFO, a device) is refused in one line.
     """
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with open_regular(path, "checkpoint") as f:  # not a FIFO or a device
+            state = torch.load(f, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except (ValueError, OSError) as e:
+        if str(e).startswith(f"{path}: "):  # open_regular's refusal
+            raise
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path}: not a readable pyro_vae checkpoint "
+                         f"({type(e).__name__}: {reason})") from None
     except Exception as e:  # corrupt, truncated or not a weights-only file
         reason = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"{path}: not a readable pyro_vae checkpoint "

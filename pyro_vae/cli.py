@@ -7,12 +7,13 @@ command line and the Python API cannot drift apart.
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 import typing
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__, distributed
+from . import __version__, datasets, distributed
 from .compiled import PRECISIONS
 from .errors import ArgumentError, MissingData
 from .train import TrainingInterrupted
@@ -113,6 +114,10 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
                           help="the best validated epoch's weights (best.pt) or the last "
                                "epoch's (checkpoint.pt) (default: those of the run's "
                                "summary: best with --early-stopping, else last)")
+    evaluate.add_argument("--data-dir", metavar="DIR",
+                          help="data root to read the split from (default: the run's "
+                               "data-dir where it exists, read only; else "
+                               f"${datasets.ENV_VAR}, else ~/.cache/pyro_vae)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--seed", type=int, default=0,
                           help="seed of the Monte Carlo draws (default: %(default)s)")
@@ -147,12 +152,15 @@ _FLAGS = {"num_particles": "particles"}
 
 
 def _as_flags(e: Exception) -> str:
-    """The error's text, naming a bad library argument by its command-line option."""
+    """The error's first line (torch's allocation errors run to several), naming a bad
+    library argument by its command-line option."""
     if isinstance(e, ArgumentError):
         return e.named("--" + _FLAGS.get(e.argument, e.argument).replace("_", "-"))
     if isinstance(e, MissingData):
         return e.named("--data-dir")
-    return str(e)
+    if isinstance(e, MemoryError):
+        return f"out of memory ({str(e) or 'MemoryError'}); lower the sizes asked for"
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -166,21 +174,43 @@ def main(argv: Optional[List[str]] = None) -> int:
             _train(args, argv)
         elif args["command"] == "evaluate":
             _evaluate(args)
-    except TrainingInterrupted as e:
-        run = args.get("resume") or args.get("out")
-        parser.exit(130, f"pyro-vae: {e}; continue with: pyro-vae train --resume {run}\n")
-    except KeyboardInterrupt:  # outside training: nothing to resume from
-        parser.exit(130, "pyro-vae: interrupted\n")
-    except (ValueError, OSError, RuntimeError) as e:
+    except (TrainingInterrupted, KeyboardInterrupt) as e:
+        _ignore_signals()  # a second Ctrl-C while this one is handled: one line
+        # A KeyboardInterrupt raised while a TrainingInterrupted unwinds: the second
+        # signal came just after training stopped, at its checkpoint.
+        stop = e if isinstance(e, TrainingInterrupted) else e.__context__
+        if isinstance(stop, TrainingInterrupted):
+            run = args.get("resume") or args.get("out")
+            parser.exit(130, f"pyro-vae: {stop}; continue with: pyro-vae train --resume "
+                             f"{run}\n")
+        parser.exit(130, "pyro-vae: interrupted\n")  # outside training: nothing to resume
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:
         parser.exit(2, f"pyro-vae: error: {_as_flags(e)}\n")
     return 0
+
+
+def _named_folder(value: Optional[str], option: str) -> None:
+    """Refuse an empty folder name (it would mean the working folder)."""
+    if value is not None and not value.strip():
+        raise ValueError(f"{option}: give the run folder (got an empty name)")
+
+
+def _ignore_signals() -> None:
+    """From here to the exit, SIGINT and SIGTERM print one line each and do nothing else
+    (not a traceback from wherever the interpreter is shutting down)."""
+    def ignore(signum, frame):
+        sys.stderr.write(f"pyro-vae: {signal.Signals(signum).name} ignored: already "
+                         f"stopping\n")
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, ignore)
 
 
 def _train(args: dict, argv) -> None:
     quiet = args.pop("quiet")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    _named_folder(args["resume"], "--resume")
     try:
-        if args["resume"]:
+        if args["resume"] is not None:
             # Only the options given on the command line count as changes.
             given = vars(build_parser(defaults=False).parse_args(argv))
             changes = _config_values({k: v for k, v in given.items() if k in fields})
@@ -215,11 +245,13 @@ def _train(args: dict, argv) -> None:
 
 
 def _evaluate(args: dict) -> None:
+    _named_folder(args["run"], "evaluate RUN")
     r = evaluate_run(args["run"], args["samples"], args["chunk"], args["split"],
                      args["limit"], args["device"], args["seed"],
                      progress=not args["quiet"], surgery_points=args["surgery_points"],
                      trust_imports=args["trust_imports"], compile=args["compile"],
-                     precision=args["precision"], which=args["weights"])
+                     precision=args["precision"], data_dir=args["data_dir"],
+                     which=args["weights"])
     n = f"{r['num_points']} {r['split']} points"
     print(f"model:           {_weights(r)}")
     print(f"ELBO:            {r['test_elbo']:.4f}   ({r['elbo_estimator']}, {n})")

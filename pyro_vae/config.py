@@ -23,11 +23,13 @@ from .compiled import PRECISIONS, check_precision
 from .errors import ArgumentError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
-from .models import MODELS, build, resolve
+from .memory import check_fits
+from .models import CONTEXT, MODELS, build, check_options, resolve
 from .nn import ACTIVATIONS, ARCHS
 from .objectives import AUTO, LOSSES, check_objective, make_elbo
 from .priors import PRIORS
 from .semisupervised import SemiSupervisedVAE, paper_aux_weight, repeats
+from .arguments import MAX_SEED, check_device
 from .train import OPTIMIZERS
 
 
@@ -144,6 +146,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting, as its command-line option."""
+        self._check_kinds()
         if not str(self.out).strip():
             raise ValueError("--out: give the run folder to write (got an empty name)")
         for f in dataclasses.fields(self):
@@ -169,18 +172,41 @@ class TrainConfig:
                 raise ValueError(f"--{flag(option)} needs --init-from RUN (a trained model)")
         if not 0 <= self.alpha < math.inf:
             raise ValueError(f"--alpha must be finite and >= 0, got {self.alpha}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"--seed must lie in 0 ... 2**32 - 1, got {self.seed}")
         self._check_semisupervised()
         loss = self.resolved().loss
         if loss == AUTO:  # a model may say which it takes (the rest are chosen later)
             loss = getattr(MODELS.get(self.model), "default_loss", None) or AUTO
         if loss != AUTO:
             check_objective(make_elbo(loss, self.particles), self.beta, self.warmup_epochs)
-        resolve(self.prior, PRIORS, "prior")
-        resolve(self.guide, GUIDES, "guide")
+        self._check_parts()
         try:
             check_precision(self.precision, resolve_device(self.device))
         except ArgumentError as e:
             raise ValueError(e.named("--precision")) from None
+
+    def _check_kinds(self) -> None:
+        """Every setting of its type (as config.json's schema says): a Python caller's
+        ``epochs="3"`` is one line, not a comparison error."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = _kind_ok(hints[f.name], list(value) if isinstance(value, tuple)
+                                else value)
+            if expected:
+                raise ValueError(f"--{flag(f.name)} must be {expected}, got {value!r}")
+
+    def _check_parts(self) -> None:
+        """Each part resolves to a class, and its options fit its constructor
+        (``pyro_vae.models.check_options``): before any folder is touched."""
+        parts = [("prior", self.prior, PRIORS, self.prior_options),
+                 ("likelihood", self.likelihood, LIKELIHOODS, self.likelihood_options),
+                 ("guide", self.guide, GUIDES, self.guide_options)]
+        if self.prior_guide is not None:
+            parts.append(("guide", self.prior_guide, GUIDES, self.prior_guide_options))
+        for kind, name, registry, options in parts:
+            check_options(resolve(name, registry, kind), name, kind, CONTEXT[kind], options)
 
     def _check_semisupervised(self) -> None:
         """ssvae's settings: labels of a 10-class data set, its own guide and losses."""
@@ -268,7 +294,7 @@ def parse_options(pairs: Iterable[str], what: str) -> Dict[str, Any]:
             raise ValueError(f"--{flag(what)}: {pair!r} is not KEY=VALUE")
         try:
             options[key] = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or nested or long beyond reason)
             options[key] = text
     return options
 
@@ -284,14 +310,47 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: {name!r} is not a device this package trains on "
                          f"(auto, cpu, cuda, cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {name!r} asked for, but CUDA is not available")
-    return device
+    try:
+        return check_device(name)  # CUDA there, and the device's index
+    except ArgumentError as e:
+        raise ValueError(f"--device: {e.message}") from None
 
 
 def build_model(config: TrainConfig, x_dim: int, train=None):
     """The model a (resolved) config describes. ``train``: the training split, needed by
-    VampPrior pseudo-inputs initialized from data (not when loading trained weights)."""
+    VampPrior pseudo-inputs initialized from data (not when loading trained weights).
+
+    Built on the meta device first (nothing allocated, no random number drawn): a model
+    whose weights alone would not fit in memory is refused in one line. Initial weights
+    that are not finite (a part's options) are refused too, before any step."""
+    if not (type(x_dim) is int and x_dim >= 1):
+        raise ValueError(f"x_dim must be an integer >= 1, got {x_dim!r}")
+    try:
+        with torch.device("meta"):
+            trial = _build(config, x_dim, None)
+    except ValueError:
+        raise
+    except Exception:  # a part that cannot be built on the meta device: no size known
+        trial = None
+    if trial is not None:
+        tensors = list(trial.parameters()) + list(trial.buffers())
+        check_fits(sum(t.numel() * t.element_size() for t in tensors), "cpu",
+                   "the model's weights", "choose a smaller --z-dim, --hidden or part options")
+    try:
+        vae = _build(config, x_dim, train)
+    except (TypeError, RuntimeError, OverflowError, MemoryError) as e:  # sizes torch refuses
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot build the model ({type(e).__name__}: {reason})") from e
+    # A NaN or an infinity makes its tensor's sum non-finite (one pass, no mask).
+    bad = next((name for name, t in list(vae.named_parameters()) + list(vae.named_buffers())
+                if t.is_floating_point() and not torch.isfinite(t.detach().sum())), None)
+    if bad is not None:
+        raise ValueError(f"the model's initial {bad} holds NaN or infinite values; check "
+                         f"the parts' options")
+    return vae
+
+
+def _build(config: TrainConfig, x_dim: int, train=None):
     prior_options = dict(config.prior_options)
     if prior_options.get("pseudo_init") == "data":
         # Loading a trained run overwrites them; any images of the right shape will do.
@@ -384,8 +443,9 @@ def _legacy(raw: dict) -> None:
     for old, (field, key) in _OLD_FIELDS.items():
         value = raw.pop(old, None)
         part = {"flow_steps": "guide", "prior_flow_steps": "prior_guide"}.get(old)
+        guide = raw.get(part) if isinstance(raw.get(part), str) else None  # else: schema
         if part and "flow_steps" not in inspect.signature(
-                GUIDES.get(raw.get(part), object)).parameters:
+                GUIDES.get(guide, object)).parameters:
             continue  # recorded for every run; only a flow guide took it
         if value is not None:
             raw[field] = dict(raw.get(field) or {}, **{key: value})

@@ -53,6 +53,7 @@ from pyro.nn import PyroModule
 from .compiled import rng_untouched
 from .datasets import as_dataset
 from .errors import ArgumentError
+from .objectives import is_latent
 
 logger = logging.getLogger("pyro_vae")
 
@@ -200,3 +201,63 @@ def check_num_data(module, objective, batch: Sequence[torch.Tensor], num_data: i
             f"{type(module).__name__} ignores num_data: its loss is the same for N = "
             f"{num_data} and 2N, so a minibatch is not scaled to the data set; put each "
             f"data point's sites in pyro.plate('data', num_data or len(x), subsample=x)")
+
+
+def check_model(model) -> None:
+    """One line (naming the argument) for an object that is not a model: the contract
+    needs an ``nn.Module`` with ``model`` and ``guide`` methods."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentError("model", f"must be a torch.nn.Module with model and guide "
+                                     f"methods (pyro_vae.contract), got "
+                                     f"{type(model).__name__}")
+    missing = [name for name in ("model", "guide") if not callable(getattr(model, name, None))]
+    if missing:
+        raise ArgumentError("model", f"{type(model).__name__} has no {' and no '.join(missing)}"
+                                     f" method; fit needs model(*batch, num_data=None) and "
+                                     f"guide(*batch, num_data=None) on one module")
+
+
+def check_model_guide(model, data, model_fn=None, validate: bool = True) -> None:
+    """The model/guide pair on the first two points of ``data``, before training: the
+    data's floating tensors have the parameters' dtype, the guide and the model run
+    (with Pyro's distribution checks where ``validate``: a part's options that give
+    invalid parameters show here), the guide's latent values have that dtype, and every
+    latent site of the model has a site in the guide or is enumerated. One line naming
+    the tensor or the site otherwise. Draws from a stream of its own and uses a parameter
+    store of its own (the caller's random state and store are left as they were)."""
+    data = as_dataset(data)
+    batch = tuple(t[:2] for t in data.support_view())
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    what = f"the {data.split} split of {data.name!r}"
+    for i, t in enumerate(batch):
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            name = "x" if i == 0 else f"tensor {i + 1}"
+            raise ValueError(f"{what}: {name} has dtype {t.dtype}; the model's parameters are "
+                             f"{dtype} (convert the data with .to({dtype}))")
+    # An empty parameter store of its own: a PyroModule takes a same-named entry left in
+    # the store (by an earlier model) over its own parameter, so the caller's store is
+    # neither read nor changed.
+    with rng_untouched(data.device), torch.no_grad(), pyro.validation_enabled(validate), \
+            pyro.get_param_store().scope():
+        guide = _trace(model.guide, batch, "guide")
+        trace = _trace(poutine.replay(model_fn or model.model, trace=guide), batch, "model")
+    sampled = [name for name, site in guide.nodes.items() if is_latent(site)]
+    for name in sampled:
+        value = guide.nodes[name]["value"]
+        if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+            raise ValueError(f"the guide's site {name!r} samples {value.dtype} values; the "
+                             f"model's parameters are {dtype}")
+    for name, site in trace.nodes.items():
+        if is_latent(site) and name not in guide.nodes and not site["infer"].get("enumerate"):
+            raise ValueError(f"the model's latent site {name!r} has no site in the guide (it "
+                             f"samples {sampled}): sample {name!r} in the guide, or mark it for "
+                             f"enumeration in the model (TraceEnum_ELBO then sums it out)")
+
+
+def _trace(fn, batch, what: str):
+    try:
+        return poutine.trace(fn).get_trace(*batch)
+    except Exception as e:  # the user's code: say where, keep the cause chained
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"the {what} fails on the first batch ({type(e).__name__}: "
+                         f"{reason})") from e

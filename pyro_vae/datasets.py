@@ -7,7 +7,9 @@ folder per data set (``mnist/``, ``fashion-mnist/``, ``binarized-mnist/``,
 ``caltech101-silhouettes/``, ``frey-faces/``). Missing files are downloaded where a
 mirror is known into a temporary file, md5-checked, then renamed into place. Every file is
 md5-checked on its decompressed content, so a gzipped or a plain copy both pass and a
-truncated or corrupt one is an error naming it.
+truncated or corrupt one is an error naming it. Files are read as untrusted input: only
+regular files, checked against their known sizes before anything is decompressed, and
+decompressed (or downloaded) no further than those sizes allow.
 """
 
 import dataclasses
@@ -26,11 +28,15 @@ import numpy as np
 import torch
 
 from .errors import MissingData
+from .files import open_regular
 
 ENV_VAR = "PYRO_VAE_DATA"
 
-# name -> folder, files {plain file name: md5 of the decompressed content}, remote suffix,
-# mirrors. Files may be stored locally as `name` or `name.gz`.
+# name -> folder, files {plain file name: md5 of the decompressed content}, sizes {plain
+# file name: bytes decompressed}, remote suffix, mirrors. Files may be stored locally as
+# `name` or `name.gz`.
+_IDX_SIZES = {"train-images-idx3-ubyte": 47040016, "train-labels-idx1-ubyte": 60008,
+              "t10k-images-idx3-ubyte": 7840016, "t10k-labels-idx1-ubyte": 10008}
 _MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/",
                   "http://yann.lecun.com/exdb/mnist/"]
 SOURCES: Dict[str, dict] = {
@@ -39,7 +45,7 @@ SOURCES: Dict[str, dict] = {
         "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
         "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
         "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-    }),
+    }, sizes=_IDX_SIZES),
     "fashion-mnist": dict(
         folder="fashion-mnist", suffix=".gz",
         mirrors=["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"], files={
@@ -47,7 +53,7 @@ SOURCES: Dict[str, dict] = {
             "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
             "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
             "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-        }),
+        }, sizes=_IDX_SIZES),
     "binarized-mnist": dict(
         folder="binarized-mnist", suffix="",
         mirrors=["http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"],
@@ -55,14 +61,18 @@ SOURCES: Dict[str, dict] = {
             "binarized_mnist_train.amat": "db28b1a6ae0fe70cbd3da91acf46e477",
             "binarized_mnist_valid.amat": "bf37822a04e94123630de6a7dfd9c9ef",
             "binarized_mnist_test.amat": "14e41ae11040adba6ab8cb291eda0dd8",
-        }),
+        }, sizes={"binarized_mnist_train.amat": 78400000,
+                  "binarized_mnist_valid.amat": 15680000,
+                  "binarized_mnist_test.amat": 15680000}),
     "caltech101": dict(
         folder="caltech101-silhouettes", suffix="",
         mirrors=["https://people.cs.umass.edu/~marlin/data/"],
-        files={"caltech101_silhouettes_28.mat": "1432d2809e8bf111f1104a234731ddb1"}),
+        files={"caltech101_silhouettes_28.mat": "1432d2809e8bf111f1104a234731ddb1"},
+        sizes={"caltech101_silhouettes_28.mat": 701202}),
     "frey-faces": dict(  # the VampPrior paper's array, saved with numpy.save; no mirror
         folder="frey-faces", suffix="", mirrors=[],
-        files={"freyfaces_uint8_1965x560.npy": "ba92189c966bec4ac7b48dd0f55cb805"}),
+        files={"freyfaces_uint8_1965x560.npy": "ba92189c966bec4ac7b48dd0f55cb805"},
+        sizes={"freyfaces_uint8_1965x560.npy": 1100528}),
 }
 DATASETS = ("digits", "mnist", "fashion-mnist", "binarized-mnist", "caltech101",
             "frey-faces")
@@ -239,39 +249,63 @@ def data_root(data_dir=None) -> Path:
     return Path(cache) / "pyro_vae"
 
 
-def _read_verified(path: Path, md5: str, gz: Optional[bool] = None) -> bytes:
-    """The decompressed bytes of ``path`` (gzip if it ends in .gz), md5-checked."""
+def gzip_bound(size: int) -> int:
+    """The most bytes a gzip file of ``size`` bytes of content can take (deflate's stored
+    blocks add 5 bytes per 16 KiB; the header and trailer a few dozen, plus a name)."""
+    return size + 5 * (size // 16384 + 1) + 1024
+
+
+def _read_verified(path: Path, md5: str, size: int, gz: Optional[bool] = None) -> bytes:
+    """The decompressed bytes of ``path`` (gzip if it ends in .gz), checked: a regular
+    file, of ``size`` bytes (a gzip no larger than that content can take, and
+    decompressed no further than ``size`` + 1 bytes: a bomb stops there), md5-checked."""
     gz = path.suffix == ".gz" if gz is None else gz
+    fix = "delete it and download it again"
     try:
-        if gz:
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        with open_regular(path, "data file") as f:
+            stored = os.fstat(f.fileno()).st_size
+            if stored > (gzip_bound(size) if gz else size):
+                raise ValueError(f"{path}: {stored} bytes, more than the {size} bytes of "
+                                 f"its content{' compressed' if gz else ''} can take; the "
+                                 f"file is not the expected one, {fix}")
+            raw = (gzip.GzipFile(fileobj=f) if gz else f).read(size + 1)
     except PermissionError as e:
         raise ValueError(f"{path}: cannot be read ({e.strerror}); check its "
                          f"permissions") from None
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: truncated or corrupt ({reason}); delete it and "
-                         f"download it again") from None
+        raise ValueError(f"{path}: truncated or corrupt ({reason}); {fix}") from None
+    if len(raw) != size:
+        got = "more" if len(raw) > size else len(raw)
+        raise ValueError(f"{path}: {got} bytes of content, expected {size}; the file is "
+                         f"truncated or corrupt, {fix}")
     got = hashlib.md5(raw).hexdigest()
     if got != md5:
         raise ValueError(f"{path}: md5 of the content is {got}, expected {md5}; the file "
-                         f"is truncated or corrupt, delete it and download it again")
+                         f"is truncated or corrupt, {fix}")
     return raw
 
 
-def _download(url: str, dest: Path, md5: str) -> bytes:
+def _download(url: str, dest: Path, md5: str, size: int) -> bytes:
     """Download ``url`` into a temporary file beside ``dest``, check it, rename it into
-    place, and return its verified content. Nothing is left behind on failure."""
+    place, and return its verified content. Nothing is left behind on failure, and no
+    more is downloaded than a file of ``size`` bytes of content can take."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    gz = dest.suffix == ".gz"
+    bound = gzip_bound(size) if gz else size
     try:
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as r:
+            received = 0
             while chunk := r.read(1 << 20):
-                f.write(chunk)
-        raw = _read_verified(Path(tmp), md5, gz=dest.suffix == ".gz")
+                received += len(chunk)
+                if received > bound:
+                    raise ValueError(f"{url}: more than {bound} bytes; not the expected file")
+                try:
+                    f.write(chunk)
+                except OSError as e:  # a full disk: name the file, not only the URL
+                    raise OSError(f"{tmp}: not written ({e.strerror or e})") from None
+        raw = _read_verified(Path(tmp), md5, size, gz=gz)
         os.replace(tmp, dest)
         return raw
     finally:
@@ -287,7 +321,7 @@ def fetch(name: str, data_dir=None, download: bool = True) -> Dict[str, bytes]:
     for fname, md5 in src["files"].items():
         local = [p for p in (folder / (fname + ".gz"), folder / fname) if p.exists()]
         if local:
-            out[fname] = _read_verified(local[0], md5)
+            out[fname] = _read_verified(local[0], md5, src["sizes"][fname])
         else:
             missing.append(fname)
     if missing and download:
@@ -297,7 +331,7 @@ def fetch(name: str, data_dir=None, download: bool = True) -> Dict[str, bytes]:
             for mirror in src["mirrors"]:
                 try:
                     out[fname] = _download(mirror + remote, folder / remote,
-                                           src["files"][fname])
+                                           src["files"][fname], src["sizes"][fname])
                     break
                 except (urllib.error.URLError, OSError, ValueError) as e:
                     errors.append(f"{mirror + remote}: {e}")

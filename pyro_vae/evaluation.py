@@ -15,9 +15,11 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from .compiled import compiled, rng_untouched
-from .contract import check_data
+from .arguments import check_counts, check_number
+from .contract import check_data, check_model, check_model_guide
 from .datasets import as_dataset
 from .errors import ArgumentError
+from .memory import check_fits, check_step_memory
 from .objectives import (AUTO, Loss, choose_elbo, is_latent, kl_weight, plate_nesting,
                          probe_traces)
 from .progress import bar
@@ -33,6 +35,9 @@ def seeded(seed: Optional[int], device=None):
     if seed is None:
         yield
         return
+    if not (type(seed) is int and 0 <= seed < 2 ** 64):
+        raise ArgumentError("seed", f"must be None or an integer in 0 ... 2**64 - 1, got "
+                                    f"{seed!r}")
     with rng_untouched(device or "cpu"):
         torch.manual_seed(seed)
         yield
@@ -92,10 +97,16 @@ def elbo(model, data, loss: Loss = AUTO, num_particles: int = 1,
     epoch). Raises ``ValueError`` for such data or an unknown ``loss``, ``TypeError`` for
     ``data`` of another kind.
     """
+    check_model(model)
+    check_counts(num_particles=num_particles, batch_size=batch_size)
+    check_number("beta", beta)
     data = as_dataset(data)
     if check:
         check_data(model, data)
+        check_model_guide(model, data, validate=False)  # the pair's structure
     objective, _ = choose_elbo(loss, num_particles, model, probe_batch(data))
+    if check:
+        check_step_memory(data, batch_size, objective.num_particles, data.device)
     total = 0.0
     with _evaluating(model), seeded(seed, data.device), kl_weight(beta, beta_sites):
         for batch in data.batches(batch_size, shuffle=False):
@@ -206,11 +217,18 @@ def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
     ``compile`` and ``precision``: as for ``fit`` (``pyro_vae.compiled``); the first
     compiled call for a model compiles (seconds), later ones reuse what it compiled.
     """
+    check_model(model)
+    check_counts(num_samples=num_samples, chunk=chunk, batch_size=batch_size,
+                 max_plate_nesting=max_plate_nesting)
     data = as_dataset(data)
     check_data(model, data)
     if num_samples > MAX_SAMPLES:
         raise ArgumentError("num_samples", f"{num_samples} is more than {MAX_SAMPLES} "
                             f"importance samples per point")
+    samples, points = min(chunk, num_samples), min(batch_size, len(data))
+    check_fits(4 * samples * points * data.x[0].numel(), data.device,
+               f"chunks of {samples} samples x {points} points x {data.x[0].numel()} "
+               f"features", "lower chunk (--chunk)")
     out = []
     batches = bar(data.batches(batch_size, shuffle=False), progress,
                   total=-(-len(data) // batch_size), desc="log p(x)")
@@ -265,6 +283,7 @@ def elbo_surgery(vae, data, chunk: int = 1000, seed: Optional[int] = 0,
     I(n; z) = average KL - marginal KL, between 0 and log N. All in nats per data point.
     ``compile`` and ``precision``: as for ``fit`` (``pyro_vae.compiled``).
     """
+    check_counts(chunk=chunk)
     x = _all_points(vae, data, "ELBO surgery")
     with compiled(vae, (x[:2],), compile, precision):
         q = vae.encode(x)  # batch (N,)
@@ -305,6 +324,7 @@ def active_units(vae, data, threshold: float = 0.01, seed: Optional[int] = 0) ->
     mean moves with the data. Also the average KL(q(z_u | x) || p(z_u)) per dimension when
     the prior and the guide are both diagonal Gaussians (else None).
     """
+    check_number("threshold", threshold)
     x = _all_points(vae, data, "active_units")
     q = vae.encode(x)
     with seeded(seed, x.device):

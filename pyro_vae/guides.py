@@ -62,6 +62,9 @@ class DiagonalNormalEncoder(nn.Module):
     Also serves as any conditional diagonal Gaussian, such as p(z1 | z2) in the HVAE.
     """
 
+    #: Ranges of constructor options (checked by ``pyro_vae.models.check_options``).
+    option_ranges = {"min_scale": (">", 0)}
+
     def __init__(self, x_dim: int, z_dim: int, hidden: Sequence[int] = (400,),
                  act: str = "relu", arch: str = "mlp", scale: Optional[str] = None,
                  min_scale: float = 1e-4):
@@ -142,6 +145,11 @@ class IAFEncoder(nn.Module):
     on this guide, ELBO surgery) needs the inverse, z_dim sequential network passes per
     step: correct, but slow.
     """
+
+    # A flow of more than a hundred steps is a typo (papers use up to eight); each step
+    # is a module built at construction.
+    option_ranges = {"min_scale": (">", 0), "flow_steps": ((">=", 1), ("<=", 100)),
+                     "context_dim": (">=", 1), "flow_hidden": (">=", 1)}
 
     def __init__(self, x_dim: int, z_dim: int, hidden: Sequence[int] = (400,),
                  act: str = "relu", arch: str = "mlp", flow_steps: int = 2,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .checkpoints import TrainState, save_checkpoint
+from .files import append_text
 
 logger = logging.getLogger("pyro_vae")
 
@@ -62,6 +63,9 @@ class EarlyStopping(Hook):
     stops where the uninterrupted one would."""
 
     def __init__(self, patience: int, monitor: str = "valid_elbo"):
+        if not (type(patience) is int and patience >= 1):
+            raise ValueError(f"EarlyStopping: patience must be an integer >= 1, got "
+                             f"{patience!r}")
         self.patience, self.monitor = patience, monitor
 
     def on_epoch_end(self, record, history, model) -> bool:
@@ -87,14 +91,14 @@ class KeepBest(Hook):
 
 
 class MetricsWriter(Hook):
-    """Append each epoch's record to a JSON-lines file, flushed at once."""
+    """Append each epoch's record to a JSON-lines file, written at once (a symbolic link
+    or a hard-linked file there is refused in one line, not written through)."""
 
     def __init__(self, path):
         self.path = Path(path)
 
     def on_epoch_end(self, record, history, model):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")  # never through a link
 
 
 class Checkpointer(Hook):

@@ -171,6 +171,7 @@ class GaussianLikelihood(Likelihood):
     """
 
     name = "gaussian"
+    option_ranges = {"scale": (">", 0), "init_scale": (">", 0), "min_scale": (">=", 0)}
 
     def __init__(self, x_dim: int, scale: Optional[float] = None, init_scale: float = 0.1,
                  min_scale: float = 1e-3):
@@ -207,6 +208,7 @@ class _DecodedScale(Likelihood):
     sigma = min_scale + softplus(s + c), with c such that s = 0 gives ``init_scale``."""
 
     outputs_per_feature = 2
+    option_ranges = {"init_scale": (">", 0), "min_scale": (">=", 0)}
 
     def __init__(self, x_dim: int, init_scale: float = 0.1, min_scale: float = 1e-3):
         super().__init__(x_dim)
@@ -246,6 +248,8 @@ class DiscretizedLogisticLikelihood(_DecodedScale):
 
     discrete = True
     name = "discretized_logistic"
+    # Its mean sums over the bins: 16-bit data are the most there are.
+    option_ranges = dict(_DecodedScale.option_ranges, bins=((">=", 2), ("<=", 2 ** 16)))
 
     def __init__(self, x_dim: int, bins: int = 256, init_scale: float = 0.1,
                  min_scale: float = 1e-3):

@@ -8,9 +8,12 @@ whenever ``model`` or ``guide`` touches them. The KL weight beta is not an argum
 trainer applies it to the latent sites of any model (``pyro_vae.objectives.scale_latents``).
 """
 
+import collections.abc
 import contextlib
 import importlib
 import inspect
+import math
+import typing
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -20,6 +23,7 @@ import pyro
 import pyro.distributions as dist
 from pyro.nn import PyroModule, pyro_method
 
+from .errors import ArgumentError
 from .guides import GUIDES, DiagonalNormalEncoder, location
 from .likelihoods import LIKELIHOODS
 from .nn import network
@@ -27,13 +31,18 @@ from .priors import PRIORS
 
 
 def resolve(name: str, registry: dict, kind: str):
-    """A class from ``registry`` by name, or from ``"package.module:ClassName"``."""
+    """A class from ``registry`` by name, or from ``"package.module:ClassName"``; one line
+    for anything else, or for an import path that names no ``nn.Module`` class."""
     if isinstance(name, str) and ":" in name:
         module_name, _, attr = name.partition(":")
         try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError) as e:
             raise ValueError(f"cannot load {kind} {name!r}: {e}") from None
+        if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+            raise ValueError(f"{kind} {name!r} is not a {kind} class (a subclass of "
+                             f"torch.nn.Module)")
+        return cls
     try:
         return registry[name]
     except (KeyError, TypeError):
@@ -41,21 +50,141 @@ def resolve(name: str, registry: dict, kind: str):
                          f"or 'package.module:ClassName'") from None
 
 
+#: The arguments a model hands each kind of part (a part takes those its constructor
+#: names); an option of the same name is refused (it is the model's own setting).
+CONTEXT = {"prior": ("z_dim", "x_dim"), "likelihood": ("x_dim",),
+           "guide": ("x_dim", "z_dim", "hidden", "act", "arch")}
+
+
 def build(part, registry: dict, kind: str, context: Dict, options: Optional[Dict] = None):
     """``part`` if it is a module; else its class built with the ``context`` arguments its
-    constructor names (z_dim, x_dim, ...) and every one of ``options``."""
+    constructor names (z_dim, x_dim, ...) and every one of ``options``, after
+    ``check_options``."""
     if isinstance(part, nn.Module):
         return part
     cls = resolve(part, registry, kind)
+    options = check_options(cls, part, kind, tuple(context), options)
     params = inspect.signature(cls).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    options = dict(options or {})
+    kwargs = {k: v for k, v in context.items() if k in params or takes_all}
+    return cls(**kwargs, **options)
+
+
+def check_options(cls, part, kind: str, context: Sequence[str],
+                  options: Optional[Dict]) -> Dict:
+    """``options`` for ``cls``'s constructor, checked before it runs: a dict of names it
+    takes (not one of the ``context`` arguments the model passes itself), each value of
+    the kind its annotation says (``int``, ``float``, ``bool``, ``str``, a sequence, a
+    tensor; ``Optional`` allows None), numbers finite, and within the ranges the class
+    declares in ``option_ranges`` (``{"min_scale": (">", 0)}``, or several conditions:
+    ``{"bins": ((">=", 2), ("<=", 65536))}``; a range applies to each element of a
+    sequence). One line naming the part and the option otherwise."""
+    if options is None:
+        return {}
+    if not (isinstance(options, dict) and all(isinstance(k, str) for k in options)):
+        raise ValueError(f"{kind} options must be a dict of name: value, got "
+                         f"{type(options).__name__}")
+    params = inspect.signature(cls).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    clash = [k for k in options if k in context]
+    if clash:
+        raise ValueError(f"{kind} option {clash[0]} is the model's own setting, which it "
+                         f"hands the {kind}; set it there, not as a {kind} option")
     refused = [k for k in options if k not in params and not takes_all]
     if refused:
         raise ValueError(f"{kind} {part!r} takes no option {', '.join(refused)}; it takes "
                          f"{sorted(k for k in params if k not in context) or 'none'}")
-    kwargs = {k: v for k, v in context.items() if k in params or takes_all}
-    return cls(**kwargs, **options)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations that do not resolve: kinds are not checked
+        hints = {}
+    ranges = getattr(cls, "option_ranges", {})
+    for name, value in options.items():
+        problem = (_kind_problem(hints.get(name), value) or _finite_problem(value)
+                   or _range_problem(ranges.get(name), value))
+        if problem:
+            raise ValueError(f"{kind} option {name} {problem}, got {_shown(value)}")
+    return dict(options)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind_problem(hint, value) -> str:
+    """'' if ``value`` fits the annotation ``hint`` (or there is none), else what it
+    must be."""
+    if hint is None:
+        return ""
+    if typing.get_origin(hint) is Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(hint)):
+            return ""
+        if len(args) != 1:
+            return ""  # a union of several kinds: left to the constructor
+        hint = args[0]
+    origin = typing.get_origin(hint) or hint
+    if origin is bool:
+        return "" if isinstance(value, bool) else "must be true or false"
+    if origin is int:
+        return "" if type(value) is int else "must be an integer"
+    if origin is float:
+        return "" if type(value) in (int, float) else "must be a number"
+    if origin is str:
+        return "" if isinstance(value, str) else "must be text"
+    if origin in (tuple, list, collections.abc.Sequence):
+        inner = typing.get_args(hint)[:1]
+        if not isinstance(value, (list, tuple)):
+            return "must be a list"
+        bad = next((_kind_problem(inner[0], v) for v in value if inner
+                    and inner[0] is not Ellipsis and _kind_problem(inner[0], v)), "")
+        return bad and f"must be a list whose items {bad[5:]}"
+    if inspect.isclass(origin) and not isinstance(value, origin):
+        return f"must be a {origin.__name__}, which an option value cannot give"
+    return ""
+
+
+def _finite_problem(value) -> str:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        return "must be finite"
+    return ""
+
+
+_COMPARE = {">": (lambda a, b: a > b), ">=": (lambda a, b: a >= b),
+            "<": (lambda a, b: a < b), "<=": (lambda a, b: a <= b)}
+
+
+def _range_problem(declared, value) -> str:
+    """'' if ``value`` (each element of a list) meets the declared condition, one
+    ``(op, bound)`` or a tuple of them; else the condition it fails."""
+    if declared is None or value is None:
+        return ""
+    conditions = declared if isinstance(declared[0], tuple) else (declared,)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for op, bound in conditions:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and _COMPARE[op](v, bound) for v in values):
+            return f"must be {op} {bound}"
+    return ""
+
+
+def check_sizes(x_dim, z_dim, hidden) -> None:
+    """One line naming the argument for a size that is not an integer >= 1."""
+    for name, value in (("x_dim", x_dim), ("z_dim", z_dim)):
+        if not (type(value) is int and value >= 1):
+            raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
+    if isinstance(hidden, (str, bytes)) or not all(
+            type(h) is int and h >= 1 for h in _iterable(hidden)):
+        raise ArgumentError("hidden", f"must be a sequence of integers >= 1, got {hidden!r}")
+
+
+def _iterable(value):
+    try:
+        return list(value)
+    except TypeError:
+        return [None]
 
 
 def _plate_size(x: Optional[torch.Tensor], num_data: Optional[int]) -> int:
@@ -205,6 +334,7 @@ class VAE(_LatentModel):
                  prior_options: Optional[Dict] = None, guide_options: Optional[Dict] = None,
                  likelihood_options: Optional[Dict] = None):
         super().__init__()
+        check_sizes(x_dim, z_dim, hidden)
         self.x_dim, self.z_dim = x_dim, z_dim
         hidden = tuple(hidden)
         self.encoder = build(encoder, GUIDES, "guide", dict(
@@ -274,6 +404,7 @@ class HierarchicalVAE(_LatentModel):
                  prior_options: Optional[Dict] = None, guide_options: Optional[Dict] = None,
                  likelihood_options: Optional[Dict] = None):
         super().__init__()
+        check_sizes(x_dim, z_dim, hidden)
         self.x_dim, self.z_dim = x_dim, z_dim
         hidden = tuple(hidden)
         conditional = self._conditional = dict(hidden=hidden, act=act, arch=arch)

@@ -103,10 +103,12 @@ def make_elbo(loss: Loss = "meanfield", num_particles: int = 1,
 def probe_traces(module, batch: Sequence[torch.Tensor], model_fn=None):
     """The traces of ``module.guide`` on ``batch`` and of the model replayed on its
     draws (subsample sites pruned), as an ELBO sees them: without gradients, without
-    Pyro's distribution checks, and leaving every random stream as it was."""
+    Pyro's distribution checks, leaving every random stream as it was, and in a
+    parameter store of its own (a ``PyroModule`` would take a same-named entry left in
+    the caller's store over its own parameter)."""
     model_fn = model_fn or module.model
     with rng_untouched(batch[0].device), torch.no_grad(), pyro.validation_enabled(False), \
-            poutine.block():
+            pyro.get_param_store().scope(), poutine.block():
         guide_trace = poutine.trace(module.guide).get_trace(*batch)
         model_trace = poutine.trace(poutine.replay(model_fn, trace=guide_trace)
                                     ).get_trace(*batch)

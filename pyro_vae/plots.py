@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # files only; works on machines with no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .checkpoints import atomic_write  # noqa: E402
 from .semisupervised import classification_error, confusion_matrix  # noqa: E402
 
 
@@ -23,6 +24,18 @@ def image_grid(images: torch.Tensor, image_shape: Tuple[int, int], ncols: int) -
         r, c = divmod(i, ncols)
         grid[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = img
     return grid
+
+
+def save_figure(fig, path) -> None:
+    """Write ``fig`` to ``path`` (PNG, or the format its suffix names) and close it: atomically
+    (``atomic_write``: a link at ``path`` is replaced, never written through), and a
+    failed write (a full disk) is one line naming the file."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png",
+                                                 dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def save_grid(grid, path, title: str, columns: Sequence[str] = (),
@@ -39,8 +52,7 @@ def save_grid(grid, path, title: str, columns: Sequence[str] = (),
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_samples(vae, image_shape, path, n: int = 64) -> None:
@@ -76,8 +88,7 @@ def plot_elbo(history: Sequence[Dict], path) -> None:
     ax.set_ylabel("ELBO per data point (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_elbo_surgery(terms: Dict, path) -> None:
@@ -97,8 +108,7 @@ def plot_elbo_surgery(terms: Dict, path) -> None:
     ax.set_title("ELBO = E log p(x|z) − I(n; z) − KL(q(z) || p(z))", fontsize=9)
     ax.legend(fontsize=8)
     ax.tick_params(axis="x", labelsize=8)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_analogies(vae, x: torch.Tensor, image_shape, path) -> None:
@@ -127,8 +137,7 @@ def plot_confusion(counts: torch.Tensor, path, title: str = "") -> None:
     ax.set_xlabel("label of q(y|x)")
     ax.set_ylabel("true label")
     ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_error(history: Sequence[Dict], path, test_error=None) -> None:
@@ -145,8 +154,7 @@ def plot_error(history: Sequence[Dict], path, test_error=None) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_classifier(vae, test, history: Sequence[Dict], folder) -> None:

@@ -211,6 +211,8 @@ class MixtureOfGaussians(nn.Module):
     Means start at N(0, I) draws, scales at 1, weights uniform.
     """
 
+    option_ranges = {"components": (">=", 1)}
+
     def __init__(self, z_dim: int, components: int = 10):
         super().__init__()
         _check_components(components)
@@ -238,6 +240,7 @@ class VampPrior(nn.Module):
     """
 
     uses_encoder = True  # the model hands it the encoder: p(z) is built on q(z | u)
+    option_ranges = {"components": (">=", 1), "init_std": (">=", 0)}
 
     def __init__(self, z_dim: int, x_dim: int, components: int = 500,
                  pseudo_init: str = "normal", learn_weights: bool = False,

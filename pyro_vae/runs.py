@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -31,8 +32,10 @@ from .compiled import check_precision
 from .checkpoints import (TrainState, atomic_write, load_checkpoint, read_checkpoint,
                           save_checkpoint)
 from .errors import ArgumentError
+from .statecheck import check_optimizer_state
 from .config import (MODEL_SETTINGS, RESUMABLE_CHANGES, TrainConfig, build_model,
                      config_from_dict, config_to_dict, flag, resolve_device)
+from .files import MAX_JSON_BYTES, open_nofollow, read_bounded
 from .evaluation import (MAX_SAMPLES, active_units, bits_per_dim, elbo_surgery,
                          log_likelihood, probe_batch, units)
 from .evaluation import elbo as evaluate_elbo
@@ -40,7 +43,14 @@ from .models import MODELS
 from .objectives import choose_elbo, plain_elbo
 from .hooks import Checkpointer, KeepBest, MetricsWriter, best_epoch, stopped_early
 from .semisupervised import classification_error, labelled_split, repeats
+from .step import make_optimizer
+from .contract import check_model_guide
+from .arguments import check_device
+from .errors import ArgumentError
+from .memory import check_step_memory
 from .train import Options, check_data, fit
+
+logger = logging.getLogger("pyro_vae")
 
 # Every file a run folder may hold.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "summary.json",
@@ -60,7 +70,13 @@ class RunFolder:
     and read back."""
 
     def __init__(self, path):
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+            raise ArgumentError("run_dir", f"must name the run folder, got {path!r}")
         self.path = Path(path)
+        if self.path.is_symlink():  # resolved once: a link changed later moves no write
+            self.path, self.link = self.path.resolve(), self.path
+        else:
+            self.link = None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -74,8 +90,9 @@ class RunFolder:
         return self.path / "best.pt"
 
     def existing(self):
-        """The names of the run files (``RUN_FILES``) the folder holds."""
-        return [f for f in RUN_FILES if (self.path / f).exists()]
+        """The names of the run files (``RUN_FILES``) the folder holds (a dangling link
+        among them)."""
+        return [f for f in RUN_FILES if os.path.lexists(self.path / f)]
 
     def prepare(self, overwrite: bool) -> None:
         """Make the folder for a new run: refuse one that holds a run unless
@@ -95,9 +112,13 @@ class RunFolder:
         """Hold the folder's write lock (``fcntl.flock`` on ``run.lock``) inside the
         block: one writer per run folder. A second writer is refused in one line naming
         the holder's PID; the kernel releases the lock when its holder exits or is
-        killed, so a stale lock never blocks."""
+        killed, so a stale lock never blocks. ``run.lock`` is never followed through a
+        symbolic link (nor written when it is not a plain file of its own)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        if self.link is not None:
+            logger.info("run folder %s is a symbolic link: writing in %s", self.link,
+                        self.path)
+        fd = open_nofollow(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,8 +127,11 @@ class RunFolder:
             raise RuntimeError(f"{self.path}: another process (PID {holder}) is writing "
                                f"this run folder; wait for it to end or stop it") from None
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+            except OSError as e:
+                raise OSError(f"{self.path / LOCK_FILE}: not written ({e.strerror})") from None
             yield self
         finally:
             os.close(fd)  # releases the lock
@@ -116,7 +140,8 @@ class RunFolder:
         """Temporary files of writes cut short by a killed process (see ``atomic_write``)."""
         for f in RUN_FILES:
             for tmp in self.path.glob(f + ".*.tmp"):
-                tmp.unlink()
+                if tmp.is_symlink() or tmp.is_file():  # unlink removes a link, not its target
+                    tmp.unlink()
 
     def write_json(self, name: str, obj) -> None:
         """Write ``obj`` as indented JSON to the folder's file ``name``, atomically."""
@@ -255,6 +280,9 @@ def _load_start(vae, state: dict, path: Path) -> None:
 def train_run(config: TrainConfig, progress: bool = True, trust_imports: bool = False) -> dict:
     """Train as ``config`` says and fill its run folder; returns the summary.
     ``trust_imports``: let ``init_from``'s run folder name classes by import path."""
+    if not isinstance(config, TrainConfig):
+        raise ArgumentError("config", f"must be a pyro_vae.TrainConfig, got "
+                                      f"{type(config).__name__}")
     config.validate()
     start = None
     if config.init_from:
@@ -269,6 +297,8 @@ def train_run(config: TrainConfig, progress: bool = True, trust_imports: bool = 
     if start is not None:
         _load_start(vae, start, Path(config.init_from))
     check_data(vae, *data, batch_size=config.batch_size)
+    check_model_guide(vae, data[0])  # a trial on two points: bad parameters show here
+    check_step_memory(data[0], config.batch_size, config.particles, device)
     run = RunFolder(config.out)
     # Everything that can fail on bad input has been checked: only now touch the folder
     # (process 0 does, of several under torchrun), holding its lock.
@@ -292,8 +322,11 @@ def resume_config(run_dir, changes: Optional[dict] = None,
     the options given on the command line beside ``--resume``) applied. A change outside
     ``RESUMABLE_CHANGES`` is a one-line error naming the option: a resumed run keeps its
     model and what it was trained on."""
-    run_dir = Path(run_dir)
+    run_dir = RunFolder(run_dir).path
     saved = RunFolder(run_dir).read_config(trust_imports)
+    if not isinstance(changes, (dict, type(None))):
+        raise ArgumentError("changes", f"must be a dict of setting: value, got "
+                                       f"{type(changes).__name__}")
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in (changes or {}).items()}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, value in changes.items():
@@ -321,25 +354,31 @@ def resume_run(run_dir, changes: Optional[dict] = None, progress: bool = True,
                trust_imports: bool = False) -> dict:
     """Continue the run in ``run_dir`` from its checkpoint (``pyro-vae train --resume``):
     on the CPU a run killed at any point and resumed ends bitwise where the uninterrupted
-    run would. ``changes``: see ``resume_config`` (e.g. ``{"epochs": 50}`` to train on)."""
+    run would. ``changes``: see ``resume_config`` (e.g. ``{"epochs": 50}`` to train on).
+    The data are read as ``evaluate_run`` reads them: from the run's data_dir only where
+    that folder exists (nothing downloaded there), unless ``changes`` gives one."""
     config = resume_config(run_dir, changes, trust_imports)
     run = RunFolder(config.out)
     if not run.checkpoint.exists():
         raise ValueError(f"--resume {run.path}: no checkpoint.pt (the run stopped before "
                          f"its first checkpoint); start it again with --overwrite")
     device = distributed.setup(resolve_device(config.device))
+    source = config if "data_dir" in (changes or {}) else _run_data(config, None)
     with _writing(run):
-        return _resume(config, run, device, progress)
+        return _resume(config, run, device, progress, source)
 
 
-def _resume(config: TrainConfig, run: RunFolder, device, progress: bool) -> dict:
+def _resume(config: TrainConfig, run: RunFolder, device, progress: bool,
+            source: TrainConfig) -> dict:
+    """``resume_run`` holding the folder's lock; ``source``: the config to load the data
+    with (``_run_data``)."""
     out = run.path
     state, training = run.training_state()
     done = training.epochs_done
     finished = done >= config.epochs or stopped_early(training.history,
                                                       config.early_stopping, config.monitor)
     if finished and not run.reported(config):
-        return _finish(config, run, state, training, device)  # killed before its summary
+        return _finish(config, run, state, training, device, load_data(source))
     if stopped_early(training.history, config.early_stopping, config.monitor):
         raise ValueError(f"--resume {out}: the run stopped early after {done} epochs (no "
                          f"better {config.monitor} since epoch "
@@ -348,28 +387,45 @@ def _resume(config: TrainConfig, run: RunFolder, device, progress: bool) -> dict
     if done >= config.epochs:
         raise ValueError(f"--resume {out}: the run has finished its {done} epochs; give "
                          f"--epochs more than {done} to train on")
-    data = load_data(config)
+    data = load_data(source)
     vae = build_model(config, data[0].x.shape[1], data[0])
     load_checkpoint(run.checkpoint, vae, state=state)
     check_data(vae, *data, batch_size=config.batch_size)
+    _check_resumable(run, training, vae, data[0], config, device)
     if distributed.is_main():
         run.remove_leftovers()
         run.write_config(config)
     return _train_and_report(config, run, vae, data, device, progress, resume=training)
 
 
+def _check_resumable(run: RunFolder, training: TrainState, vae, train, config,
+                     device) -> None:
+    """What the resumed run will load, checked before config.json is rewritten: the
+    position fits the data, the optimizer state fits the model's parameters, a step fits
+    in memory."""
+    training.check_data(len(train), config.batch_size, str(run.checkpoint))
+    check_step_memory(train, config.batch_size, config.particles, device)
+    params, where = dict(vae.named_parameters()), f"{run.checkpoint}: training.optimizer"
+    check_optimizer_state(training.optimizer, params, where)
+    # Its groups' flags (fused, amsgrad, ...) against an optimizer of the run's kind.
+    saved = [params[name] for name in training.optimizer["parameters"]]
+    check_optimizer_state(training.optimizer, params, where, make_optimizer(
+        config.optimizer, saved, config.lr, config.clip_norm))
+
+
 def _finish(config: TrainConfig, run: RunFolder, state: dict, training: TrainState,
-            device) -> dict:
+            device, data) -> dict:
     """Write the summary and figures of a run whose training ended (it was stopped
     after its last checkpoint, before they were written)."""
-    data = load_data(config)
     vae = build_model(config, data[0].x.shape[1], data[0])
     load_checkpoint(run.checkpoint, vae, state=state)
+    check_step_memory(data[0], config.batch_size, config.particles, device)
+    best = read_checkpoint(run.best) if config.early_stopping else None  # before any write
     if distributed.is_main():
         run.remove_leftovers()
         run.restart_metrics(training.history)
-        if which_weights(config) == "best":
-            load_checkpoint(run.best, vae)
+        if best is not None:
+            load_checkpoint(run.best, vae, state=best)
         return _report(config, run, vae.to(device), data, device, training.history)
     return {}
 
@@ -441,11 +497,14 @@ def read_config(path, trust_imports: bool = False) -> TrainConfig:
     class named by import path in it is refused unless ``trust_imports``."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        text = read_bounded(path, MAX_JSON_BYTES, "config.json")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file; is this a pyro_vae run folder?") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:  # bad JSON, text or nesting
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not valid JSON ({reason})") from None
     return config_from_dict(raw, str(path), trust_imports)
 
 
@@ -456,9 +515,9 @@ def load_run(run_dir, device="cpu", trust_imports: bool = False,
     epoch's, ``checkpoint.pt``), or ``None``: those the run's summary used (the best with
     ``--early-stopping``, else the last). A config that names a class by import path is
     refused unless ``trust_imports`` (never imported). Raises ``FileNotFoundError`` for a
-    missing file (a folder written by ``save_run`` has no ``best.pt``) and
-    ``ValueError`` for one that is not a run's."""
-    vae, config, _ = _load_run(run_dir, device, trust_imports, which)
+    missing file (a folder written by ``save_run`` without early stopping has no
+    ``best.pt``) and ``ValueError`` for one that is not a run's."""
+    vae, config, _ = _load_run(run_dir, check_device(device), trust_imports, which)
     return vae, config
 
 
@@ -478,21 +537,33 @@ def _load_run(run_dir, device, trust_imports: bool, which: Optional[str]):
 
 def save_run(run_dir, vae, config: TrainConfig, overwrite: bool = False) -> RunFolder:
     """Write a model trained in Python as a run folder (``config.json`` and
-    ``checkpoint.pt``), so that ``load_run`` and ``pyro-vae evaluate`` take it. ``config``
-    says how to rebuild it (its model settings) and which data it was trained on; the
-    model must be the one ``build_model(config)`` builds: a one-line error otherwise."""
-    config = config.resolved()
+    ``checkpoint.pt``, and ``best.pt`` where ``config`` asks for early stopping), so that
+    ``load_run`` and ``pyro-vae evaluate`` take it. ``config`` says how to rebuild it (its
+    model settings) and which data it was trained on; the model must be the one
+    ``build_model(config)`` builds: a one-line error otherwise, before anything is
+    written. Holds the folder's lock while writing (``RunFolder.lock``)."""
+    if not isinstance(config, TrainConfig):
+        raise ArgumentError("config", f"must be a pyro_vae.TrainConfig, got "
+                                      f"{type(config).__name__}")
+    x_dim = getattr(vae, "x_dim", None)
+    if not (isinstance(vae, torch.nn.Module) and type(x_dim) is int):
+        raise ArgumentError("vae", f"must be a model of the package (a module with x_dim, "
+                                   f"as build_model(config) makes), got {type(vae).__name__}")
+    run = RunFolder(run_dir)
+    config = dataclasses.replace(config, out=str(run_dir)).resolved()
     config.validate()
-    probe = build_model(config, vae.x_dim)
+    probe = build_model(config, x_dim)
     try:
         probe.load_state_dict(vae.state_dict())
     except RuntimeError as e:
         raise ValueError(f"save_run: the model is not what config describes "
                          f"({str(e).splitlines()[0]})") from None
-    run = RunFolder(run_dir)
-    run.prepare(overwrite)
-    run.write_config(dataclasses.replace(config, out=str(run_dir)))
-    save_checkpoint(run.checkpoint, vae, epoch=0, x_dim=vae.x_dim)
+    with run.lock():
+        run.prepare(overwrite)
+        run.write_config(config)
+        save_checkpoint(run.checkpoint, vae, epoch=0, x_dim=x_dim)
+        if config.early_stopping:  # what load_run reads for such a run
+            save_checkpoint(run.best, vae, epoch=0, x_dim=x_dim)
     return run
 
 
@@ -500,37 +571,70 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
                  limit: Optional[int] = None, device: str = "auto", seed: int = 0,
                  progress: bool = True, surgery_points: Optional[int] = None,
                  trust_imports: bool = False, compile: bool = False,
-                 precision: str = "float32", which: Optional[str] = None) -> dict:
+                 precision: str = "float32", data_dir=None,
+                 which: Optional[str] = None) -> dict:
     """Evaluate a run folder on one of its splits; writes ``eval.json`` (and
     ``elbo_surgery.png`` where the surgery applies) there and returns the results, with
     ``"written"``: the files written, and for a part that does not apply to the model
     ``"surgery_skipped"`` / ``"active_units_skipped"``: why. ``surgery_points``: ELBO
     surgery on the first N evaluated points only (default: all). ``trust_imports``,
     ``which`` (the best or the last epoch's weights): see ``load_run``. ``compile``,
-    ``precision``: see ``pyro_vae.compiled``."""
+    ``precision``: see ``pyro_vae.compiled``.
+
+    ``data_dir``: the data root to read the split from. By default the run's own
+    (config.json's ``data_dir``) where that folder exists, read only (nothing is
+    downloaded or created there), else ``$PYRO_VAE_DATA`` or the cache
+    (``pyro_vae.datasets.data_root``). The folder's lock is held from loading the model
+    to writing the results, so no other run is written into it meanwhile."""
     _check_evaluation(split, samples, chunk, limit, surgery_points)
     run = RunFolder(run_dir)
     dev = resolve_device(device)
     check_precision(precision, dev)
-    vae, config, state = _load_run(run_dir, dev, trust_imports, which)
-    data = dict(zip(("train", "valid", "test"), load_data(config)))[split]
-    data = data.subset(limit).to(dev)
+    with run.lock():
+        vae, config, state = _load_run(run.path, dev, trust_imports, which)
+        data = dict(zip(("train", "valid", "test"),
+                        load_data(_run_data(config, data_dir))))[split]
+        results, surgery = _evaluate(vae, config, data.subset(limit).to(dev), samples, chunk,
+                                     seed, progress, surgery_points,
+                                     dict(compile=compile, precision=precision))
+        results.update(weights=which_weights(config, which), weights_epoch=state.get("epoch"),
+                       written=["eval.json"] + (["elbo_surgery.png"] if surgery else []))
+        if surgery is not None:
+            plots.plot_elbo_surgery(surgery, run / "elbo_surgery.png")
+        run.write_json("eval.json", results)
+    return results
+
+
+def _run_data(config: TrainConfig, data_dir) -> TrainConfig:
+    """``config`` with the data root to read a run folder's data from: ``data_dir`` when
+    the caller gives one; else config.json's where that folder exists, read only (never
+    created, nothing downloaded there); else the default root."""
+    if data_dir is not None:
+        return dataclasses.replace(config, data_dir=str(data_dir))
+    if config.data_dir is not None and Path(config.data_dir).expanduser().is_dir():
+        return dataclasses.replace(config, download=False)
+    if config.data_dir is not None:
+        logger.warning("the run's data_dir %s does not exist: reading %s from %s",
+                       config.data_dir, config.dataset, datasets.data_root())
+    return dataclasses.replace(config, data_dir=None)
+
+
+def _evaluate(vae, config: TrainConfig, data, samples: int, chunk: int, seed: int,
+              progress: bool, surgery_points: Optional[int], compiling: dict):
+    """``evaluate_run``'s results of ``vae`` on ``data``, and the ELBO surgery terms."""
     vae.eval()
     elbo_objective = plain_elbo(choose_elbo(config.loss, 1, vae, probe_batch(data))[0])
     start = time.perf_counter()
     ll = log_likelihood(vae, data, samples, chunk, seed=seed, progress=progress,
-                        compile=compile, precision=precision)
+                        **compiling)
     ll_stderr = (ll.std() / len(ll) ** 0.5).item() if len(ll) > 1 else 0.0
     results = {
-        "split": split,
-        "weights": which_weights(config, which),
-        "weights_epoch": state.get("epoch"),
+        "split": data.split,
         "guide": config.guide,
         "num_points": len(data),
         "num_samples": samples,
         "log_likelihood_seconds": time.perf_counter() - start,
-        "compile": compile,
-        "precision": precision,
+        **compiling,
         "test_elbo": evaluate_elbo(vae, data, elbo_objective, seed=seed),
         "elbo_estimator": type(elbo_objective).__name__,
         "log_likelihood": ll.mean().item(),
@@ -545,14 +649,8 @@ def evaluate_run(run_dir, samples: int = 5000, chunk: int = 100, split: str = "t
             log_likelihood_bits_per_dim=bits_per_dim(results["log_likelihood"], dims),
             log_likelihood_stderr_bits_per_dim=-bits_per_dim(ll_stderr, dims),
             test_elbo_bits_per_dim=bits_per_dim(results["test_elbo"], dims))
-    surgery = _posterior_diagnostics(vae, data, surgery_points, seed, results,
-                                     dict(compile=compile, precision=precision))
-    results["written"] = ["eval.json"] + (["elbo_surgery.png"] if surgery is not None else [])
-    with run.lock():  # not while another process writes the folder
-        if surgery is not None:
-            plots.plot_elbo_surgery(surgery, run / "elbo_surgery.png")
-        run.write_json("eval.json", results)
-    return results
+    surgery = _posterior_diagnostics(vae, data, surgery_points, seed, results, compiling)
+    return results, surgery
 
 
 def _check_evaluation(split, samples, chunk, limit, surgery_points) -> None:
@@ -562,7 +660,7 @@ def _check_evaluation(split, samples, chunk, limit, surgery_points) -> None:
         raise ArgumentError("split", f"{split!r} is not one of ['train', 'valid', 'test']")
     for name, value in (("samples", samples), ("chunk", chunk), ("limit", limit),
                         ("surgery_points", surgery_points)):
-        if value is not None and not (isinstance(value, int) and value >= 1):
+        if value is not None and not (type(value) is int and value >= 1):
             raise ArgumentError(name, f"must be an integer >= 1, got {value!r}")
     if samples > MAX_SAMPLES:
         raise ArgumentError("samples", f"{samples} is more than {MAX_SAMPLES} importance "

@@ -48,7 +48,7 @@ from .datasets import TensorDataset, as_dataset
 from .errors import ArgumentError
 from .evaluation import seeded
 from .guides import _check_scale, _positive
-from .models import MODELS, _plate_size, build, likelihood_head
+from .models import MODELS, _plate_size, build, check_sizes, likelihood_head
 from .nn import GatedDense, network
 from .priors import PRIORS
 
@@ -118,8 +118,11 @@ class SemiSupervisedVAE(PyroModule):
                  prior_options: Optional[Dict] = None,
                  likelihood_options: Optional[Dict] = None, scale: Optional[str] = None):
         super().__init__()
-        if not aux_weight >= 0:
-            raise ArgumentError("aux_weight", f"must be >= 0, got {aux_weight}")
+        check_sizes(x_dim, z_dim, hidden)
+        if not (type(num_classes) is int and num_classes >= 2):
+            raise ArgumentError("num_classes", f"must be an integer >= 2, got {num_classes!r}")
+        if not (type(aux_weight) in (int, float) and 0 <= aux_weight < float("inf")):
+            raise ArgumentError("aux_weight", f"must be finite and >= 0, got {aux_weight!r}")
         self.x_dim, self.z_dim, self.num_classes = x_dim, z_dim, num_classes
         self.aux_weight = float(aux_weight)
         hidden = tuple(hidden)

@@ -30,12 +30,15 @@ from .compiled import (TraceError, TracedLoss, check_precision, compare_speed, c
                        compiled, eagerly, rng_untouched, warm_up)
 from .checkpoints import (Position, TrainState, fingerprint, get_rng_state,
                           load_optimizer_state, set_rng_state)
-from .contract import check_data, check_num_data, guide_parameters, hidden_from_pyro
+from .contract import (check_data, check_model, check_model_guide, check_num_data,
+                       guide_parameters, hidden_from_pyro)
 from .datasets import as_dataset
 from .distributed import World
 from .errors import ArgumentError
 from .evaluation import elbo as evaluate_elbo
-from .hooks import EarlyStopping, Hook, _FunctionHook
+from .arguments import MAX_SEED, check_device, check_hooks, check_option_kinds
+from .hooks import EarlyStopping
+from .memory import check_step_memory
 from .objectives import (AUTO, Loss, beta_at, check_objective, choose_elbo, describe_elbo,
                          is_latent, make_elbo, plain_elbo, scales_with_data_size,
                          warn_if_monte_carlo_kl)
@@ -121,6 +124,9 @@ class Options:
 
     def check(self) -> None:
         """One-line errors naming the argument, before anything is trained."""
+        check_option_kinds(self)
+        if self.device is not None:
+            check_device(self.device)
         counts = ("epochs", "skip_nonfinite", "checkpoint_every", "early_stopping",
                   "warmup_epochs")
         for name in counts:
@@ -136,6 +142,10 @@ class Options:
             raise ArgumentError("lr", f"must be finite and >= 0, got {self.lr}")
         if not 0 < self.clip_norm < math.inf:
             raise ArgumentError("clip_norm", f"must be finite and > 0, got {self.clip_norm}")
+        if not 0 <= self.beta < math.inf:
+            raise ArgumentError("beta", f"must be finite and >= 0, got {self.beta}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ArgumentError("seed", f"must lie in 0 ... 2**32 - 1, got {self.seed}")
         if not isinstance(self.compile, bool):
             raise ArgumentError("compile", f"must be True or False, got {self.compile!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -159,6 +169,7 @@ class Trainer:
                  hooks: Sequence = (), progress: bool = True):
         self.options = o = options or Options()
         o.check()
+        check_model(model)
         self.device = torch.device(o.device) if o.device is not None else _module_device(model)
         self.world = World.current(self.device)
         check_precision(o.precision, self.device)
@@ -166,17 +177,22 @@ class Trainer:
         self.train = as_dataset(train, split="train").to(self.device)
         self.valid = None if valid is None else as_dataset(valid, split="valid").to(self.device)
         check_data(model, self.train, self.valid, batch_size=o.batch_size)
+        # The pair's structure; distribution checks are the first step's (which names a
+        # non-finite parameter, after a checkpoint of the state before it).
+        check_model_guide(self.model, self.train, validate=False)
         with rng_untouched(self.device):  # gray data are binarized with random draws
             self.probe = next(self.train.batches(2, False))  # two points to trace
         self.objective, why = choose_elbo(o.loss, o.num_particles, model, self.probe)
         check_objective(self.objective, o.beta, o.warmup_epochs)
+        check_step_memory(self.train, o.batch_size, self.objective.num_particles,
+                          self.device)
         if self.world.main:
             logger.info("loss: %s; %s", _describe(self.objective), why)
         self.steps = math.ceil(len(self.train) / o.batch_size)
         if self.world.size > 1:
             _check_distributed(self.objective, len(self.train), o.batch_size, self.world)
         self.check_every = o.check_every or (1 if self.device.type == "cpu" else 50)
-        self.hooks = [h if isinstance(h, Hook) else _FunctionHook(h) for h in hooks]
+        self.hooks = check_hooks(hooks)
         if o.monitor != "valid_elbo" and not (valid is not None and hasattr(model, "metrics")):
             raise ArgumentError("monitor", f"{o.monitor!r} is a validation metric of the "
                                 f"model's: give validation data and a model with metrics()")
@@ -217,20 +233,26 @@ class Trainer:
     def _interruptible(self):
         """SIGINT and SIGTERM only note that a stop was asked for inside the block; the
         step under way ends, a checkpoint is taken and ``TrainingInterrupted`` raised
-        (``_take_step``). One process in the main thread only: several processes would
-        have to agree on the step, and there a killed run resumes from its checkpoint."""
+        (``_take_step``); a signal after the first is ignored, with one line. One process
+        in the main thread only: several processes would have to agree on the step, and
+        there a killed run resumes from its checkpoint."""
         self.signals = []
         if self.world.size > 1 or threading.current_thread() is not threading.main_thread():
             yield
             return
         caught = (signal.SIGINT, signal.SIGTERM)
-        before = {s: signal.signal(s, lambda signum, _: self.signals.append(signum))
-                  for s in caught}
+        before = {s: signal.signal(s, self._on_signal) for s in caught}
         try:
             yield
         finally:
             for s, handler in before.items():
                 signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signals:
+            logger.warning("%s ignored: already stopping at the end of this step",
+                           signal.Signals(signum).name)
+        self.signals.append(signum)
 
     @contextlib.contextmanager
     def _frozen_model(self):

@@ -9,6 +9,9 @@ import gzip
 import json
 import hashlib
 import os
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -17,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import pyro_vae as pv
 from pyro_vae import VAE, TrainConfig, cli, compiled, fit, load_run, resume_run, train_run
 from pyro_vae import elbo as pv_elbo
 from pyro_vae.evaluation import log_likelihood
@@ -51,7 +55,8 @@ def mnist_files(tmp: Path, monkeypatch, registered=None, written=None, gz_cut=No
         data = gzip.compress(raw, mtime=0)
         (folder / (name + ".gz")).write_bytes(data[:len(data) // 2] if name == gz_cut else data)
     monkeypatch.setitem(SOURCES, "mnist", dict(SOURCES["mnist"], files={
-        k: hashlib.md5(v).hexdigest() for k, v in registered.items()}))
+        k: hashlib.md5(v).hexdigest() for k, v in registered.items()}, sizes={
+        k: len(v) for k, v in registered.items()}))
 
 
 def _wrong_md5(tmp, monkeypatch):
@@ -229,7 +234,7 @@ CASES: Sequence[Case] = [
     Case("14+", "--overwrite with an infinite likelihood scale",
          DIGITS + ["--likelihood", "gaussian", "--likelihood-option", "scale=Infinity",
                    "--overwrite"],
-         "likelihood scale must be finite and > 0, got inf", _trained_run),
+         "likelihood option scale must be finite, got inf", _trained_run),
     Case("14+", "--overwrite with device mps", DIGITS + ["--device", "mps", "--overwrite"],
          "--device: 'mps' is not a device this package trains on", _trained_run),
     Case("14+", "--overwrite with device meta", DIGITS + ["--device", "meta", "--overwrite"],
@@ -239,6 +244,40 @@ CASES: Sequence[Case] = [
          "--precision 'bf16' would be slower than float32 here: this CPU has neither "
          "AVX512-BF16 nor AMX; use 'float32'", lambda tmp, mp: (
              _trained_run(tmp, mp), mp.setattr(compiled, "fast_bf16", lambda device: False))),
+    # Part options, checked against the part's constructor before it runs.
+    Case("12+", "a NaN likelihood option", DIGITS + ["--likelihood", "gaussian",
+                                                  "--likelihood-option", "scale=NaN"],
+         "likelihood option scale must be finite, got nan"),
+    Case("12+", "a part option that is the model's own", DIGITS + [
+        "--prior", "mog", "--prior-option", "z_dim=3"],
+         "prior option z_dim is the model's own setting, which it hands the prior"),
+    Case("12+", "a part option out of its declared range", DIGITS + [
+        "--guide-option", "min_scale=-1"], "guide option min_scale must be > 0, got -1"),
+    Case("12+", "an infinite part option", DIGITS + [
+        "--prior", "vamp", "--prior-option", "init_mean=Infinity"],
+         "prior option init_mean must be finite, got inf"),
+    Case("12+", "a part option of the wrong kind", DIGITS + [
+        "--prior", "vamp", "--prior-option", "components=1e9"],
+         "prior option components must be an integer, got 1000000000.0"),
+    Case("11+", "an import path that is not a prior class", DIGITS + ["--prior", "os:system"],
+         "prior 'os:system' is not a prior class (a subclass of torch.nn.Module)"),
+    Case("12+", "--seed out of range", DIGITS + ["--seed", "-1"],
+         "--seed must lie in 0 ... 2**32 - 1, got -1"),
+    Case("12+", "weights beyond any memory", DIGITS + ["--hidden", "100000000000"],
+         "the model's weights need at least"),
+    # --overwrite of a good run: refused before the old run is touched.
+    Case("14+", "--overwrite with a NaN prior option",
+         DIGITS + ["--prior", "vamp", "--prior-option", "init_std=NaN", "--overwrite"],
+         "prior option init_std must be finite, got nan", _trained_run),
+    Case("14+", "--overwrite with a step beyond memory",
+         DIGITS + ["--particles", "1000000000000", "--overwrite"],
+         "steps of 1000000000000 particles x 128 points x 64 features need at least",
+         _trained_run),
+    Case("14+", "--overwrite with a scale that float32 makes 0 (a trial on two points)",
+         DIGITS + ["--likelihood", "gaussian", "--no-binarize", "--likelihood-option",
+                   "scale=1e-300", "--overwrite"],
+         "the model fails on the first batch (ValueError: Expected parameter scale",
+         _trained_run),
     Case("14", "output folder holds a run", DIGITS + ["--z-dim", "8"],
          "--out {tmp}/run already holds a run (config.json, metrics.jsonl, checkpoint.pt, "
          "best.pt, summary.json, samples.png, reconstructions.png, elbo.png); pass "
@@ -343,6 +382,158 @@ def test_a_malformed_checkpoint_is_one_line_naming_file_and_field(a_run, change,
     assert "\n" not in str(e.value)
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """One trained run (1 epoch on digits), for tests that copy it and edit the copy."""
+    tmp = tmp_path_factory.mktemp("trained")
+    _trained_run(tmp, None)
+    return tmp / "run"
+
+
+@pytest.fixture
+def run_copy(trained_once, tmp_path):
+    shutil.copytree(trained_once, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _optimizer(s):
+    return s["training"]["optimizer"]["state"]
+
+
+def _rng(s):
+    return s["training"]["rng"]
+
+
+def _position(s):
+    return s["training"]["position"]
+
+
+# The training state, field by field: what a crafted checkpoint.pt may hold instead.
+STATE_FIELDS = [
+    ("optimizer-empty", lambda s: s["training"]["optimizer"].update(state={}),
+     "training.optimizer.state must hold 'param_groups' (a list of groups with 'params') "
+     "and 'state' (a dict)"),
+    ("optimizer-names", lambda s: s["training"]["optimizer"]["parameters"].__setitem__(
+        0, "nope"), "the saved optimizer state is for other parameters ('nope' is not one "
+                    "of this model's)"),
+    ("optimizer-names-twice", lambda s: s["training"]["optimizer"]["parameters"].__setitem__(
+        1, "encoder.net.0.weight"), "training.optimizer.parameters must be distinct"),
+    ("optimizer-indices", lambda s: _optimizer(s)["param_groups"][0].update(params=[0, 1]),
+     "training.optimizer.state.param_groups must hold each of the 8 parameters' indices "
+     "once, got [0, 1]"),
+    ("betas-nan", lambda s: _optimizer(s)["param_groups"][0].update(
+        betas=(float("nan"), 0.999)),
+     "training.optimizer.state.param_groups[0].betas must be two numbers in [0, 1), got "
+     "(nan, 0.999)"),
+    ("betas-one", lambda s: _optimizer(s)["param_groups"][0].update(betas=(0.9, 1.0)),
+     "param_groups[0].betas must be two numbers in [0, 1)"),
+    ("eps-zero", lambda s: _optimizer(s)["param_groups"][0].update(eps=0.0),
+     "param_groups[0].eps must be a finite number > 0, got 0.0"),
+    ("weight-decay", lambda s: _optimizer(s)["param_groups"][0].update(weight_decay=-1),
+     "param_groups[0].weight_decay must be a finite number >= 0, got -1"),
+    ("fused", lambda s: _optimizer(s)["param_groups"][0].update(fused=False),
+     "param_groups[0].fused is False; this optimizer has True"),
+    ("group-option", lambda s: _optimizer(s)["param_groups"][0].update(foreach_hack=1),
+     "param_groups[0] has unknown options ['foreach_hack']"),
+    ("state-key", lambda s: _optimizer(s)["state"].update({99: {}}),
+     "training.optimizer.state.state holds 99, not the state of one of the 8 parameters"),
+    ("state-fields", lambda s: _optimizer(s)["state"][0].pop("exp_avg_sq"),
+     "training.optimizer.state.state[0] must hold ['exp_avg', 'exp_avg_sq', 'step']"),
+    ("step-nan", lambda s: _optimizer(s)["state"][0].update(step=torch.tensor(float("nan"))),
+     "training.optimizer.state.state[0].step must be a whole number >= 0, got nan"),
+    ("step-negative", lambda s: _optimizer(s)["state"][0].update(step=torch.tensor(-3.0)),
+     "state.state[0].step must be a whole number >= 0, got -3.0"),
+    ("exp-avg-shape", lambda s: _optimizer(s)["state"][0].update(exp_avg=torch.zeros(3)),
+     "training.optimizer.state.state[0].exp_avg is torch.float32 (3,) on cpu; parameter "
+     "encoder.net.0.weight is torch.float32 (16, 64) on cpu"),
+    ("exp-avg-dtype", lambda s: _optimizer(s)["state"][0].update(
+        exp_avg=torch.zeros(16, 64, dtype=torch.float64)),
+     "state.state[0].exp_avg is torch.float64 (16, 64) on cpu; parameter "
+     "encoder.net.0.weight is torch.float32"),
+    ("exp-avg-nan", lambda s: _optimizer(s)["state"][1]["exp_avg"].fill_(float("nan")),
+     "training.optimizer.state.state[1].exp_avg must be a tensor of finite values"),
+    ("exp-avg-sq-negative", lambda s: _optimizer(s)["state"][1]["exp_avg_sq"].fill_(-1.0),
+     "state.state[1].exp_avg_sq must be a tensor of finite non-negative values"),
+    ("rng-empty", lambda s: s["training"].update(rng={}),
+     "training.rng.torch must be a generator state (a uint8 tensor of 5056 bytes), got None"),
+    ("rng-torch-size", lambda s: _rng(s).update(torch=torch.zeros(3, dtype=torch.uint8)),
+     "training.rng.torch must be a generator state (a uint8 tensor of 5056 bytes)"),
+    ("rng-generator", lambda s: _rng(s).update(generator=torch.zeros(5056)),
+     "training.rng.generator must be a generator state"),
+    ("rng-generator-device", lambda s: _rng(s).update(generator_device="tpu"),
+     "training.rng.generator_device must be 'cpu' or 'cuda', got 'tpu'"),
+    ("rng-python", lambda s: _rng(s).update(python=(3, (1, 2), None)),
+     "training.rng.python must be a state of Python's random module"),
+    ("rng-numpy", lambda s: _rng(s)["numpy"].update(pos=10 ** 6),
+     "training.rng.numpy must be a state of NumPy's MT19937 generator"),
+    ("rng-cuda", lambda s: _rng(s).update(cuda=[torch.zeros(3)]),
+     "training.rng.cuda[0] must be a generator state"),
+    ("rng-ranks", lambda s: _rng(s).update(ranks=[{"torch": 5}]),
+     "training.rng.ranks[0].torch must be a generator state"),
+    ("rng-unknown", lambda s: _rng(s).update(extra=1),
+     "training.rng: unknown fields ['extra']"),
+    ("position-step", lambda s: _position(s).update(step=10 ** 9, order=torch.randperm(1297)),
+     "training.position.step must be <= 11 (the batches of 1297 points in batches of 128), "
+     "got 1000000000"),
+    ("position-epoch", lambda s: _position(s).update(epoch=5),
+     "training.position.epoch is 5, but the history holds 1 epochs (expected epoch 2)"),
+    ("position-order", lambda s: _position(s).update(step=3),
+     "training.position.order is missing, but 3 steps of the epoch are done"),
+    ("position-seen", lambda s: _position(s).update(seen=10 ** 6),
+     "training.position.seen must be <= 0 (the points of 0 steps), got 1000000"),
+    ("position-data", lambda s: _position(s).update(num_data=5),
+     "the state was saved training on 5 points in batches of 128, not 1297"),
+    ("history-value", lambda s: s["training"]["history"][0].update(train_elbo="x"),
+     "training.history[0].train_elbo must be a finite number, got 'x'"),
+    ("history-nan", lambda s: s["training"]["history"][0].update(seconds=float("nan")),
+     "training.history[0].seconds must be a finite number, got nan"),
+    ("history-kind", lambda s: s["training"]["history"][0].update(valid_elbo=[1]),
+     "training.history[0].valid_elbo must be a number, text or null, got [1]"),
+    ("history-valid", lambda s: s["training"]["history"][0].update(valid_elbo="best"),
+     "training.history[0].valid_elbo must be a number or null, got 'best'"),
+]
+
+
+@pytest.mark.parametrize("change, message", [f[1:] for f in STATE_FIELDS],
+                         ids=[f[0] for f in STATE_FIELDS])
+def test_every_field_of_the_training_state_is_checked_before_anything_is_written(
+        run_copy, change, message):
+    """A crafted training state: one line naming the checkpoint and the field, and the
+    folder as it was (config.json is not rewritten by a --resume that fails)."""
+    _edit_checkpoint(run_copy, change)
+    before = _tree(run_copy)
+    with pytest.raises(ValueError) as e:
+        resume_run(run_copy, {"epochs": 2}, progress=False)
+    assert str(e.value).startswith(f"{run_copy / 'checkpoint.pt'}: ")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert _tree(run_copy) == before
+
+
+def test_a_failed_resume_leaves_config_json_as_it_was(run_copy, capsys):
+    """--resume rewrote config.json (epochs, out) before the training state failed to
+    load, so the folder no longer said what was trained."""
+    _edit_checkpoint(run_copy, lambda s: s["training"]["optimizer"].update(state={}))
+    config = (run_copy / "config.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", str(run_copy), "--epochs", "2", "--quiet"])
+    assert e.value.code == 2
+    assert "training.optimizer.state must hold" in capsys.readouterr().err
+    assert (run_copy / "config.json").read_bytes() == config
+
+
+def test_a_crafted_optimizer_state_never_reaches_the_fused_adam(run_copy):
+    """A state tensor of the wrong shape made the fused Adam write out of bounds (glibc
+    abort, exit 134): it is refused in one line, before anything is loaded."""
+    _edit_checkpoint(run_copy, lambda s: _optimizer(s)["state"][0].update(
+        exp_avg=torch.zeros(3)))
+    r = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--resume", str(run_copy),
+                        "--epochs", "2", "--quiet"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    assert "training.optimizer.state.state[0].exp_avg is torch.float32 (3,)" in r.stderr
+
+
 def test_init_from_a_checkpoint_with_a_wrong_shaped_tensor_is_one_line(a_run, tmp_path):
     _edit_checkpoint(a_run, lambda s: s["model"].update(
         {"decoder.0.weight": torch.zeros(3, 3)}))
@@ -382,3 +573,60 @@ def test_a_failed_download_says_why(tmp_path, monkeypatch):
         datasets.load("mnist", tmp_path)
     assert "download failed (" in str(e.value) and "no route to host" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def _fit(**options):
+    return lambda: fit(VAE(64, 4, (16,)), torch.zeros(50, 64), **dict(
+        dict(epochs=1, batch_size=8, progress=False), **options))
+
+
+# The Python API checks its arguments where the command line does: (call, message).
+API_ARGUMENTS = [
+    ("lr-text", _fit(lr="0.1"), "lr must be a number, got '0.1'"),
+    ("batch-size-bool", _fit(batch_size=True), "batch_size must be an integer, got True"),
+    ("epochs-float", _fit(epochs=1.5), "epochs must be an integer, got 1.5"),
+    ("beta-nan", _fit(beta=float("nan")), "beta must be finite and >= 0, got nan"),
+    ("seed-negative", _fit(seed=-1), "seed must lie in 0 ... 2**32 - 1, got -1"),
+    ("compile-text", _fit(compile="yes"), "compile must be True or False, got 'yes'"),
+    ("beta-sites-text", _fit(beta_sites="z"), "beta_sites must be a list of site names"),
+    ("device-meta", _fit(device="meta"),
+     "device 'meta' is not a device this package trains on"),
+    ("device-absent", _fit(device=f"cuda:{torch.cuda.device_count()}"),
+     f"device 'cuda:{torch.cuda.device_count()}' asked for, but"),
+    ("hooks-object", _fit(hooks=[object()]),
+     "hooks holds object, neither a pyro_vae.Hook nor a function"),
+    ("hooks-one-hook", _fit(hooks=pv.EarlyStopping(2)), "hooks must be a list of hooks"),
+    ("particles-memory", _fit(num_particles=10 ** 12),
+     "steps of 1000000000000 particles x 8 points x 64 features need at least"),
+    ("z-dim-zero", lambda: VAE(64, z_dim=0), "z_dim must be an integer >= 1, got 0"),
+    ("hidden-zero", lambda: VAE(64, 4, (0,)), "hidden must be a sequence of integers >= 1"),
+    ("part-option-nan", lambda: VAE(64, 4, (16,), prior="vamp",
+                                    prior_options={"init_std": float("nan")}),
+     "prior option init_std must be finite, got nan"),
+    ("num-samples-zero", lambda: log_likelihood(VAE(64, 4, (16,)), torch.zeros(5, 64), 0),
+     "num_samples must be an integer >= 1, got 0"),
+    ("chunk-memory", lambda: log_likelihood(VAE(64, 4, (16,)), torch.zeros(10 ** 4, 64),
+                                            10 ** 7, chunk=10 ** 7, batch_size=10 ** 4),
+     "chunks of 10000000 samples x 10000 points x 64 features need at least"),
+    ("elbo-batch-size", lambda: pv_elbo(VAE(64, 4, (16,)), torch.zeros(5, 64), batch_size=0),
+     "batch_size must be an integer >= 1, got 0"),
+    ("load-run-device", lambda: load_run("nowhere", device="meta"),
+     "device 'meta' is not a device this package trains on"),
+    ("config-kind", lambda: train_run(TrainConfig(epochs="3")),
+     "--epochs must be an integer, got '3'"),
+    ("config-path", lambda: train_run(TrainConfig(out=Path("somewhere"))),
+     "--out must be a string, got PosixPath('somewhere')"),
+]
+
+
+@pytest.mark.parametrize("call, message", [a[1:] for a in API_ARGUMENTS],
+                         ids=[a[0] for a in API_ARGUMENTS])
+def test_the_python_api_checks_its_arguments_in_one_line(call, message, tmp_path,
+                                                          monkeypatch):
+    """Not a TypeError from a comparison, an AssertionError from torch's CUDA stub or a
+    failure after a whole epoch: one line naming the argument, before any work."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []

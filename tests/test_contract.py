@@ -352,3 +352,76 @@ def test_a_non_finite_step_of_a_plain_model_stops_with_one_line():
         model.dec[0].weight[0, 0] = float("inf")
     with pytest.raises(TrainingDiverged, match="non-finite .* at epoch 1, step 1;"):
         pv.fit(model, _data(), epochs=1, progress=False)
+
+
+class GuideWithoutZ(Plain):
+    """A guide that forgets the model's latent site."""
+
+    def guide(self, x, num_data=None):
+        with pyro.plate("data", num_data or len(x), subsample=x):
+            pyro.sample("w", self.q(x))
+
+
+class NoGuide(nn.Module):
+    def model(self, x=None, num_data=None):
+        pass
+
+
+def _plain_function(x=None, num_data=None):
+    pass
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: pv.fit(GuideWithoutZ(), _data(), epochs=1, progress=False),
+     "the model's latent site 'z' has no site in the guide (it samples ['w']): sample 'z' "
+     "in the guide, or mark it enumerated"),
+    (lambda: pv.fit(Plain(), _data().double(), epochs=1, progress=False),
+     "x has dtype torch.float64; the model's parameters are torch.float32"),
+    (lambda: pv.elbo(GuideWithoutZ(), _data()), "the model's latent site 'z' has no site"),
+    (lambda: pv.fit(NoGuide(), _data(), epochs=1, progress=False),
+     "model NoGuide has no guide method"),
+    (lambda: pv.fit(_plain_function, _data(), epochs=1, progress=False),
+     "model must be a torch.nn.Module with model and guide methods"),
+    (lambda: pv.log_likelihood(_plain_function, _data(), 10),
+     "model must be a torch.nn.Module with model and guide methods"),
+], ids=["guide-without-z", "float64", "elbo-guide-without-z", "no-guide", "function",
+        "log-likelihood-function"])
+def test_a_model_guide_pair_that_does_not_fit_is_one_line(call, message):
+    """Checked on the first batch, before any step: not a KeyError from inside Pyro."""
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_pair_check_draws_from_a_stream_of_its_own():
+    from pyro_vae.contract import check_model_guide
+
+    model, data = Plain(), _data()
+    before = torch.get_rng_state()
+    check_model_guide(model, data)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_pair_check_neither_reads_nor_changes_pyros_parameter_store():
+    """A PyroModule takes a same-named entry left in Pyro's store over its own parameter:
+    checked before fit clears the store, a model would have started from an earlier
+    model's weights (a resumed run was then no longer bitwise)."""
+    from pyro.nn import PyroParam
+    from pyro_vae.contract import check_model_guide
+
+    class WithPrior(Plain):
+        def __init__(self):
+            super().__init__()
+            self.prior_loc = PyroParam(torch.zeros(Z))
+
+        @pyro.nn.pyro_method
+        def model(self, x=None, num_data=None):
+            with pyro.plate("data", num_data or len(x), subsample=x):
+                z = pyro.sample("z", dist.Normal(self.prior_loc, 1.0).to_event(1))
+                pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+    model = WithPrior()
+    pyro.param("prior_loc", torch.ones(Z))  # left by an earlier model
+    check_model_guide(model, _data())
+    assert torch.equal(model.prior_loc, torch.zeros(Z))
+    assert torch.equal(pyro.param("prior_loc"), torch.ones(Z))

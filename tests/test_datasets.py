@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+import os
 import shutil
 
 import numpy as np
@@ -32,7 +33,8 @@ def fake_mnist(tmp_path, monkeypatch):
     for name, raw in payload.items():
         (mirror / (name + ".gz")).write_bytes(gzip.compress(raw))
     source = dict(SOURCES["mnist"], mirrors=[mirror.as_uri() + "/"],
-                  files={k: hashlib.md5(v).hexdigest() for k, v in payload.items()})
+                  files={k: hashlib.md5(v).hexdigest() for k, v in payload.items()},
+                  sizes={k: len(v) for k, v in payload.items()})
     monkeypatch.setitem(SOURCES, "mnist", source)
     return tmp_path / "root", mirror, payload
 
@@ -113,7 +115,8 @@ def test_image_and_label_counts_must_agree(fake_mnist, monkeypatch):
     (folder / "train-labels-idx1-ubyte").write_bytes(short)
     files = dict(SOURCES["mnist"]["files"], **{
         "train-labels-idx1-ubyte": hashlib.md5(short).hexdigest()})
-    monkeypatch.setitem(SOURCES, "mnist", dict(SOURCES["mnist"], files=files))
+    sizes = dict(SOURCES["mnist"]["sizes"], **{"train-labels-idx1-ubyte": len(short)})
+    monkeypatch.setitem(SOURCES, "mnist", dict(SOURCES["mnist"], files=files, sizes=sizes))
     with pytest.raises(ValueError, match="train-\\*: 12 images but 11 labels"):
         load("mnist", root, download=False)
 
@@ -330,3 +333,43 @@ def test_frey_faces_damaged_or_missing_file_is_one_line_naming_it(data_root, tmp
     with pytest.raises(ValueError, match=f"{folder / name}: md5 of the content is") as bad:
         load("frey-faces", tmp_path)
     assert "\n" not in str(missing.value) + str(bad.value)
+
+
+def test_a_gzip_bomb_is_decompressed_no_further_than_the_files_size(fake_mnist):
+    """A .gz whose content is far larger than the file it stands for ran until memory
+    ran out; it stops one byte past the expected size."""
+    root, _, payload = fake_mnist
+    datasets.fetch("mnist", root)
+    bomb = root / "mnist" / "train-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip.compress(bytes(8 << 20)))  # 8 MB of zeros in 8 KB
+    size = len(payload["train-images-idx3-ubyte"])
+    assert bomb.stat().st_size <= datasets.gzip_bound(size)  # passes the size check
+    with pytest.raises(ValueError) as e:
+        datasets.fetch("mnist", root)
+    assert str(e.value) == (f"{bomb}: more bytes of content, expected {size}; the file is "
+                            f"truncated or corrupt, delete it and download it again")
+
+
+def test_a_data_file_that_is_a_device_or_too_large_is_refused(fake_mnist):
+    root, _, payload = fake_mnist
+    datasets.fetch("mnist", root)
+    size = len(payload["t10k-labels-idx1-ubyte"])
+    path = root / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=f"{path}: a character device, not a regular file"):
+        datasets.fetch("mnist", root)
+    path.unlink()
+    path.write_bytes(os.urandom(10 ** 6))  # far more than a gzip of 12 bytes can take
+    with pytest.raises(ValueError, match=f"{path}: 1000000 bytes, more than the {size} bytes "
+                                         f"of its content compressed can take"):
+        datasets.fetch("mnist", root)
+
+
+def test_a_download_stops_at_the_size_the_file_can_take(fake_mnist):
+    root, mirror, payload = fake_mnist
+    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(os.urandom(10 ** 6))
+    bound = datasets.gzip_bound(len(payload["t10k-labels-idx1-ubyte"]))
+    with pytest.raises(FileNotFoundError, match=f"more than {bound} bytes; not the expected"):
+        datasets.fetch("mnist", root)
+    assert not list((root / "mnist").glob("t10k-labels*"))

@@ -185,3 +185,57 @@ def test_ctrl_c_on_the_command_line_is_one_line_and_resumable(tmp_path):
     assert f"continue with: pyro-vae train --resume {out}" in err
     position = read_checkpoint(out / "checkpoint.pt")["training"]["position"]
     assert position["epoch"] >= 2 and position["step"] >= 1
+
+
+# A child that signals itself: the first SIGINT at step 3, a second one while the first is
+# handled (at the checkpoint it takes), a third while the interpreter shuts down.
+_THREE_SIGINTS = """
+import atexit, os, signal, sys, time
+from pyro_vae import cli, train
+
+calls, step, checkpoint = 0, train.Step.__call__, train.Trainer._checkpoint
+
+def counted(self, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+    return step(self, *args, **kwargs)
+
+def checkpointed(self, running=False):
+    if running and self.signals:
+        os.kill(os.getpid(), signal.SIGINT)
+    return checkpoint(self, running)
+
+def at_exit():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+
+train.Step.__call__, train.Trainer._checkpoint = counted, checkpointed
+atexit.register(at_exit)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_ctrl_c_while_stopping_is_ignored_in_one_line(tmp_path):
+    """A second Ctrl-C 50 ms after the first printed an 'Exception ignored in atexit
+    callback ... KeyboardInterrupt' traceback. Each later signal is one line now, and the
+    run still resumes bitwise."""
+    import subprocess
+    import sys
+
+    args = ["train", "--dataset", "digits", "--epochs", "2", "--z-dim", "3", "--hidden", "8",
+            "--quiet"]
+    r = subprocess.run([sys.executable, "-c", _THREE_SIGINTS, *args, "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.splitlines() == [
+        "WARNING pyro_vae: SIGINT ignored: already stopping at the end of this step",
+        "pyro-vae: stopped by SIGINT after epoch 1, step 3; the checkpoint holds the state "
+        f"there; continue with: pyro-vae train --resume {tmp_path / 'run'}",
+        "pyro-vae: SIGINT ignored: already stopping"]
+    resume_run(tmp_path / "run", progress=False)
+    train_run(TrainConfig(dataset="digits", epochs=2, z_dim=3, hidden=(8,),
+                          out=str(tmp_path / "whole")), progress=False)
+    (resumed, _), (whole, _) = _final(tmp_path / "run"), _final(tmp_path / "whole")
+    assert all(torch.equal(v, whole["model"][k]) for k, v in resumed["model"].items())
