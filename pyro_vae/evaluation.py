@@ -219,7 +219,8 @@ def log_likelihood(model, data, num_samples: int = 5000, chunk: int = 100,
     """
     check_model(model)
     check_counts(num_samples=num_samples, chunk=chunk, batch_size=batch_size,
-                 max_plate_nesting=max_plate_nesting)
+                 **({} if max_plate_nesting is None else
+                    {"max_plate_nesting": max_plate_nesting}))
     data = as_dataset(data)
     check_data(model, data)
     if num_samples > MAX_SAMPLES:

@@ -374,7 +374,7 @@ def _plain_function(x=None, num_data=None):
 @pytest.mark.parametrize("call, message", [
     (lambda: pv.fit(GuideWithoutZ(), _data(), epochs=1, progress=False),
      "the model's latent site 'z' has no site in the guide (it samples ['w']): sample 'z' "
-     "in the guide, or mark it enumerated"),
+     "in the guide, or mark it for enumeration in the model"),
     (lambda: pv.fit(Plain(), _data().double(), epochs=1, progress=False),
      "x has dtype torch.float64; the model's parameters are torch.float32"),
     (lambda: pv.elbo(GuideWithoutZ(), _data()), "the model's latent site 'z' has no site"),
