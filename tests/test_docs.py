@@ -19,8 +19,21 @@ import pyro_vae
 DOCS = REPO / "docs"
 PAGES = sorted(p for p in DOCS.rglob("*.md")
                if not {"_build", "tutorials", "_inventories"} & set(p.relative_to(DOCS).parts))
-BLOCKS = [(page, i, block) for page in PAGES for i, block in enumerate(
-    re.findall(r"^```python\n(.*?)^```", page.read_text(), re.M | re.S))]
+CONTINUED = "# (continued from the block above)"
+
+
+def _blocks(page):
+    """A page's Python blocks as they run: a block whose first line is ``CONTINUED``
+    runs after the block before it, in one process (as a reader would go on)."""
+    blocks = []
+    for block in re.findall(r"^```python\n(.*?)^```", page.read_text(), re.M | re.S):
+        if block.startswith(CONTINUED) and blocks:
+            block = blocks[-1] + block
+        blocks.append(block)
+    return blocks
+
+
+BLOCKS = [(page, i, block) for page in PAGES for i, block in enumerate(_blocks(page))]
 
 
 def test_the_pages_have_python_blocks():
