@@ -188,9 +188,10 @@ def new_model(aux_weight: float) -> pv.SemiSupervisedVAE:
 
 
 def fit(vae, epochs: int, valid=None):
-    # y_unlabelled is summed out: TraceEnum_ELBO, told how many plates the model nests.
-    return pv.fit(vae, train, valid, loss=TraceEnum_ELBO(max_plate_nesting=1),
-                  epochs=epochs, batch_size=BATCH, lr=1e-3, progress=False)
+    # y_unlabelled is summed out: the model's default_loss is TraceEnum_ELBO, which fit
+    # uses when no loss= is given.
+    return pv.fit(vae, train, valid, epochs=epochs, batch_size=BATCH, lr=1e-3,
+                  progress=False)
 
 
 # %%
