@@ -49,6 +49,7 @@ def protocol(labels: int, seed: int, args) -> TrainConfig:
     return TrainConfig(
         dataset="mnist", data_dir=args.data_dir, out=str(run_dir(labels, seed, args)),
         model="ssvae", labels=labels, alpha=args.alpha, epochs=args.max_epochs,
+        loss="enum",  # the paper's: y summed out (the model's default, pinned here)
         labelled_share=args.labelled_share or None,
         batch_size=100, lr=args.lr, monitor="valid_error", early_stopping=args.patience,
         seed=seed, device=args.device, download=False, limit=args.train_limit)

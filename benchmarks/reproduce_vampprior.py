@@ -71,6 +71,7 @@ def protocol(name: str, args) -> TrainConfig:
         model=model, arch="gated", z_dim=40, hidden=(300, 300), prior=prior,
         prior_options={"components": 500, **pseudo} if prior == "vamp" else {},
         likelihood=likelihood, epochs=args.max_epochs, batch_size=100, lr=5e-4,
+        loss="meanfield",  # the protocol's ELBO (what "auto" chooses here, pinned)
         warmup_epochs=args.warmup_epochs, early_stopping=args.patience, seed=args.seed,
         device=args.device, download=False, limit=args.train_limit)
 

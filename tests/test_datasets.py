@@ -207,7 +207,9 @@ def test_plain_tensors_and_tuples_become_data_sets():
     assert torch.equal(next(as_dataset(x).batches(7, shuffle=False))[0], x)
     xb, yb = next(as_dataset((x, y)).batches(7, shuffle=False))
     assert torch.equal(xb, x) and torch.equal(yb, y)
-    with pytest.raises(TypeError, match="expected a TensorDataset, a tensor or a tuple"):
+    with pytest.raises(TypeError, match=r"^data: expected a pyro_vae.datasets.TensorDataset, "
+                                        r"a torch.utils.data.TensorDataset, a torch.Tensor "
+                                        r"or a tuple of tensors, got list of \[int\]$"):
         as_dataset([1, 2])
 
 
