@@ -45,6 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import torch
+import torch._inductor
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -54,6 +55,7 @@ from pyro.infer.util import torch_item
 from pyro.nn import PyroModule
 from pyro.util import warn_if_nan
 
+from .datasets import Draw
 from .errors import ArgumentError
 
 logger = logging.getLogger("pyro_vae")
@@ -350,13 +352,16 @@ class TracedLoss:
         self.graphs: Dict[tuple, List[_Graph]] = {}  # per key, one per branch taken
 
     def _inputs(self) -> Dict[str, torch.Tensor]:
+        """Every parameter and buffer of the loss, by name, as they are (the graphs run
+        without autograd)."""
         state = dict(self.loss.named_parameters())
         state.update(self.loss.named_buffers())
-        return {name: t.detach() for name, t in state.items()}
+        return state
 
     def takes(self, batch: Sequence[torch.Tensor]) -> bool:
         """Whether ``batch`` is of the size recorded (``batch_size``; None: any size)."""
-        return self.batch_size is None or len(batch[0]) == self.batch_size
+        size = batch.size if isinstance(batch, Draw) else len(batch[0])
+        return self.batch_size is None or size == self.batch_size
 
     def __call__(self, batch: Sequence[torch.Tensor], weight: float = 1.0,
                  num_data: Optional[int] = None, beta: float = 1.0
@@ -390,7 +395,8 @@ class TracedLoss:
                 graph = record()
                 graphs.append(graph)
             tried.append(graph)
-            out = graph.run(*inputs)
+            with torch.no_grad():
+                out = graph.run(*inputs)
             if graph.expected is None:
                 break
             read = out[-1]
@@ -426,12 +432,48 @@ class TracedLoss:
                                                 num_data, beta)
             return (value,) + tuple(grads)
 
-        inputs = [t.requires_grad_(name in trained) for name, t in state.items()]
-        return self._compile(*record(loss_and_grads, inputs + list(batch), self.device))
+        inputs = [t.detach().requires_grad_(name in trained) for name, t in state.items()]
+        inputs += list(batch)
+        return self._compile(*record(loss_and_grads, inputs, self.device), inputs)
 
-    def _compile(self, graph, expected: Optional[torch.Tensor]) -> _Graph:
-        return _Graph(torch.compile(graph.forward, fullgraph=True, dynamic=False,
-                                    options=self.options), expected)
+    def _compile(self, graph, expected: Optional[torch.Tensor], inputs) -> _Graph:
+        """``graph`` compiled by inductor for ``inputs`` of these shapes and strides,
+        without Dynamo (the graph is already whole: Dynamo's guards would only cost
+        time at each call). With CUDA graphs, through ``torch.compile``."""
+        if "triton.cudagraphs" in self.options:
+            return _Graph(torch.compile(graph.forward, fullgraph=True, dynamic=False,
+                                        options=self.options), expected)
+        # Fake inputs with a shape environment, as Dynamo would give: without one,
+        # inductor does not use its on-disk graph cache.
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        fake = FakeTensorMode(shape_env=ShapeEnv())
+        inputs = [fake.from_tensor(t.detach(), static_shapes=True) for t in inputs]
+        try:
+            with torch.no_grad():
+                try:  # the CPU's vector instructions as the CPU lists them (_trusted_vector_isa)
+                    with _trusted_vector_isa():
+                        run = torch._inductor.compile(graph, inputs, self.options)
+                except Exception as e:  # noqa: BLE001 - retried as torch would compile it
+                    if not _is_compile_error(e):
+                        raise
+                    run = torch._inductor.compile(graph, inputs, self.options)
+        except Exception as e:  # noqa: BLE001 - a step that cannot compile runs eagerly
+            if not _is_compile_error(e):
+                raise
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise TraceError(f"could not compile it ({type(e).__name__}: {reason[:200]})")
+        return _Graph(run, expected)
+
+
+def _trusted_vector_isa():
+    """Inductor checks, once per process, which vector instruction sets the C++ compiler
+    can build and load, by compiling a test program for each and loading it in a new
+    Python process: 6-7 s per process on a busy 2-core machine, and about 20 s in an
+    empty compile cache, for what the CPU's flags already say. Inside this block it
+    takes the flags' word (``cpp.vec_isa_ok``); a compiler that cannot build them then
+    fails, and the graph is compiled again with the checks."""
+    return torch._inductor.config.patch({"cpp.vec_isa_ok": True})
 
 
 class _HostReads(TorchDispatchMode):
@@ -451,19 +493,31 @@ class _HostReads(TorchDispatchMode):
             self.values.append(out)
         return out
 
+    def unchanged(self) -> torch.Tensor:
+        """Whether the tensors read still hold the values read so far (a recorded
+        boolean tensor)."""
+        read = torch.stack([t.double() for t in self.tensors])
+        return (read == _as_tensor(self.values, read.device)).all()
 
-def record(step: Callable, inputs: List[torch.Tensor], device):
+
+def _as_tensor(values, device) -> torch.Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+
+
+def record(step: Callable, inputs: List[torch.Tensor], device, pass_reads: bool = False):
     """``make_fx``'s record of ``step(*inputs)`` (a tuple of tensors), with what it read
     on the host as one more output, last (a float64 vector; the values read become
     ``expected``, else None): ``(graph, expected)``. The inputs' values are used as
-    they are (real tensors), the random state is left as it was, and Pyro's own reads
-    are left out. ``TraceError`` for a step that cannot be recorded as one graph."""
+    they are (real tensors: the step runs), the random state is left as it was, and
+    Pyro's own reads are left out. ``pass_reads``: ``step(reads, *inputs)``, where
+    ``reads.unchanged()`` says whether the values read so far still hold. ``TraceError``
+    for a step that cannot be recorded as one graph."""
     from torch.fx.experimental.proxy_tensor import make_fx
     reads = _HostReads()
 
     def guarded(*flat):
         with reads:
-            out = tuple(step(*flat))
+            out = tuple(step(reads, *flat) if pass_reads else step(*flat))
         if reads.tensors:
             out += (torch.stack([t.double() for t in reads.tensors]),)
         return out
@@ -479,9 +533,7 @@ def record(step: Callable, inputs: List[torch.Tensor], device):
     except Exception as e:  # noqa: BLE001 - any failure to record means: run eagerly
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TraceError(f"{type(e).__name__}: {reason[:200]}") from e
-    expected = torch.tensor([float(v) for v in reads.values], dtype=torch.float64,
-                            device=device) if reads.values else None
-    return graph, expected
+    return graph, _as_tensor(reads.values, device) if reads.values else None
 
 
 def _drop_reads(graph) -> None:

@@ -191,19 +191,28 @@ class TensorDataset:
                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, ...]:
         """The minibatch of the rows ``index`` (a slice or index tensor), x binarized
         with ``noise`` (see ``noise``) when the data are binarized dynamically."""
-        if isinstance(index, slice):
-            batch = tuple(t[index] for t in self.tensors)
-        else:  # index_select: no host sync
-            batch = tuple(t.index_select(0, index) for t in self.tensors)
-        if self.dynamic_binarize:
-            batch = (binarize(batch[0], noise, generator),) + batch[1:]
-        return batch
+        return gather(self.tensors, index, self.dynamic_binarize, noise, generator)
 
     def support_view(self) -> Tuple[torch.Tensor, ...]:
         """The tensors with x as the model may see it: a dynamically binarized x is
         replaced by one possible draw (``ceil``), for support checks."""
         x = self.x.ceil() if self.dynamic_binarize else self.x
         return (x,) + self.extras
+
+
+def gather(tensors: Tuple[torch.Tensor, ...], index, dynamic_binarize: bool = False,
+           noise: Optional[torch.Tensor] = None,
+           generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, ...]:
+    """The rows ``index`` (a slice or an index tensor) of ``tensors`` (x first), x
+    binarized (``binarize``) when ``dynamic_binarize``: ``TensorDataset.gather``, as a
+    function of tensors alone (a compiled step records it)."""
+    if isinstance(index, slice):
+        batch = tuple(t[index] for t in tensors)
+    else:  # index_select: no host sync
+        batch = tuple(t.index_select(0, index) for t in tensors)
+    if dynamic_binarize:
+        batch = (binarize(batch[0], noise, generator),) + batch[1:]
+    return batch
 
 
 def binarize(x: torch.Tensor, noise: Optional[torch.Tensor],

@@ -31,10 +31,11 @@ from .compiled import (TraceError, TracedLoss, check_precision, compare_speed, c
 from .checkpoints import (Position, TrainState, fingerprint, get_rng_state,
                           load_optimizer_state, set_rng_state)
 from .contract import check_data, check_num_data, guide_parameters, hidden_from_pyro
-from .datasets import as_dataset
+from .datasets import Draw, as_dataset
 from .distributed import World
 from .errors import ArgumentError
 from .evaluation import elbo as evaluate_elbo
+from .fused import TracedStep, functional_update
 from .hooks import EarlyStopping, Hook, _FunctionHook
 from .objectives import (AUTO, Loss, beta_at, check_objective, choose_elbo, describe_elbo,
                          is_latent, make_elbo, plain_elbo, scales_with_data_size,
@@ -261,8 +262,9 @@ class Trainer:
 
     def _warm_up(self) -> None:
         """Compile the step before any epoch's clock runs: the whole step recorded as
-        one graph (``TracedLoss``) for the full batch size where it can be, the networks
-        alone for every batch size where not. Forward and backward, without an update,
+        one graph for the full batch size where it can be (``TracedStep``, the update
+        included, on the CPU; ``TracedLoss`` elsewhere), the networks alone for every
+        batch size where not. Without changing the weights or the optimizer's state,
         and without drawing from the random streams (the run is the one it would be
         without compiling). Then time the compiled step against the eager one, and say
         so when it is not faster."""
@@ -271,15 +273,16 @@ class Trainer:
             return
         last = len(self.train) - (self.steps - 1) * o.batch_size
         sizes = sorted({min(o.batch_size, len(self.train)), last}, reverse=True)
-        with rng_untouched(self.device):
-            first = next(self.train.batches(o.batch_size, False))
-        batches = [tuple(self.world.shard(t[:size]) for t in first) for size in sizes]
+        with rng_untouched(self.device):  # a batch as training draws them
+            first = next(self.train.batches(o.batch_size, order=torch.arange(
+                len(self.train), device=self.device)))
+        batches = [first if size == first.size and self.world.size == 1 else
+                   tuple(self.world.shard(t[:size]) for t in first) for size in sizes]
         beta = beta_at(1, o.beta, o.warmup_epochs)
 
         def step(batch):
             with pyro.validation_enabled(False):
-                self.step._loss_and_grads(batch, 1.0, self.num_data, beta)
-            self.step.optimizer.zero_grad(set_to_none=True)
+                self.step.dry_run(batch, self.num_data, beta)
 
         def eager_step():
             traced, self.step.traced = self.step.traced, None
@@ -291,13 +294,14 @@ class Trainer:
         what = self._record_step(batches[0], beta)
         if self.step.traced is None:
             self.compile_seconds = warm_up(lambda: [step(b) for b in batches], self.device)
-        compiled_s, eager_s = compare_speed(lambda: step(batches[0]), eager_step, self.device)
+        compiled_s, self.eager_step_seconds = compare_speed(lambda: step(batches[0]),
+                                                            eager_step, self.device)
         if self.world.main:
             logger.info("compiled %s in %.1f s", what, self.compile_seconds)
-            if compiled_s > eager_s:
+            if compiled_s > self.eager_step_seconds:
                 logger.warning("compiling does not pay here: a compiled step took %.1f ms, "
                                "an eager one %.1f ms (median of 5)", 1e3 * compiled_s,
-                               1e3 * eager_s)
+                               1e3 * self.eager_step_seconds)
 
     def _record_step(self, batch, beta: float) -> str:
         """Record and compile the whole step for ``batch``'s size and ``beta`` (it is then
@@ -308,15 +312,21 @@ class Trainer:
                "the loss has no differentiable_loss" if not self.step.differentiable
                else None)
         if why is None:
-            traced = TracedLoss(self.step.loss, list(self.params), self.device,
-                                compile_mode(self.device), batch_size=len(batch[0]))
+            size = batch.size if isinstance(batch, Draw) else len(batch[0])
+            update = functional_update(self.step.optimizer, list(self.params.values())) \
+                if self.device.type == "cpu" else None
+            traced = TracedStep(self.step.loss, list(self.params), self.device, update,
+                                batch_size=size) if update is not None else \
+                TracedLoss(self.step.loss, list(self.params), self.device,
+                           compile_mode(self.device), batch_size=size)
+            run = (lambda: traced.step(batch, 1.0, self.num_data, beta, dry=True)) \
+                if update is not None else (lambda: traced(batch, 1.0, self.num_data, beta))
             try:
                 with pyro.validation_enabled(False):
-                    self.compile_seconds = warm_up(
-                        lambda: traced(batch, 1.0, self.num_data, beta), self.device)
+                    self.compile_seconds = warm_up(run, self.device)
                 self.step.traced = traced
                 self.eager_parts.enter_context(eagerly())
-                return "the whole step"
+                return "the whole step" + (", update included" if update else "")
             except TraceError as e:
                 why = str(e)
         if self.world.main:
@@ -394,12 +404,14 @@ class Trainer:
         self.bar.close()
         self._settle()
 
-    def _take_step(self, batch: Tuple[torch.Tensor, ...]) -> None:
+    def _take_step(self, batch: Draw) -> None:
         o, pos, world = self.options, self.pos, self.world
         step = pos.step  # steps of this epoch done before this one
-        shard = tuple(world.shard(t) for t in batch)
-        # The loss averaged over processes must be the global batch's (N / B).
-        weight = world.size * len(shard[0]) / len(batch[0])
+        shard, weight = batch, 1.0  # a Draw: a step that gathers it itself may
+        if world.size > 1:
+            shard = tuple(world.shard(t) for t in batch)
+            # The loss averaged over processes must be the global batch's (N / B).
+            weight = world.size * len(shard[0]) / batch.size
         done = (pos.epoch - 1) * self.steps + step + 1
         due = o.checkpoint_every and done % o.checkpoint_every == 0 and step + 1 < self.steps
         check = due or (step + 1) % self.check_every == 0 or step + 1 == self.steps
@@ -407,7 +419,7 @@ class Trainer:
             # Distribution checks run on the very first step, where a model or guide bug
             # shows, and are then switched off: they cost ~15% of a step.
             with pyro.validation_enabled(o.validate and pos.epoch == 1 and step == 0):
-                self.pending.append((step, len(batch[0])) + self.step(
+                self.pending.append((step, batch.size) + self.step(
                     shard, weight, check, num_data=self.num_data, beta=self.beta))
         except ValueError:
             # With validation on, NaN weights fail a distribution's argument check.
@@ -416,7 +428,7 @@ class Trainer:
             if bad is None:
                 raise
             self.step.optimizer.zero_grad(set_to_none=True)
-            self.pending.append((step, len(batch[0]), torch.tensor(math.nan),
+            self.pending.append((step, batch.size, torch.tensor(math.nan),
                                  torch.tensor(False), bad))
         pos.step += 1
         if check or self.pending[-1][4] is not None or self.signals:
