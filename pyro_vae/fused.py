@@ -207,22 +207,26 @@ class TracedStep(TracedLoss):
                  max_records: int = 8, batch_size: Optional[int] = None):
         super().__init__(loss, trained, device, None, max_records, batch_size)
         self.update = update
+        self._copies = None  # of the trained parameters and the optimizer's state
 
     def step(self, batch, weight: float = 1.0, num_data: Optional[int] = None,
              beta: float = 1.0, dry: bool = False
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step on ``batch`` (a ``Draw``, or a tuple of tensors); ``dry``: on copies
-        of the parameters and the optimizer's state, changing nothing (to compile, or
-        to time)."""
+        of the trained parameters and the optimizer's state (made at the first dry step
+        and kept), changing nothing (to compile, or to time)."""
         data, binarize = _data_inputs(batch)
         key = (binarize, tuple((t.shape, t.dtype) for t in data), weight, num_data, beta,
                self.update.key())
         state, moments = self._inputs(), self.update.state()
         scalars = self.update.scalars()
         if dry:
-            trained = set(self.trained)
-            state = {k: t.clone() if k in trained else t for k, t in state.items()}
-            moments = [t.clone() for t in moments]
+            if self._copies is None:
+                trained = set(self.trained)
+                self._copies = ({k: t.detach().clone() for k, t in state.items()
+                                 if k in trained}, [t.clone() for t in moments])
+            state = {k: self._copies[0].get(k, t) for k, t in state.items()}
+            moments = self._copies[1]
         inputs = list(state.values()) + moments + scalars + data
         out = self._run(key, inputs, lambda: self._record_step(
             state, moments, scalars, data, binarize, weight, num_data, beta))

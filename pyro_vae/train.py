@@ -255,6 +255,7 @@ class Trainer:
         ``_record_step`` may run them eagerly for the rest of it (``eager_parts``)."""
         o = self.options
         self.compiled_networks, self.compile_seconds = [], None
+        self.eager_step_seconds = None
         with compiled(self.model, self.probe, o.compile, o.precision, self.device) as names, \
                 contextlib.ExitStack() as self.eager_parts:
             self.compiled_networks = names
@@ -302,6 +303,22 @@ class Trainer:
                 logger.warning("compiling does not pay here: a compiled step took %.1f ms, "
                                "an eager one %.1f ms (median of 5)", 1e3 * compiled_s,
                                1e3 * self.eager_step_seconds)
+
+    def _log_break_even(self, record: Dict) -> None:
+        """After the first compiled epoch: the epoch from which compiling has paid for
+        itself, at this epoch's speed against eager steps' (timed in ``_warm_up``,
+        without their update: an estimate that errs towards later)."""
+        eager = self.steps * self.eager_step_seconds
+        saved = eager - record["seconds"]
+        if saved <= 0:
+            logger.info("compiling took %.1f s and saves nothing per epoch here (this epoch "
+                        "%.1f s, eager steps about %.1f s)", record["compile_seconds"],
+                        record["seconds"], eager)
+            return
+        logger.info("compiling took %.1f s and saves about %.1f s per epoch (this epoch "
+                    "%.1f s, eager steps about %.1f s): it has paid for itself after "
+                    "epoch %d", record["compile_seconds"], saved, record["seconds"], eager,
+                    math.ceil(record["compile_seconds"] / saved))
 
     def _record_step(self, batch, beta: float) -> str:
         """Record and compile the whole step for ``batch``'s size and ``beta`` (it is then
@@ -496,6 +513,8 @@ class Trainer:
                   "loss": type(self.objective).__name__}
         if self.compile_seconds is not None:  # the first epoch of this call of fit
             record["compile_seconds"], self.compile_seconds = self.compile_seconds, None
+            if self.world.main:
+                self._log_break_even(record)
         self.history.append(record)
         stop = False
         if self.world.main:
