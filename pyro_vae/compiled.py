@@ -348,6 +348,10 @@ class TracedLoss:
         self.options = {"fallback_random": True}
         if mode == "reduce-overhead":  # CUDA graphs (mode and options do not combine)
             self.options["triton.cudagraphs"] = True
+        elif torch.device(device).type == "cpu":
+            # The graph's calls from C++, not Python: about 0.4 ms less per MLP step, and
+            # one C++ compilation for all its kernels.
+            self.options["cpp_wrapper"] = True
         self.max_records = max_records
         self.graphs: Dict[tuple, List[_Graph]] = {}  # per key, one per branch taken
 
@@ -449,6 +453,9 @@ class TracedLoss:
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
         fake = FakeTensorMode(shape_env=ShapeEnv())
         inputs = [fake.from_tensor(t.detach(), static_shapes=True) for t in inputs]
+        for node, value in zip((n for n in graph.graph.nodes if n.op == "placeholder"),
+                               inputs):
+            node.meta["val"] = value
         try:
             with torch.no_grad():
                 try:  # the CPU's vector instructions as the CPU lists them (_trusted_vector_isa)

@@ -312,11 +312,11 @@ class Trainer:
         saved = eager - record["seconds"]
         if saved <= 0:
             logger.info("compiling took %.1f s and saves nothing per epoch here (this epoch "
-                        "%.1f s, eager steps about %.1f s)", record["compile_seconds"],
+                        "%.3g s, eager steps about %.3g s)", record["compile_seconds"],
                         record["seconds"], eager)
             return
-        logger.info("compiling took %.1f s and saves about %.1f s per epoch (this epoch "
-                    "%.1f s, eager steps about %.1f s): it has paid for itself after "
+        logger.info("compiling took %.1f s and saves about %.3g s per epoch (this epoch "
+                    "%.3g s, eager steps about %.3g s): it has paid for itself after "
                     "epoch %d", record["compile_seconds"], saved, record["seconds"], eager,
                     math.ceil(record["compile_seconds"] / saved))
 
