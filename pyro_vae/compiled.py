@@ -2,11 +2,14 @@
 
 ``fit(..., compile=True)`` compiles the **whole step** (``TracedLoss``): Pyro's ELBO is
 Python around tensor operations, so ``make_fx`` runs model, guide, the ELBO's sums and the
-backward pass once per batch shape and records the tensor operations alone, and
-``torch.compile`` compiles that record. Later steps run the compiled graph; no Pyro
-Python runs again. (``torch.compile`` of the ELBO itself does not pay: Dynamo breaks the
-graph at every ``pyro.sample``, 10 times in the tutorial MLP's meanfield loss, and that
-step took about 1.1 times as long as eager, ``benchmarks/compile_parts.py``.)
+backward pass once per batch shape and records the tensor operations alone, and inductor
+compiles that record (directly: the record is one graph already, so Dynamo's guards would
+only cost time at each call; on CUDA through ``torch.compile``, for CUDA graphs). Later
+steps run the compiled graph; no Pyro Python runs again. On the CPU the optimizer's update
+and the batch draw are recorded into the same graph (``pyro_vae.fused.TracedStep``).
+(``torch.compile`` of the ELBO itself does not pay: Dynamo breaks the graph at every
+``pyro.sample``, 10 times in the tutorial MLP's meanfield loss, and that step took about
+1.1 times as long as eager, ``benchmarks/compile_parts.py``.)
 
 Where the step cannot be recorded (several processes, an ELBO without
 ``differentiable_loss``, a model that reads a float's value on the host), and in the

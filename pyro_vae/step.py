@@ -56,6 +56,11 @@ class Step:
 
     The finite check never waits for the device unless asked (``check``): the fused Adam
     kernel skips the update on the device itself when told the step was not finite.
+
+    ``traced`` (set by ``fit(compile=True)``): the step recorded and compiled, as a
+    ``pyro_vae.compiled.TracedLoss`` (loss and gradients; the update as above) or a
+    ``pyro_vae.fused.TracedStep`` (the update, the finite check and the batch draw in
+    the same graph), for batches of the size recorded.
     """
 
     def __init__(self, module, objective: ELBO, params: Dict[str, torch.nn.Parameter],

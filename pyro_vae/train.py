@@ -87,11 +87,13 @@ class Options:
     monitor: the record field early stopping watches: ``"valid_elbo"`` (maximized) or a
         validation metric of the model's, e.g. ``"valid_error"`` (minimized; see
         ``pyro_vae.hooks.higher_is_better``).
-    compile: record the whole step (Pyro's ELBO and its backward pass) once per batch
-        shape and compile it with ``torch.compile``, or where it cannot be recorded the
-        model's networks and the package's densities alone (``pyro_vae.compiled``);
-        compiling takes seconds, once per call of ``fit``, and the first epoch's record
-        gives them as ``compile_seconds``.
+    compile: record the whole step (Pyro's ELBO and its backward pass; on the CPU the
+        optimizer's update and the batch draw too) once for the full batch size and
+        compile it, or where it cannot be recorded the model's networks and the
+        package's densities alone (``pyro_vae.compiled``, ``pyro_vae.fused``);
+        compiling takes seconds, once per call of ``fit`` (from torch's compile cache
+        after the first time), the first epoch's record gives them as
+        ``compile_seconds``, and a line after it says from which epoch they have paid.
     precision: ``"float32"``, or ``"bf16"``: the networks' matrix products in bfloat16
         (log-densities and the ELBO stay float32); refused where bfloat16 is not fast.
     """
@@ -599,12 +601,13 @@ def fit(model, train, valid=None, *, hooks: Sequence = (), resume=None,
     is another objective unless ``allow_loss_change=True``. ``lr`` and ``clip_norm``
     given on resume replace the saved ones.
 
-    ``compile=True``: the whole step (model, guide, Pyro's ELBO and the backward pass) is
-    recorded once for the full batch size and compiled (``pyro_vae.compiled``); where it
-    cannot be recorded, the model's networks and the package's densities are compiled
-    alone, after one line saying why. The warm-up draws no random number, so the run
-    takes the eager run's noise. ``precision="bf16"``: the networks' matrix products in
-    bfloat16.
+    ``compile=True``: the whole step (model, guide, Pyro's ELBO and the backward pass;
+    on the CPU also the optimizer's update, the finite check and the batch's gather and
+    binarization, ``pyro_vae.fused``) is recorded once for the full batch size and
+    compiled (``pyro_vae.compiled``); where it cannot be recorded, the model's networks
+    and the package's densities are compiled alone, after one line saying why. The
+    warm-up draws no random number and changes no weight, so the run takes the eager
+    run's noise. ``precision="bf16"``: the networks' matrix products in bfloat16.
 
     Several processes (``torch.distributed`` initialized, e.g. by ``torchrun``): each
     trains on its shard of every global batch under ``DistributedDataParallel``, with the
