@@ -97,7 +97,8 @@ def kill_and_resume(out: Path, kill_at: int, mode: str, data_dir, extra=()) -> d
 
 def differences(a: Path, b: Path) -> list:
     """What differs between the final states of runs ``a`` and ``b`` (empty: bitwise
-    equal parameters, optimizer state and metrics other than seconds)."""
+    equal parameters, optimizer state and metrics other than wall-clock times:
+    ``seconds``, and ``compile_seconds``, which a resumed compiled run records again)."""
     ca = torch.load(a / "checkpoint.pt", weights_only=True)
     cb = torch.load(b / "checkpoint.pt", weights_only=True)
     diff = [k for k in ca["model"] if not torch.equal(ca["model"][k], cb["model"][k])]
@@ -110,7 +111,7 @@ def differences(a: Path, b: Path) -> list:
                 diff.append(f"optimizer {name} {key}")
 
     def metrics(run):
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     if metrics(a) != metrics(b):
