@@ -93,7 +93,7 @@ class Step:
         finite, both as tensors on the device; and, if the step was checked on the host
         (``check``, or an optimizer that cannot skip on the device), the first
         non-finite quantity ("loss", "gradient of decoder.0.weight") or None."""
-        if self._recorded(batch) and getattr(self.traced, "updates", False):
+        if self._recorded(batch, update=True):
             try:
                 return self._whole_step(batch, weight, check, num_data, beta)
             except TraceError as e:
@@ -120,11 +120,14 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, finite, bad
 
-    def _recorded(self, batch) -> bool:
+    def _recorded(self, batch, update: bool) -> bool:
+        """Whether the recorded step takes ``batch``, with (``update``) or without the
+        update in its graph."""
         # Distribution checks read values, so they are not in a recorded step; nor is a
         # batch of another size (the last one of an epoch).
-        return self.traced is not None and self.traced.takes(batch) and \
-            not is_validation_enabled()
+        return self.traced is not None and \
+            getattr(self.traced, "updates", False) == update and \
+            self.traced.takes(batch) and not is_validation_enabled()
 
     def _eager_from_here(self, e: TraceError) -> None:
         logger.warning("the step runs eagerly from here: %s", e)
@@ -145,14 +148,14 @@ class Step:
     def dry_run(self, batch, num_data: Optional[int] = None, beta: float = 1.0) -> None:
         """A step on ``batch`` that changes nothing (no update; the gradients are
         dropped): to compile, or to time."""
-        if self._recorded(batch) and getattr(self.traced, "updates", False):
+        if self._recorded(batch, update=True):
             self.traced.step(batch, 1.0, num_data, beta, dry=True)
         else:
             self._loss_and_grads(batch, 1.0, num_data, beta)
             self.optimizer.zero_grad(set_to_none=True)
 
     def _loss_and_grads(self, batch, weight, num_data, beta) -> torch.Tensor:
-        if self._recorded(batch) and not getattr(self.traced, "updates", False):
+        if self._recorded(batch, update=False):
             try:
                 loss, grads = self.traced(batch, weight, num_data, beta)
             except TraceError as e:

@@ -426,7 +426,7 @@ class Trainer:
     def _take_step(self, batch: Draw) -> None:
         o, pos, world = self.options, self.pos, self.world
         step = pos.step  # steps of this epoch done before this one
-        shard, weight = batch, 1.0  # a Draw: a step that gathers it itself may
+        shard, weight = batch, 1.0  # the Draw itself: a compiled step gathers it itself
         if world.size > 1:
             shard = tuple(world.shard(t) for t in batch)
             # The loss averaged over processes must be the global batch's (N / B).
@@ -466,9 +466,13 @@ class Trainer:
         if not self.pending:
             return
         taken, self.pending = self.pending, []
-        losses = self.world.sum(torch.stack([p[2].to(self.device).double() for p in taken]))
-        losses = (losses / self.world.size).tolist()
-        flags = torch.stack([p[3].to(self.device) for p in taken]).tolist()
+        if len(taken) == 1 and self.world.size == 1:  # the CPU's every step: no stacking
+            losses, flags = [float(taken[0][2])], [bool(taken[0][3])]
+        else:
+            losses = self.world.sum(torch.stack([p[2].to(self.device).double()
+                                                 for p in taken]))
+            losses = (losses / self.world.size).tolist()
+            flags = torch.stack([p[3].to(self.device) for p in taken]).tolist()
         failed = None
         for (step, size, _, _, bad), batch_loss, ok in zip(taken, losses, flags):
             if ok:
