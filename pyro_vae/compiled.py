@@ -359,10 +359,13 @@ class TracedLoss:
         self.graphs: Dict[tuple, List[_Graph]] = {}  # per key, one per branch taken
 
     def _inputs(self) -> Dict[str, torch.Tensor]:
-        """Every parameter and buffer of the loss, by name, as they are (the graphs run
-        without autograd)."""
+        """Every parameter and buffer of the loss, by name: as they are where inductor
+        compiled the graph (it runs without autograd), detached for ``torch.compile``
+        (CUDA graphs)."""
         state = dict(self.loss.named_parameters())
         state.update(self.loss.named_buffers())
+        if "triton.cudagraphs" in self.options:
+            return {name: t.detach() for name, t in state.items()}
         return state
 
     def takes(self, batch: Sequence[torch.Tensor]) -> bool:
