@@ -22,7 +22,7 @@ update eager, as before.
 """
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -256,10 +256,8 @@ class TracedStep(TracedLoss):
 
         def whole_step(reads, *flat):
             state, moments, scalars, data = _split(flat, sizes)
-            batch = gather(tuple(data[:-2]), data[-2], True, data[-1]) if binarize \
-                else gather(tuple(data[:-1]), data[-1]) if binarize is False else data
-            value, grads = self._loss_and_grads(names, state, batch, weight, num_data,
-                                                beta)
+            value, grads = self._loss_and_grads(names, state, _batch(data, binarize),
+                                                weight, num_data, beta)
             sums = torch.stack([value.float()] + [g.sum().float() for g in grads])
             finite = torch.isfinite(sums.sum())
             ok = finite if not reads.tensors else finite & reads.unchanged()
@@ -284,6 +282,16 @@ def _data_inputs(batch) -> Tuple[List[torch.Tensor], Optional[bool]]:
         if not batch.data.dynamic_binarize:
             return data, False
     return list(batch), None
+
+
+def _batch(data: List[torch.Tensor], binarize: Optional[bool]):
+    """The batch, from the graph's data inputs (``_data_inputs``): gathered (and
+    binarized) inside the graph, or as given."""
+    if binarize is None:
+        return data
+    if binarize:
+        return gather(tuple(data[:-2]), data[-2], True, data[-1])
+    return gather(tuple(data[:-1]), data[-1])
 
 
 def _split(flat, sizes: Sequence[int]) -> List[list]:
