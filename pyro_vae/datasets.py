@@ -148,18 +148,24 @@ class TensorDataset:
     def batches(self, batch_size: int, shuffle: bool = True,
                 generator: Optional[torch.Generator] = None,
                 order: Optional[torch.Tensor] = None,
-                start: int = 0) -> Iterator["Draw"]:
+                start: int = 0) -> Iterator[Tuple[torch.Tensor, ...]]:
         """Minibatches ``(x_b, *extras_b)`` on the data's device; the last may be smaller.
 
         ``order``: visit the points in this permutation (default: a fresh one drawn from
         ``generator`` when ``shuffle``, else the stored order); ``start``: skip the first
         ``start`` batches (to continue an epoch that was interrupted).
-
-        Each minibatch is a ``Draw``, which reads as that tuple (gathered when first
-        read) and keeps its rows (``index``) and binarization noise (``noise``, drawn
-        from ``generator`` in batch order, as the batch is yielded) for a compiled step
-        that gathers them itself.
         """
+        for draw in self.draws(batch_size, shuffle, generator, order, start):
+            yield draw.batch
+
+    def draws(self, batch_size: int, shuffle: bool = True,
+              generator: Optional[torch.Generator] = None,
+              order: Optional[torch.Tensor] = None,
+              start: int = 0) -> Iterator["Draw"]:
+        """``batches``, each as a ``Draw``: its rows (``index``) and binarization noise
+        (``noise``, drawn from ``generator`` as the batch is yielded, in the order
+        ``batches`` draws it), gathered when first read, so that a compiled step can
+        gather it itself (``pyro_vae.fused``)."""
         n = len(self.x)
         if order is None and shuffle:
             order = torch.randperm(n, device=self.device, generator=generator)
@@ -167,10 +173,10 @@ class TensorDataset:
             order = spread_evenly(order, self.spread)
         for i in range(start * batch_size, n, batch_size):
             index = slice(i, i + batch_size) if order is None else order[i:i + batch_size]
-            size = min(batch_size, n - i)
             if self.device.type != "cpu":  # torch.bernoulli's own draw, as it is yielded
                 yield Draw(self, index, None, self.gather(index, None, generator))
                 continue
+            size = min(batch_size, n - i)
             noise = self.noise(size, generator) if self.dynamic_binarize else None
             yield Draw(self, index, noise)
 
@@ -225,11 +231,11 @@ def binarize(x: torch.Tensor, noise: Optional[torch.Tensor],
 
 
 class Draw:
-    """One minibatch of a ``TensorDataset``: reads as the tuple ``(x_b, *extras_b)``,
-    gathered when first read (``batch``). ``data``, ``index`` (its rows: a slice or an
-    index tensor) and ``noise`` (the binarization's uniforms, or None) say what it is,
-    so that a compiled step can gather it itself (``pyro_vae.fused``); ``size`` is its
-    number of points."""
+    """One minibatch of a ``TensorDataset`` (``draws``): reads as the tuple
+    ``(x_b, *extras_b)``, gathered when first read (``batch``). ``data``, ``index`` (its
+    rows: a slice or an index tensor) and ``noise`` (the binarization's uniforms, or
+    None) say what it is, so that a compiled step can gather it itself
+    (``pyro_vae.fused``); ``size`` is its number of points."""
 
     def __init__(self, data: "TensorDataset", index, noise: Optional[torch.Tensor],
                  batch: Optional[Tuple[torch.Tensor, ...]] = None):

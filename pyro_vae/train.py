@@ -277,7 +277,7 @@ class Trainer:
         last = len(self.train) - (self.steps - 1) * o.batch_size
         sizes = sorted({min(o.batch_size, len(self.train)), last}, reverse=True)
         with rng_untouched(self.device):  # a batch as training draws them
-            first = next(self.train.batches(o.batch_size, order=torch.arange(
+            first = next(self.train.draws(o.batch_size, order=torch.arange(
                 len(self.train), device=self.device)))
         batches = [first if size == first.size and self.world.size == 1 else
                    tuple(self.world.shard(t[:size]) for t in first) for size in sizes]
@@ -415,8 +415,8 @@ class Trainer:
             pos.order = torch.randperm(len(self.train), device=self.device,
                                        generator=self.generator)
         self.clock = time.perf_counter()
-        self.bar = bar(self.train.batches(o.batch_size, order=pos.order, start=pos.step,
-                                          generator=self.generator), self.progress,
+        self.bar = bar(self.train.draws(o.batch_size, order=pos.order, start=pos.step,
+                                        generator=self.generator), self.progress,
                        total=self.steps, initial=pos.step, desc=f"epoch {pos.epoch}/{o.epochs}")
         for batch in self.bar:
             self._take_step(batch)

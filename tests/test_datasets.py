@@ -178,7 +178,8 @@ def test_dynamic_binarization_is_bitwise_torch_bernoulli_from_the_same_generator
     """On the CPU a batch's binarization compares uniforms drawn from the data generator
     (``noise``) with the gray values: the very draws ``torch.bernoulli(x_b,
     generator=g)`` makes, epoch after epoch, so runs keep the noise they had with it
-    (and a compiled step that gathers the batch itself takes the same)."""
+    (and a compiled step that gathers the batch itself, from ``draws``, takes the
+    same)."""
     x = torch.rand(230, 17, dtype=dtype)
     x[x < 0.3] = 0  # MNIST-like: many exact zeros, and values in between
     data = TensorDataset(x, "toy", "train", dynamic_binarize=True, extras=(torch.arange(230),))

@@ -51,8 +51,8 @@ def _draws(n=3, size=50):
     data = TensorDataset(torch.rand(400, 64), dynamic_binarize=True)
     generator = torch.Generator().manual_seed(1)
     order = torch.randperm(len(data), generator=generator)
-    return [d for _, d in zip(range(n), data.batches(size, order=order,
-                                                      generator=generator))]
+    return [d for _, d in zip(range(n), data.draws(size, order=order,
+                                                    generator=generator))]
 
 
 @needs_cxx
