@@ -2,11 +2,14 @@
 
 ``fit(..., compile=True)`` compiles the **whole step** (``TracedLoss``): Pyro's ELBO is
 Python around tensor operations, so ``make_fx`` runs model, guide, the ELBO's sums and the
-backward pass once per batch shape and records the tensor operations alone, and
-``torch.compile`` compiles that record. Later steps run the compiled graph; no Pyro
-Python runs again. (``torch.compile`` of the ELBO itself does not pay: Dynamo breaks the
-graph at every ``pyro.sample``, 10 times in the tutorial MLP's meanfield loss, and that
-step took about 1.1 times as long as eager, ``benchmarks/compile_parts.py``.)
+backward pass once per batch shape and records the tensor operations alone, and inductor
+compiles that record (directly: the record is one graph already, so Dynamo's guards would
+only cost time at each call; on CUDA through ``torch.compile``, for CUDA graphs). Later
+steps run the compiled graph; no Pyro Python runs again. On the CPU the optimizer's update
+and the batch draw are recorded into the same graph (``pyro_vae.fused.TracedStep``).
+(``torch.compile`` of the ELBO itself does not pay: Dynamo breaks the graph at every
+``pyro.sample``, 10 times in the tutorial MLP's meanfield loss, and that step took about
+1.1 times as long as eager, ``benchmarks/compile_parts.py``.)
 
 Where the step cannot be recorded (several processes, an ELBO without
 ``differentiable_loss``, a model that reads a float's value on the host), and in the
@@ -45,7 +48,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import torch
+import torch._inductor
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyro
 from pyro import poutine
@@ -53,6 +58,7 @@ from pyro.infer.util import torch_item
 from pyro.nn import PyroModule
 from pyro.util import warn_if_nan
 
+from .datasets import Draw
 from .errors import ArgumentError
 
 logger = logging.getLogger("pyro_vae")
@@ -297,7 +303,8 @@ class TraceError(RuntimeError):
 
 class _Graph:
     """One recorded step: the compiled graph, and the values the recording read on the
-    host (its guards): a later run whose reads differ took another branch."""
+    host (its guards; the graph returns what it reads as its last output): a later run
+    whose reads differ took another branch."""
 
     def __init__(self, run: Callable, expected: Optional[torch.Tensor]):
         self.run, self.expected = run, expected
@@ -334,7 +341,8 @@ class TracedLoss:
 
     ``loss`` is ``pyro_vae.step``'s loss module (its ``forward`` is the ELBO's
     ``differentiable_loss``, its ``module`` the model); ``trained`` names the
-    parameters of ``loss.module`` whose gradients are returned, in that order."""
+    parameters of ``loss.module`` whose gradients are returned, in that order.
+    (``pyro_vae.fused.TracedStep`` records the optimizer's update too.)"""
 
     def __init__(self, loss: nn.Module, trained: Sequence[str], device, mode=None,
                  max_records: int = 8, batch_size: Optional[int] = None):
@@ -343,28 +351,50 @@ class TracedLoss:
         self.options = {"fallback_random": True}
         if mode == "reduce-overhead":  # CUDA graphs (mode and options do not combine)
             self.options["triton.cudagraphs"] = True
+        elif torch.device(device).type == "cpu":
+            # The graph's calls from C++, not Python: about 0.4 ms less per MLP step, and
+            # one C++ compilation for all its kernels.
+            self.options["cpp_wrapper"] = True
         self.max_records = max_records
         self.graphs: Dict[tuple, List[_Graph]] = {}  # per key, one per branch taken
 
     def _inputs(self) -> Dict[str, torch.Tensor]:
+        """Every parameter and buffer of the loss, by name: as they are where inductor
+        compiled the graph (it runs without autograd), detached for ``torch.compile``
+        (CUDA graphs)."""
         state = dict(self.loss.named_parameters())
         state.update(self.loss.named_buffers())
-        return {name: t.detach() for name, t in state.items()}
+        if "triton.cudagraphs" in self.options:
+            return {name: t.detach() for name, t in state.items()}
+        return state
 
     def takes(self, batch: Sequence[torch.Tensor]) -> bool:
         """Whether ``batch`` is of the size recorded (``batch_size``; None: any size)."""
-        return self.batch_size is None or len(batch[0]) == self.batch_size
+        size = batch.size if isinstance(batch, Draw) else len(batch[0])
+        return self.batch_size is None or size == self.batch_size
 
     def __call__(self, batch: Sequence[torch.Tensor], weight: float = 1.0,
                  num_data: Optional[int] = None, beta: float = 1.0
                  ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """The loss (times ``weight``) and the gradients of the trained parameters."""
+        batch = tuple(batch)
         key = (tuple((t.shape, t.dtype) for t in batch), weight, num_data, beta)
+        state = self._inputs()
+        out = self._run(key, list(state.values()) + list(batch),
+                        lambda: self._record(state, batch, weight, num_data, beta))
+        n = 1 + len(self.trained)
+        # CUDA graphs write each run's outputs where the last run's were: the loss is
+        # kept until the steps are settled, the gradients only until the update.
+        loss = out[0].clone() if "triton.cudagraphs" in self.options else out[0]
+        return loss, list(out[1:n])
+
+    def _run(self, key, inputs: List[torch.Tensor], record: Callable[[], _Graph]):
+        """Run the graph of ``key`` for the branch the step takes (see the class), on
+        ``inputs``; its outputs."""
         graphs = self.graphs.setdefault(key, [])  # the last one that ran first
         rng = _rng_state(self.device) if not graphs or graphs[0].expected is not None \
             else None
-        n, tried, read = 1 + len(self.trained), [], None
-        inputs = list(self._inputs().values())
+        tried, read = [], None
         while True:
             graph = next((g for g in graphs if g not in tried and (read is None or (
                 g.expected is not None and torch.equal(g.expected, read)))), None)
@@ -372,88 +402,172 @@ class TracedLoss:
                 if len(graphs) == self.max_records:
                     raise TraceError(f"the step read different values in {self.max_records}"
                                      f" recordings")
-                graph = self._record(batch, weight, num_data, beta)
+                graph = record()
                 graphs.append(graph)
             tried.append(graph)
-            out = graph.run(*inputs, *batch)
+            with torch.no_grad():
+                out = graph.run(*inputs)
             if graph.expected is None:
                 break
-            read = torch.stack([g.double() for g in out[n:]])
+            read = out[-1]
             if torch.equal(read, graph.expected):
                 break
             _set_rng_state(rng, self.device)  # another branch: run it on the same noise
         graphs.remove(graph)
         graphs.insert(0, graph)
-        # CUDA graphs write each run's outputs where the last run's were: the loss is
-        # kept until the steps are settled, the gradients only until the update.
-        loss = out[0].clone() if "triton.cudagraphs" in self.options else out[0]
-        return loss, list(out[1:n])
+        return out
 
-    def _record(self, batch, weight, num_data, beta) -> _Graph:
-        from torch.fx.experimental.proxy_tensor import make_fx
-        state = self._inputs()
-        names = list(state)
-        trained = [names.index(n) for n in self.trained]
+    def _loss_and_grads(self, names: List[str], state, data, weight, num_data, beta):
+        """The loss (times ``weight``) and the gradients of ``self.trained``, from the
+        state tensors (named ``names``) and the batch ``data``: the function recorded."""
+        value = torch.func.functional_call(self.loss, dict(zip(names, state)),
+                                           tuple(data), {"num_data": num_data, "beta": beta})
+        if weight != 1:
+            value = value * weight
+        trained = [state[names.index(n)] for n in self.trained]
+        grads = torch.autograd.grad(value, trained, allow_unused=True)
+        missing = [n for n, g in zip(self.trained, grads) if g is None]
+        if missing:
+            raise TraceError(f"the loss does not reach {missing[0][len('module.'):]} "
+                             f"through its inputs")
+        return value.detach(), list(grads)
+
+    def _record(self, state: Dict[str, torch.Tensor], batch, weight, num_data, beta
+                ) -> _Graph:
+        names, n = list(state), len(state)
+        trained = set(self.trained)
 
         def loss_and_grads(*flat):
-            state, data = dict(zip(names, flat[:len(names)])), flat[len(names):]
-            value = torch.func.functional_call(self.loss, state, tuple(data),
-                                               {"num_data": num_data, "beta": beta})
-            if weight != 1:
-                value = value * weight
-            grads = torch.autograd.grad(value, [flat[i] for i in trained],
-                                        allow_unused=True)
-            missing = [names[i] for i, g in zip(trained, grads) if g is None]
-            if missing:
-                raise TraceError(f"the loss does not reach {missing[0][len('module.'):]} "
-                                 f"through its inputs")
-            return (value.detach(),) + tuple(grads)
+            value, grads = self._loss_and_grads(names, flat[:n], flat[n:], weight,
+                                                num_data, beta)
+            return (value,) + tuple(grads)
 
-        inputs = [t.requires_grad_(i in trained)
-                  for i, t in enumerate(state.values())] + list(batch)
+        inputs = [t.detach().requires_grad_(name in trained) for name, t in state.items()]
+        inputs += list(batch)
+        return self._compile(*record(loss_and_grads, inputs, self.device), inputs)
+
+    def _compile(self, graph, expected: Optional[torch.Tensor], inputs) -> _Graph:
+        """``graph`` compiled by inductor for ``inputs`` of these shapes and strides,
+        without Dynamo (the graph is already whole: Dynamo's guards would only cost
+        time at each call). With CUDA graphs, through ``torch.compile``."""
+        if "triton.cudagraphs" in self.options:
+            return _Graph(torch.compile(graph.forward, fullgraph=True, dynamic=False,
+                                        options=self.options), expected)
+        # Fake inputs with a shape environment, as Dynamo would give: without one,
+        # inductor does not use its on-disk graph cache.
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        fake = FakeTensorMode(shape_env=ShapeEnv())
+        inputs = [fake.from_tensor(t.detach(), static_shapes=True) for t in inputs]
+        for node, value in zip((n for n in graph.graph.nodes if n.op == "placeholder"),
+                               inputs):
+            node.meta["val"] = value
         try:
-            with rng_untouched(self.device), pyro.validation_enabled(False), eagerly(), \
-                    _pyro_value_reads_left_out():
-                graph = make_fx(loss_and_grads, _error_on_data_dependent_ops=False)(*inputs)
-            guards = _guards_as_outputs(graph)
-        except TraceError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure to record means: run eagerly
+            with torch.no_grad():
+                try:  # the CPU's vector instructions as the CPU lists them (_trusted_vector_isa)
+                    with _trusted_vector_isa():
+                        run = torch._inductor.compile(graph, inputs, self.options)
+                except Exception as e:  # noqa: BLE001 - retried as torch would compile it
+                    if not _is_compile_error(e):
+                        raise
+                    run = torch._inductor.compile(graph, inputs, self.options)
+        except Exception as e:  # noqa: BLE001 - a step that cannot compile runs eagerly
+            if not _is_compile_error(e):
+                raise
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise TraceError(f"{type(e).__name__}: {reason[:200]}") from e
-        expected = None
-        if guards:  # the values the recording read: the graph's, from the same noise
-            with rng_untouched(self.device), torch.no_grad():
-                out = graph(*[t.detach() for t in inputs])
-            expected = torch.stack([g.double() for g in out[-guards:]])
-        return _Graph(torch.compile(graph.forward, fullgraph=True, dynamic=False,
-                                    options=self.options), expected)
+            raise TraceError(f"could not compile it ({type(e).__name__}: {reason[:200]})")
+        return _Graph(run, expected)
 
 
-def _guards_as_outputs(graph) -> int:
-    """Make each value the recorded step read on the host an output of ``graph`` (after
-    the others), and remove the reads; how many there were. An operation whose output's
+def _trusted_vector_isa():
+    """Inductor checks, once per process, which vector instruction sets the C++ compiler
+    can build and load, by compiling a test program for each and loading it in a new
+    Python process: 6-7 s per process on a busy 2-core machine, and about 20 s in an
+    empty compile cache, for what the CPU's flags already say. Inside this block it
+    takes the flags' word (``cpp.vec_isa_ok``); a compiler that cannot build them then
+    fails, and the graph is compiled again with the checks."""
+    return torch._inductor.config.patch({"cpp.vec_isa_ok": True})
+
+
+class _HostReads(TorchDispatchMode):
+    """While a step is recorded: the tensors whose values it reads on the host
+    (``bool(t)``, ``int(t)``, ``t.item()``), and the values read; and whether it read a
+    float's value (which would be frozen into the graph: ``record`` refuses it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors, self.values, self.float_read = [], [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.float_read |= args[0].dtype.is_floating_point
+            self.tensors.append(args[0])
+            self.values.append(out)
+        return out
+
+    def unchanged(self) -> torch.Tensor:
+        """Whether the tensors read still hold the values read so far (a recorded
+        boolean tensor)."""
+        read = torch.stack([t.double() for t in self.tensors])
+        return (read == _as_tensor(self.values, read.device)).all()
+
+
+def _as_tensor(values, device) -> torch.Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+
+
+def record(step: Callable, inputs: List[torch.Tensor], device, pass_reads: bool = False):
+    """``make_fx``'s record of ``step(*inputs)`` (a tuple of tensors), with what it read
+    on the host as one more output, last (a float64 vector; the values read become
+    ``expected``, else None): ``(graph, expected)``. The inputs' values are used as
+    they are (real tensors: the step runs), the random state is left as it was, and
+    Pyro's own reads are left out. ``pass_reads``: ``step(reads, *inputs)``, where
+    ``reads.unchanged()`` says whether the values read so far still hold. ``TraceError``
+    for a step that cannot be recorded as one graph."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    reads = _HostReads()
+
+    def guarded(*flat):
+        with reads:
+            out = tuple(step(reads, *flat) if pass_reads else step(*flat))
+        if reads.tensors:
+            out += (torch.stack([t.double() for t in reads.tensors]),)
+        return out
+    try:
+        with rng_untouched(device), pyro.validation_enabled(False), eagerly(), \
+                _pyro_value_reads_left_out():
+            graph = make_fx(guarded, _error_on_data_dependent_ops=False)(*inputs)
+        if reads.float_read:  # raised here: Pyro would add its trace to the message
+            raise TraceError("the step reads a floating-point value on the host")
+        _drop_reads(graph)
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to record means: run eagerly
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TraceError(f"{type(e).__name__}: {reason[:200]}") from e
+    return graph, _as_tensor(reads.values, device) if reads.values else None
+
+
+def _drop_reads(graph) -> None:
+    """Remove the host reads from ``graph`` (their values were used as Python constants
+    while recording; ``record`` returns the tensors read). An operation whose output's
     shape depends on values (``nonzero``, ...) cannot be guarded: ``TraceError``."""
     read = torch.ops.aten._local_scalar_dense.default
-    guards = []
+    dropped = False
     for node in list(graph.graph.nodes):
         target = node.target
         if node.op != "call_function" or not hasattr(target, "tags"):
             continue
         if target is read:
-            if node.args[0].meta["val"].dtype.is_floating_point:
-                raise TraceError("the step reads a floating-point value on the host")
-            guards.append(node.args[0])
-            graph.graph.erase_node(node)  # its value was used as a Python constant
+            graph.graph.erase_node(node)
+            dropped = True
         elif (torch.Tag.dynamic_output_shape in target.tags and not _integer_index(node)) \
                 or torch.Tag.data_dependent_output in target.tags:
             raise TraceError(f"the step's {target.__name__} depends on values")
-    if guards:
-        output = next(n for n in graph.graph.nodes if n.op == "output")
-        output.args = (tuple(output.args[0]) + tuple(guards),)
+    if dropped:
         graph.graph.lint()
         graph.recompile()
-    return len(guards)
 
 
 def _integer_index(node) -> bool:

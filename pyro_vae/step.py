@@ -56,6 +56,11 @@ class Step:
 
     The finite check never waits for the device unless asked (``check``): the fused Adam
     kernel skips the update on the device itself when told the step was not finite.
+
+    ``traced`` (set by ``fit(compile=True)``): the step recorded and compiled, as a
+    ``pyro_vae.compiled.TracedLoss`` (loss and gradients; the update as above) or a
+    ``pyro_vae.fused.TracedStep`` (the update, the finite check and the batch draw in
+    the same graph), for batches of the size recorded.
     """
 
     def __init__(self, module, objective: ELBO, params: Dict[str, torch.nn.Parameter],
@@ -77,7 +82,9 @@ class Step:
                     if id(p) not in trained])
         self.device_skip = (isinstance(optimizer, torch.optim.Adam)
                             and bool(optimizer.defaults.get("fused")))
-        self.traced = None  # a TracedLoss (pyro_vae.compiled), set by fit(compile=True)
+        # Set by fit(compile=True): a TracedLoss (pyro_vae.compiled; the update stays
+        # eager), or a TracedStep (pyro_vae.fused: the update is in the graph too).
+        self.traced = None
 
     def __call__(self, batch: Sequence[torch.Tensor], weight: float = 1.0, check: bool = True,
                  num_data: Optional[int] = None, beta: float = 1.0
@@ -86,6 +93,11 @@ class Step:
         finite, both as tensors on the device; and, if the step was checked on the host
         (``check``, or an optimizer that cannot skip on the device), the first
         non-finite quantity ("loss", "gradient of decoder.0.weight") or None."""
+        if self._recorded(batch, update=True):
+            try:
+                return self._whole_step(batch, weight, check, num_data, beta)
+            except TraceError as e:
+                self._eager_from_here(e)
         loss = self._loss_and_grads(batch, weight, num_data, beta)
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         # One sum per gradient: a NaN or an infinity anywhere makes the total non-finite
@@ -108,16 +120,46 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, finite, bad
 
-    def _loss_and_grads(self, batch, weight, num_data, beta) -> torch.Tensor:
+    def _recorded(self, batch, update: bool) -> bool:
+        """Whether the recorded step takes ``batch``, with (``update``) or without the
+        update in its graph."""
         # Distribution checks read values, so they are not in a recorded step; nor is a
         # batch of another size (the last one of an epoch).
-        if self.traced is not None and self.traced.takes(batch) and \
-                not is_validation_enabled():
+        return self.traced is not None and \
+            getattr(self.traced, "updates", False) == update and \
+            self.traced.takes(batch) and not is_validation_enabled()
+
+    def _eager_from_here(self, e: TraceError) -> None:
+        logger.warning("the step runs eagerly from here: %s", e)
+        self.traced = None
+
+    def _whole_step(self, batch, weight, check, num_data, beta):
+        """The step as one compiled call (``pyro_vae.fused.TracedStep``): the update was
+        made in it where the step was finite."""
+        loss, finite, sums = self.traced.step(batch, weight, num_data, beta)
+        self.traced.update.commit(finite)
+        bad = None
+        if check and not finite:  # waits for the device
+            names = ["loss"] + [f"gradient of {name}" for name in self.params]
+            bad = next((name for name, ok in zip(names, torch.isfinite(sums).tolist())
+                        if not ok), "sum of the gradients")
+        return loss, finite, bad
+
+    def dry_run(self, batch, num_data: Optional[int] = None, beta: float = 1.0) -> None:
+        """A step on ``batch`` that changes nothing (no update; the gradients are
+        dropped): to compile, or to time."""
+        if self._recorded(batch, update=True):
+            self.traced.step(batch, 1.0, num_data, beta, dry=True)
+        else:
+            self._loss_and_grads(batch, 1.0, num_data, beta)
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _loss_and_grads(self, batch, weight, num_data, beta) -> torch.Tensor:
+        if self._recorded(batch, update=False):
             try:
                 loss, grads = self.traced(batch, weight, num_data, beta)
             except TraceError as e:
-                logger.warning("the step runs eagerly from here: %s", e)
-                self.traced = None
+                self._eager_from_here(e)
                 return self._eager_loss_and_grads(batch, weight, num_data, beta)
             for p, g in zip(self.params.values(), grads):
                 p.grad = g

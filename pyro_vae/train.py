@@ -32,11 +32,12 @@ from .checkpoints import (Position, TrainState, fingerprint, get_rng_state,
                           load_optimizer_state, set_rng_state)
 from .contract import (check_data, check_model, check_model_guide, check_num_data,
                        guide_parameters, hidden_from_pyro)
-from .datasets import as_dataset
+from .datasets import Draw, as_dataset
 from .distributed import World
 from .errors import ArgumentError
 from .evaluation import elbo as evaluate_elbo
 from .arguments import MAX_SEED, check_device, check_hooks, check_option_kinds
+from .fused import TracedStep, functional_update
 from .hooks import EarlyStopping
 from .memory import check_step_memory
 from .objectives import (AUTO, Loss, beta_at, check_objective, choose_elbo, describe_elbo,
@@ -90,11 +91,13 @@ class Options:
         monitor: the record field early stopping watches: ``"valid_elbo"`` (maximized) or a
             validation metric of the model's, e.g. ``"valid_error"`` (minimized; see
             ``pyro_vae.hooks.higher_is_better``).
-        compile: record the whole step (Pyro's ELBO and its backward pass) once per batch
-            shape and compile it with ``torch.compile``, or where it cannot be recorded the
-            model's networks and the package's densities alone (``pyro_vae.compiled``);
-            compiling takes seconds, once per call of ``fit``, and the first epoch's record
-            gives them as ``compile_seconds``.
+        compile: record the whole step (Pyro's ELBO and its backward pass; on the CPU the
+            optimizer's update and the batch draw too) once for the full batch size and
+            compile it, or where it cannot be recorded the model's networks and the
+            package's densities alone (``pyro_vae.compiled``, ``pyro_vae.fused``);
+            compiling takes seconds, once per call of ``fit`` (from torch's compile cache
+            after the first time), the first epoch's record gives them as
+            ``compile_seconds``, and a line after it says from which epoch they have paid.
         precision: ``"float32"``, or ``"bf16"``: the networks' matrix products in bfloat16
             (log-densities and the ELBO stay float32); refused where bfloat16 is not fast.
     """
@@ -283,6 +286,7 @@ class Trainer:
         ``_record_step`` may run them eagerly for the rest of it (``eager_parts``)."""
         o = self.options
         self.compiled_networks, self.compile_seconds = [], None
+        self.eager_step_seconds = None
         with compiled(self.model, self.probe, o.compile, o.precision, self.device) as names, \
                 contextlib.ExitStack() as self.eager_parts:
             self.compiled_networks = names
@@ -290,8 +294,9 @@ class Trainer:
 
     def _warm_up(self) -> None:
         """Compile the step before any epoch's clock runs: the whole step recorded as
-        one graph (``TracedLoss``) for the full batch size where it can be, the networks
-        alone for every batch size where not. Forward and backward, without an update,
+        one graph for the full batch size where it can be (``TracedStep``, the update
+        included, on the CPU; ``TracedLoss`` elsewhere), the networks alone for every
+        batch size where not. Without changing the weights or the optimizer's state,
         and without drawing from the random streams (the run is the one it would be
         without compiling). Then time the compiled step against the eager one, and say
         so when it is not faster."""
@@ -300,15 +305,16 @@ class Trainer:
             return
         last = len(self.train) - (self.steps - 1) * o.batch_size
         sizes = sorted({min(o.batch_size, len(self.train)), last}, reverse=True)
-        with rng_untouched(self.device):
-            first = next(self.train.batches(o.batch_size, False))
-        batches = [tuple(self.world.shard(t[:size]) for t in first) for size in sizes]
+        with rng_untouched(self.device):  # a batch as training draws them
+            first = next(self.train.draws(o.batch_size, order=torch.arange(
+                len(self.train), device=self.device)))
+        batches = [first if size == first.size and self.world.size == 1 else
+                   tuple(self.world.shard(t[:size]) for t in first) for size in sizes]
         beta = beta_at(1, o.beta, o.warmup_epochs)
 
         def step(batch):
             with pyro.validation_enabled(False):
-                self.step._loss_and_grads(batch, 1.0, self.num_data, beta)
-            self.step.optimizer.zero_grad(set_to_none=True)
+                self.step.dry_run(batch, self.num_data, beta)
 
         def eager_step():
             traced, self.step.traced = self.step.traced, None
@@ -320,13 +326,30 @@ class Trainer:
         what = self._record_step(batches[0], beta)
         if self.step.traced is None:
             self.compile_seconds = warm_up(lambda: [step(b) for b in batches], self.device)
-        compiled_s, eager_s = compare_speed(lambda: step(batches[0]), eager_step, self.device)
+        compiled_s, self.eager_step_seconds = compare_speed(lambda: step(batches[0]),
+                                                            eager_step, self.device)
         if self.world.main:
             logger.info("compiled %s in %.1f s", what, self.compile_seconds)
-            if compiled_s > eager_s:
+            if compiled_s > self.eager_step_seconds:
                 logger.warning("compiling does not pay here: a compiled step took %.1f ms, "
                                "an eager one %.1f ms (median of 5)", 1e3 * compiled_s,
-                               1e3 * eager_s)
+                               1e3 * self.eager_step_seconds)
+
+    def _log_break_even(self, record: Dict) -> None:
+        """After the first compiled epoch: the epoch from which compiling has paid for
+        itself, at this epoch's speed against eager steps' (timed in ``_warm_up``,
+        without their update: an estimate that errs towards later)."""
+        eager = self.steps * self.eager_step_seconds
+        saved = eager - record["seconds"]
+        if saved <= 0:
+            logger.info("compiling took %.1f s and saves nothing per epoch here (this epoch "
+                        "%.3g s, eager steps about %.3g s)", record["compile_seconds"],
+                        record["seconds"], eager)
+            return
+        logger.info("compiling took %.1f s and saves about %.3g s per epoch (this epoch "
+                    "%.3g s, eager steps about %.3g s): it has paid for itself after "
+                    "epoch %d", record["compile_seconds"], saved, record["seconds"], eager,
+                    math.ceil(record["compile_seconds"] / saved))
 
     def _record_step(self, batch, beta: float) -> str:
         """Record and compile the whole step for ``batch``'s size and ``beta`` (it is then
@@ -337,15 +360,21 @@ class Trainer:
                "the loss has no differentiable_loss" if not self.step.differentiable
                else None)
         if why is None:
-            traced = TracedLoss(self.step.loss, list(self.params), self.device,
-                                compile_mode(self.device), batch_size=len(batch[0]))
+            size = batch.size if isinstance(batch, Draw) else len(batch[0])
+            update = functional_update(self.step.optimizer, list(self.params.values())) \
+                if self.device.type == "cpu" else None
+            traced = TracedStep(self.step.loss, list(self.params), self.device, update,
+                                batch_size=size) if update is not None else \
+                TracedLoss(self.step.loss, list(self.params), self.device,
+                           compile_mode(self.device), batch_size=size)
+            run = (lambda: traced.step(batch, 1.0, self.num_data, beta, dry=True)) \
+                if update is not None else (lambda: traced(batch, 1.0, self.num_data, beta))
             try:
                 with pyro.validation_enabled(False):
-                    self.compile_seconds = warm_up(
-                        lambda: traced(batch, 1.0, self.num_data, beta), self.device)
+                    self.compile_seconds = warm_up(run, self.device)
                 self.step.traced = traced
                 self.eager_parts.enter_context(eagerly())
-                return "the whole step"
+                return "the whole step" + (", update included" if update else "")
             except TraceError as e:
                 why = str(e)
         if self.world.main:
@@ -415,20 +444,22 @@ class Trainer:
             pos.order = torch.randperm(len(self.train), device=self.device,
                                        generator=self.generator)
         self.clock = time.perf_counter()
-        self.bar = bar(self.train.batches(o.batch_size, order=pos.order, start=pos.step,
-                                          generator=self.generator), self.progress,
+        self.bar = bar(self.train.draws(o.batch_size, order=pos.order, start=pos.step,
+                                        generator=self.generator), self.progress,
                        total=self.steps, initial=pos.step, desc=f"epoch {pos.epoch}/{o.epochs}")
         for batch in self.bar:
             self._take_step(batch)
         self.bar.close()
         self._settle()
 
-    def _take_step(self, batch: Tuple[torch.Tensor, ...]) -> None:
+    def _take_step(self, batch: Draw) -> None:
         o, pos, world = self.options, self.pos, self.world
         step = pos.step  # steps of this epoch done before this one
-        shard = tuple(world.shard(t) for t in batch)
-        # The loss averaged over processes must be the global batch's (N / B).
-        weight = world.size * len(shard[0]) / len(batch[0])
+        shard, weight = batch, 1.0  # the Draw itself: a compiled step gathers it itself
+        if world.size > 1:
+            shard = tuple(world.shard(t) for t in batch)
+            # The loss averaged over processes must be the global batch's (N / B).
+            weight = world.size * len(shard[0]) / batch.size
         done = (pos.epoch - 1) * self.steps + step + 1
         due = o.checkpoint_every and done % o.checkpoint_every == 0 and step + 1 < self.steps
         check = due or (step + 1) % self.check_every == 0 or step + 1 == self.steps
@@ -436,7 +467,7 @@ class Trainer:
             # Distribution checks run on the very first step, where a model or guide bug
             # shows, and are then switched off: they cost ~15% of a step.
             with pyro.validation_enabled(o.validate and pos.epoch == 1 and step == 0):
-                self.pending.append((step, len(batch[0])) + self.step(
+                self.pending.append((step, batch.size) + self.step(
                     shard, weight, check, num_data=self.num_data, beta=self.beta))
         except ValueError:
             # With validation on, NaN weights fail a distribution's argument check.
@@ -445,7 +476,7 @@ class Trainer:
             if bad is None:
                 raise
             self.step.optimizer.zero_grad(set_to_none=True)
-            self.pending.append((step, len(batch[0]), torch.tensor(math.nan),
+            self.pending.append((step, batch.size, torch.tensor(math.nan),
                                  torch.tensor(False), bad))
         pos.step += 1
         if check or self.pending[-1][4] is not None or self.signals:
@@ -464,9 +495,13 @@ class Trainer:
         if not self.pending:
             return
         taken, self.pending = self.pending, []
-        losses = self.world.sum(torch.stack([p[2].to(self.device).double() for p in taken]))
-        losses = (losses / self.world.size).tolist()
-        flags = torch.stack([p[3].to(self.device) for p in taken]).tolist()
+        if len(taken) == 1 and self.world.size == 1:  # the CPU's every step: no stacking
+            losses, flags = [float(taken[0][2])], [bool(taken[0][3])]
+        else:
+            losses = self.world.sum(torch.stack([p[2].to(self.device).double()
+                                                 for p in taken]))
+            losses = (losses / self.world.size).tolist()
+            flags = torch.stack([p[3].to(self.device) for p in taken]).tolist()
         failed = None
         for (step, size, _, _, bad), batch_loss, ok in zip(taken, losses, flags):
             if ok:
@@ -513,6 +548,8 @@ class Trainer:
                   "loss": type(self.objective).__name__}
         if self.compile_seconds is not None:  # the first epoch of this call of fit
             record["compile_seconds"], self.compile_seconds = self.compile_seconds, None
+            if self.world.main:
+                self._log_break_even(record)
         self.history.append(record)
         stop = False
         if self.world.main:
@@ -597,12 +634,13 @@ def fit(model, train, valid=None, *, hooks: Sequence = (), resume=None,
     is another objective unless ``allow_loss_change=True``. ``lr`` and ``clip_norm``
     given on resume replace the saved ones.
 
-    ``compile=True``: the whole step (model, guide, Pyro's ELBO and the backward pass) is
-    recorded once for the full batch size and compiled (``pyro_vae.compiled``); where it
-    cannot be recorded, the model's networks and the package's densities are compiled
-    alone, after one line saying why. The warm-up draws no random number, so the run
-    takes the eager run's noise. ``precision="bf16"``: the networks' matrix products in
-    bfloat16.
+    ``compile=True``: the whole step (model, guide, Pyro's ELBO and the backward pass;
+    on the CPU also the optimizer's update, the finite check and the batch's gather and
+    binarization, ``pyro_vae.fused``) is recorded once for the full batch size and
+    compiled (``pyro_vae.compiled``); where it cannot be recorded, the model's networks
+    and the package's densities are compiled alone, after one line saying why. The
+    warm-up draws no random number and changes no weight, so the run takes the eager
+    run's noise. ``precision="bf16"``: the networks' matrix products in bfloat16.
 
     Several processes (``torch.distributed`` initialized, e.g. by ``torchrun``): each
     trains on its shard of every global batch under ``DistributedDataParallel``, with the

@@ -3,12 +3,13 @@ was never interrupted.
 
 As a script, repeats the check at random steps:
 
-    python tests/kill_resume.py --trials 20 --data-dir ../shared/data
+    python tests/kill_resume.py --trials 20 --data-dir ../shared/data [--compile]
 
 Kill points: just before training step k (``step``), or halfway through writing the
 first checkpoint due at or after step k (``write``: half the bytes are in the temporary
 file when the process dies). The resumed run must end with the same parameters, optimizer
-state and metrics (except wall-clock seconds), bitwise.
+state and metrics (except wall-clock seconds), bitwise. ``--compile``: every run trains
+with ``--compile`` (the whole step, update included, one compiled graph).
 """
 
 import argparse
@@ -35,7 +36,7 @@ TRAIN_ARGS = ["--dataset", "mnist", "--limit", str(LIMIT), "--batch-size", str(B
               "--prior-option", "components=10", "--checkpoint-every", "4", "--quiet"]
 
 
-def _child(out: str, kill_at: int, mode: str, data_dir: str) -> None:
+def _child(out: str, kill_at: int, mode: str, data_dir: str, *extra: str) -> None:
     """Run ``pyro-vae train`` in this process and SIGKILL it at the chosen point."""
     from pyro_vae import cli, train
 
@@ -63,7 +64,7 @@ def _child(out: str, kill_at: int, mode: str, data_dir: str) -> None:
         save(obj, f)
 
     train.Step.__call__, torch.save = step, half_save
-    cli.main(["train", *TRAIN_ARGS, "--data-dir", data_dir, "--out", out])
+    cli.main(["train", *TRAIN_ARGS, *extra, "--data-dir", data_dir, "--out", out])
 
 
 def _cli(*args, check=True):
@@ -74,14 +75,17 @@ def _cli(*args, check=True):
     return r
 
 
-def train_uninterrupted(out: Path, data_dir) -> None:
-    _cli("-m", "pyro_vae", "train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out", str(out))
+def train_uninterrupted(out: Path, data_dir, extra=()) -> None:
+    """The reference run (``extra``: more ``pyro-vae train`` options, e.g. --compile)."""
+    _cli("-m", "pyro_vae", "train", *TRAIN_ARGS, *extra, "--data-dir", str(data_dir),
+         "--out", str(out))
 
 
-def kill_and_resume(out: Path, kill_at: int, mode: str, data_dir) -> dict:
+def kill_and_resume(out: Path, kill_at: int, mode: str, data_dir, extra=()) -> dict:
     """Train into ``out`` until killed, then resume with ``--resume``; returns what the
     killed run left: its checkpoint's position and any temporary files."""
-    r = _cli(__file__, "--child", str(out), str(kill_at), mode, str(data_dir), check=False)
+    r = _cli(__file__, "--child", str(out), str(kill_at), mode, str(data_dir), *extra,
+             check=False)
     if r.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the run was not killed (exit {r.returncode}): {r.stderr[-2000:]}")
     left = {"tmp_files": sorted(p.name for p in out.iterdir() if p.suffix == ".tmp"),
@@ -93,7 +97,8 @@ def kill_and_resume(out: Path, kill_at: int, mode: str, data_dir) -> dict:
 
 def differences(a: Path, b: Path) -> list:
     """What differs between the final states of runs ``a`` and ``b`` (empty: bitwise
-    equal parameters, optimizer state and metrics other than seconds)."""
+    equal parameters, optimizer state and metrics other than wall-clock times:
+    ``seconds``, and ``compile_seconds``, which a resumed compiled run records again)."""
     ca = torch.load(a / "checkpoint.pt", weights_only=True)
     cb = torch.load(b / "checkpoint.pt", weights_only=True)
     diff = [k for k in ca["model"] if not torch.equal(ca["model"][k], cb["model"][k])]
@@ -106,7 +111,7 @@ def differences(a: Path, b: Path) -> list:
                 diff.append(f"optimizer {name} {key}")
 
     def metrics(run):
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     if metrics(a) != metrics(b):
@@ -119,18 +124,20 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="picks the kill points")
     parser.add_argument("--data-dir", default=os.environ.get("PYRO_VAE_DATA"))
+    parser.add_argument("--compile", action="store_true", help="train with --compile")
     args = parser.parse_args()
+    extra = ["--compile"] if args.compile else []
     if not args.data_dir:
         parser.error("give --data-dir (a folder holding mnist/) or set PYRO_VAE_DATA")
     picker = random.Random(args.seed)
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(tmp) / "reference"
-        train_uninterrupted(reference, args.data_dir)
+        train_uninterrupted(reference, args.data_dir, extra)
         for trial in range(args.trials):
             kill_at, mode = picker.randint(1, STEPS), picker.choice(["step", "write"])
             out = Path(tmp) / f"trial{trial}"
-            left = kill_and_resume(out, kill_at, mode, args.data_dir)
+            left = kill_and_resume(out, kill_at, mode, args.data_dir, extra)
             diff = differences(reference, out)
             failures += bool(diff)
             p = left["position"]
@@ -145,6 +152,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(*sys.argv[2:6])
+        _child(*sys.argv[2:])
     else:
         sys.exit(main())

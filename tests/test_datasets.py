@@ -176,6 +176,27 @@ def test_batches_cover_each_point_once_and_binarize_dynamically():
     assert torch.allclose(draws.mean(0), x, atol=0.05)  # 4 sd of a mean of 2000 draws
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dynamic_binarization_is_bitwise_torch_bernoulli_from_the_same_generator(dtype):
+    """On the CPU a batch's binarization compares uniforms drawn from the data generator
+    (``noise``) with the gray values: the very draws ``torch.bernoulli(x_b,
+    generator=g)`` makes, epoch after epoch, so runs keep the noise they had with it
+    (and a compiled step that gathers the batch itself, from ``draws``, takes the
+    same)."""
+    x = torch.rand(230, 17, dtype=dtype)
+    x[x < 0.3] = 0  # MNIST-like: many exact zeros, and values in between
+    data = TensorDataset(x, "toy", "train", dynamic_binarize=True, extras=(torch.arange(230),))
+    ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(2):  # two epochs: the permutation and the draws share one stream
+        order = torch.randperm(230, generator=theirs)
+        expected = [torch.bernoulli(x[order[i:i + 64]], generator=theirs)
+                    for i in range(0, 230, 64)]
+        got = [b[0] for b in data.batches(64, generator=ours)]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 4
+        assert got[0].dtype == dtype
+    assert torch.equal(ours.get_state(), theirs.get_state())
+
+
 def test_tuple_batches_keep_rows_together_and_binarize_the_images_only():
     """A split of several tensors is batched row by row together (one permutation for
     all), dynamic binarization draws x alone, and a label mask rides along."""

@@ -42,6 +42,18 @@ def test_killed_run_resumes_bitwise(tmp_path, reference, data_root, kill_at, mod
     assert not list(out.glob("*.tmp"))  # the resumed run cleared the torn write
 
 
+def test_a_killed_compiled_run_resumes_bitwise(tmp_path, data_root):
+    """The same with ``--compile`` (the whole step, update and batch draw included, one
+    compiled graph; the resumed process compiles again): killed before step 10, resumed
+    from the checkpoint after step 8, bitwise the uninterrupted compiled run."""
+    reference = tmp_path / "reference"
+    kill_resume.train_uninterrupted(reference, data_root, ["--compile"])
+    out = tmp_path / "run"
+    left = kill_resume.kill_and_resume(out, 10, "step", data_root, ["--compile"])
+    assert (left["position"]["epoch"], left["position"]["step"]) == (2, 2)
+    assert kill_resume.differences(reference, out) == []
+
+
 def _quick(tmp_path, name, **kw):
     return TrainConfig(**{**dict(dataset="digits", epochs=2, z_dim=4, hidden=(16,),
                                  out=str(tmp_path / name)), **kw})
@@ -128,10 +140,13 @@ def test_resume_config_keeps_the_runs_settings(tmp_path):
     assert got == dataclasses.replace(saved, epochs=5)
 
 
-def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("compile", [False, True])
+def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(tmp_path,
+                                                                              compile):
     """SIGINT during training (sent here by a hook after epoch 1) stops at the next step
     boundary with TrainingInterrupted, after a checkpoint of the state there; resumed from
-    that checkpoint, the run ends bitwise as the uninterrupted one."""
+    that checkpoint, the run ends bitwise as the uninterrupted one; eager, and with the
+    whole step compiled."""
     import os
     import signal
 
@@ -140,14 +155,15 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(t
     train, valid, _ = load("digits")
     torch.manual_seed(0)
     reference = VAE(64, 4, (16,))
-    history = fit(reference, train, valid, epochs=3, batch_size=64, progress=False)
+    history = fit(reference, train, valid, epochs=3, batch_size=64, progress=False,
+                  compile=compile)
     torch.manual_seed(0)
     vae = VAE(64, 4, (16,))
     path = tmp_path / "checkpoint.pt"
     sent = lambda record, history, model: record["epoch"] == 1 and os.kill(  # noqa: E731
         os.getpid(), signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match="stopped by SIGINT after epoch 2, step 1;"):
-        fit(vae, train, valid, epochs=3, batch_size=64, progress=False,
+        fit(vae, train, valid, epochs=3, batch_size=64, progress=False, compile=compile,
             hooks=[sent, Checkpointer(path, vae)])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     saved = read_checkpoint(path)
@@ -157,7 +173,7 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(t
     resumed = VAE(64, 4, (16,))
     resumed.load_state_dict(saved["model"])
     again = fit(resumed, train, valid, epochs=3, batch_size=64, progress=False,
-                resume=saved["training"])
+                resume=saved["training"], compile=compile)
     assert all(torch.equal(v, resumed.state_dict()[k])
                for k, v in reference.state_dict().items())
     assert [r["valid_elbo"] for r in again] == [r["valid_elbo"] for r in history]

@@ -14,7 +14,7 @@ import pyro_vae
 #: The modules of the reference, in the order of its table of contents.
 MODULES = ("contract", "train", "objectives", "evaluation", "datasets", "priors",
            "likelihoods", "guides", "nn", "semisupervised", "checkpoints", "config", "runs",
-           "compiled", "plots")
+           "compiled", "fused", "plots")
 
 
 def public_names(module) -> list:

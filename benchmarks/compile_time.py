@@ -1,0 +1,128 @@
+"""Seconds ``fit(compile=True)`` takes to compile its step, cold (an empty inductor cache)
+and warm (the cache the cold run filled), against NumPyro's JIT of the same model.
+
+    python benchmarks/compile_time.py --data-dir ../shared/data [--threads 1]
+        [--models mlp gated-vamp m2 user] [--repeat 1]
+
+Each measurement runs in a new process (so nothing compiled stays in memory): one epoch
+of ``fit`` on a few batches of MNIST, whose first record gives ``compile_seconds`` (the
+step recorded, compiled and run once, before the epoch's clock). Models: ``mlp`` and
+``gated-vamp`` (``train_speed.py``'s), ``m2`` (``SemiSupervisedVAE``, the paper's
+500-unit networks, 100 labels, ``TraceEnum_ELBO``), ``user`` (a VAE written as a new
+user writes it: a ``PyroModule`` with its own networks, ``Trace_ELBO``). NumPyro's JIT
+(``numpyro_vae.py``: ``SVI.init`` and the epoch's ahead-of-time compilation, on the
+same networks) for ``mlp`` and ``gated-vamp``.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def child(model: str, data_dir: str, threads: int) -> dict:
+    """One compile, in this process: {"seconds": ...}."""
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+    import pyro
+    import pyro.distributions as dist
+    from pyro.nn import PyroModule
+    import pyro_vae as pv
+    sys.path.insert(0, HERE)
+    from train_speed import CONFIGS, NumPyro, _threads
+    _threads(threads)
+    train, _, _ = pv.datasets.load("mnist", data_dir)
+    torch.manual_seed(0)
+    if model.startswith("numpyro-"):
+        cfg = CONFIGS[model[len("numpyro-"):]]
+        vae = pv.VAE(784, cfg["z_dim"], cfg["hidden"], arch=cfg["arch"], prior=cfg["prior"],
+                     prior_options=cfg["prior_options"])
+        return {"seconds": NumPyro(vae, train.subset(50_000), cfg, 0).compile_seconds}
+    options = {}
+    if model in CONFIGS:
+        cfg = CONFIGS[model]
+        net = pv.VAE(784, cfg["z_dim"], cfg["hidden"], arch=cfg["arch"], prior=cfg["prior"],
+                     prior_options=cfg["prior_options"])
+        data, options = train.subset(4 * cfg["batch_size"]), {"batch_size": cfg["batch_size"]}
+    elif model == "m2":
+        from pyro_vae.semisupervised import SemiSupervisedVAE, choose_labelled
+        net = SemiSupervisedVAE(784)
+        known = torch.zeros(len(train), dtype=torch.bool)
+        known[choose_labelled(train.labels, 100)] = True
+        data, options = train.with_labels(known).subset(400), {"batch_size": 100}
+    else:
+        class UserVAE(PyroModule):
+            """A VAE as a new user writes it (see ``pyro_vae.contract``)."""
+
+            def __init__(self, z=20, hidden=256):
+                super().__init__()
+                self.enc = nn.Sequential(nn.Linear(784, hidden), nn.Tanh(),
+                                         nn.Linear(hidden, 2 * z))
+                self.dec = nn.Sequential(nn.Linear(z, hidden), nn.Tanh(),
+                                         nn.Linear(hidden, 784))
+                self.z = z
+
+            def model(self, x=None, num_data=None):
+                pyro.module("dec", self.dec)
+                with pyro.plate("data", num_data or len(x), subsample=x):
+                    z = pyro.sample("z", dist.Normal(torch.zeros(self.z), 1.0).to_event(1))
+                    pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+            def guide(self, x, num_data=None):
+                pyro.module("enc", self.enc)
+                loc, s = self.enc(x).chunk(2, -1)
+                with pyro.plate("data", num_data or len(x), subsample=x):
+                    pyro.sample("z", dist.Normal(loc, F.softplus(s) + 1e-3).to_event(1))
+        net, data = UserVAE(), train.subset(512)
+        options = {"batch_size": 128, "loss": "trace"}
+    history = pv.fit(net, data, epochs=1, compile=True, progress=False, **options)
+    return {"seconds": history[0]["compile_seconds"]}
+
+
+def measure(model: str, data_dir: str, threads: int, cache: str) -> float:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+    out = subprocess.run([sys.executable, __file__, "--child", model, data_dir, str(threads)],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("PYRO_VAE_DATA"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", nargs="+", default=["mlp", "gated-vamp", "m2", "user"],
+                        choices=["mlp", "gated-vamp", "m2", "user"])
+    parser.add_argument("--repeat", type=int, default=1, help="cold/warm pairs per model")
+    args = parser.parse_args()
+    print(json.dumps({"load_average": os.getloadavg(), "threads": args.threads}), flush=True)
+    rows = []
+    for model in args.models:
+        for _ in range(args.repeat):
+            with tempfile.TemporaryDirectory() as cache:
+                cold = measure(model, args.data_dir, args.threads, cache)
+                warm = measure(model, args.data_dir, args.threads, cache)
+            numpyro = None
+            if model in ("mlp", "gated-vamp"):
+                with tempfile.TemporaryDirectory() as cache:
+                    numpyro = measure("numpyro-" + model, args.data_dir, args.threads, cache)
+            rows.append({"model": model, "cold": cold, "warm": warm, "numpyro_jit": numpyro})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\ncompile seconds ({args.threads} thread(s); load average "
+          f"{os.getloadavg()[0]:.2f} after)\n\n| model | cold | warm | NumPyro JIT |\n"
+          f"|---|---|---|---|")
+    for r in rows:
+        numpyro = "" if r["numpyro_jit"] is None else f"{r['numpyro_jit']:.1f}"
+        print(f"| {r['model']} | {r['cold']:.1f} | {r['warm']:.1f} | {numpyro} |")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(child(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+    else:
+        raise SystemExit(main())

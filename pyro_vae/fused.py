@@ -1,0 +1,303 @@
+"""The whole training step as one compiled program: ``fit(compile=True)`` on the CPU.
+
+``pyro_vae.compiled.TracedLoss`` records Pyro's ELBO and its backward pass as one graph.
+``TracedStep`` records the rest of ``Step`` into the same graph, so that one compiled call
+takes a whole step and no Python runs between the gradients and the update:
+
+- **the optimizer's update**: PyTorch's fused ``Adam`` (the default) or Pyro's
+  ``ClippedAdam``, written as tensor operations (``AdamUpdate``, ``ClippedAdamUpdate``)
+  on the optimizer's own state tensors, which the graph updates in place. The
+  optimizer's ``state_dict`` keeps its layout, so checkpoints, resume and an eager step
+  (the last, smaller batch of an epoch) all see the same state;
+- **the finite check**: the update applies only where the loss and the sum of every
+  gradient are finite (the test ``Step`` makes eagerly); the graph returns the sums, so a
+  non-finite step is named;
+- **the batch draw**: the batch's rows are gathered from the whole training tensors
+  inside the graph, and dynamic binarization compares with uniforms that
+  ``TensorDataset.noise`` draws from the data generator: bit for bit the eager run's
+  ``torch.bernoulli``, so a compiled run takes the eager run's noise and resumes exactly.
+
+It runs on the CPU. On CUDA the step stays a ``TracedLoss`` (with CUDA graphs) and the
+update eager, as before.
+"""
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from pyro.optim.clipped_adam import ClippedAdam
+
+from .compiled import TracedLoss, _Graph, record
+from .datasets import Draw, gather
+
+
+class AdamUpdate:
+    """``torch.optim.Adam(fused=True)``'s step as tensor operations, as its CPU kernel
+    computes it (Kingma & Ba 2015, Algorithm 1): with t the step count,
+    m <- lerp(m, g, 1 - beta1), v <- beta2 v + (1 - beta2) g^2,
+    p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), the bias
+    corrections computed on the host in float64 (``scalars``). The state is the optimizer's own: per parameter ``step`` (a
+    float32 scalar tensor), ``exp_avg`` and ``exp_avg_sq``, created as Adam creates them
+    on its first step. Adam without amsgrad, weight decay or maximize only
+    (``supports``)."""
+
+    per_parameter = 3
+
+    def __init__(self, optimizer: torch.optim.Adam, params: Sequence[torch.Tensor]):
+        self.optimizer, self.params = optimizer, list(params)
+        self.group = optimizer.param_groups[0]
+
+    @staticmethod
+    def supports(optimizer) -> bool:
+        if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+            return False
+        g = optimizer.param_groups[0]
+        return bool(g.get("fused")) and not (g["amsgrad"] or g["weight_decay"] or
+                                             g["maximize"] or g.get("differentiable") or
+                                             g.get("decoupled_weight_decay")) and \
+            all(isinstance(b, float) for b in g["betas"]) and isinstance(g["eps"], float)
+
+    def key(self) -> tuple:
+        """What the recorded update holds as constants."""
+        return (type(self).__name__, tuple(self.group["betas"]), self.group["eps"])
+
+    def state(self) -> List[torch.Tensor]:
+        """Each parameter's state tensors, in order (created if the optimizer has not
+        stepped yet, as it would create them)."""
+        out = []
+        for p in self.params:
+            s = self.optimizer.state[p]
+            if not s:
+                s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out += [s["step"], s["exp_avg"], s["exp_avg_sq"]]
+        return out
+
+    def scalars(self) -> List[torch.Tensor]:
+        """The step's scalars, computed on the host as the fused kernel computes them
+        (in float64, then rounded to float32): per parameter, -lr / (1 - beta1^t) and
+        sqrt(1 - beta2^t) for t its step count after this step. (Computed in the graph,
+        they would be computed once per vector of every tensor.)"""
+        beta1, beta2 = self.group["betas"]
+        lr = float(self.group["lr"])
+        steps = [float(self.optimizer.state[p]["step"]) + 1 for p in self.params]
+        return [torch.tensor([(-lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t))
+                              for t in steps], device=self.params[0].device)]
+
+    def apply(self, params, grads, state, scalars, ok: torch.Tensor) -> None:
+        """Update ``params`` and ``state`` in place where ``ok`` (recorded)."""
+        beta1, beta2 = self.group["betas"]
+        eps = self.group["eps"]
+        (coefficients,) = scalars
+        for i, (p, g) in enumerate(zip(params, grads)):
+            step, m, v = state[3 * i:3 * i + 3]
+            minus_step_size, bias2_sqrt = coefficients[i]
+            m_new = _flushed(m.lerp(g, 1 - beta1))
+            v_new = _flushed(v * beta2 + (1 - beta2) * g * g)
+            p_new = p + minus_step_size * m_new / (v_new.sqrt() / bias2_sqrt + eps)
+            _assign(ok, (p, p_new), (m, m_new), (v, v_new), (step, step + 1))
+
+    def commit(self, finite: torch.Tensor) -> None:
+        """Host bookkeeping after a step: none (the step count is a tensor)."""
+
+
+class ClippedAdamUpdate:
+    """Pyro's ``ClippedAdam`` step as tensor operations, as its eager ``step`` computes
+    it: each gradient clipped to +-clip_norm, m <- beta1 m + (1 - beta1) g,
+    v <- beta2 v + (1 - beta2) g^2, p <- p - s m / (sqrt(v) + eps) with
+    s = lr sqrt(1 - beta2^t) / (1 - beta1^t) computed on the host (its step count ``t``
+    and the decayed ``lr`` are Python numbers of the optimizer's state, updated by
+    ``commit`` after each finite step). Without weight decay or centered variance only
+    (``supports``)."""
+
+    per_parameter = 2
+
+    def __init__(self, optimizer: ClippedAdam, params: Sequence[torch.Tensor]):
+        self.optimizer, self.params = optimizer, list(params)
+        self.group = optimizer.param_groups[0]
+        self._next: Optional[Tuple[float, int]] = None
+
+    @staticmethod
+    def supports(optimizer) -> bool:
+        if type(optimizer) is not ClippedAdam or len(optimizer.param_groups) != 1:
+            return False
+        g = optimizer.param_groups[0]
+        return not (g["weight_decay"] or g["centered_variance"]) and \
+            all(isinstance(b, float) for b in g["betas"]) and isinstance(g["eps"], float)
+
+    def key(self) -> tuple:
+        return (type(self).__name__, tuple(self.group["betas"]), self.group["eps"])
+
+    def state(self) -> List[torch.Tensor]:
+        out = []
+        for p in self.params:
+            s = self.optimizer.state[p]
+            if not s:
+                s["step"] = 0
+                s["exp_avg"] = torch.zeros_like(p)
+                s["exp_avg_sq"] = torch.zeros_like(p)
+            out += [s["exp_avg"], s["exp_avg_sq"]]
+        return out
+
+    def scalars(self) -> List[torch.Tensor]:
+        """-s (see the class) and the clipping bound, for the step about to be taken."""
+        beta1, beta2 = self.group["betas"]
+        lr = self.group["lr"] * self.group["lrd"]
+        t = self.optimizer.state[self.params[0]]["step"] + 1
+        self._next = (lr, t)
+        step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        device = self.params[0].device
+        return [torch.tensor(-step_size, dtype=torch.float64, device=device),
+                torch.tensor(float(self.group["clip_norm"]), device=device)]
+
+    def apply(self, params, grads, state, scalars, ok: torch.Tensor) -> None:
+        beta1, beta2 = self.group["betas"]
+        eps = self.group["eps"]
+        minus_step_size, clip = scalars
+        for i, (p, g) in enumerate(zip(params, grads)):
+            m, v = state[2 * i:2 * i + 2]
+            g = torch.minimum(torch.maximum(g, -clip), clip)
+            m_new = _flushed(m * beta1 + (1 - beta1) * g)
+            v_new = _flushed(v * beta2 + (1 - beta2) * g * g)
+            p_new = p + minus_step_size.to(p.dtype) * m_new / (v_new.sqrt() + eps)
+            _assign(ok, (p, p_new), (m, m_new), (v, v_new))
+
+    def commit(self, finite: torch.Tensor) -> None:
+        """After the step: a finite one advances the step count and decays the learning
+        rate, as ``ClippedAdam.step`` does (a host read of ``finite``)."""
+        if bool(finite):
+            lr, t = self._next
+            self.group["lr"] = lr
+            for p in self.params:
+                self.optimizer.state[p]["step"] = t
+
+
+UPDATES = (AdamUpdate, ClippedAdamUpdate)
+
+
+def functional_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]):
+    """The update of ``optimizer`` (over ``params``, in that order) as tensor operations
+    a recorded step can hold, or None where it has none (another optimizer, or an
+    option these do not write)."""
+    return next((u(optimizer, params) for u in UPDATES if u.supports(optimizer)), None)
+
+
+#: Moments below this are set to 0 (see ``_flushed``).
+TINY = 1e-30
+
+
+def _flushed(moment: torch.Tensor) -> torch.Tensor:
+    """``moment`` with entries below ``TINY`` in size set to 0. A weight whose gradient
+    has been 0 for a while (a network's weights for MNIST's nearly always black border
+    pixels) sees its first moment decay by beta1 = 0.9 per step, into float32's
+    subnormal range (below 1.2e-38) within a thousand steps; arithmetic on subnormals
+    takes the CPU a hundred times longer, and after two epochs of MNIST such steps took
+    a quarter longer (measured). Such a moment moves its weight by at most
+    lr * 1e-30 / eps = 1e-25 per step. (Eager PyTorch keeps the subnormals; XLA, and so
+    NumPyro, flushes them to zero by default.)"""
+    return torch.where(moment.abs() < TINY, torch.zeros_like(moment), moment)
+
+
+def _assign(ok: torch.Tensor, *pairs) -> None:
+    """``old`` <- ``new`` where ``ok``, in place, for each (old, new)."""
+    with torch.no_grad():
+        for old, new in pairs:
+            old.copy_(torch.where(ok, new, old))
+
+
+class TracedStep(TracedLoss):
+    """The whole step as one compiled graph: loss and gradients (``TracedLoss``), the
+    finite check, the optimizer's ``update`` in place, and the batch's gather and
+    binarization from a ``Draw`` (see the module). ``step`` returns the loss, whether it
+    and every gradient's sum were finite, and those sums (loss first), as tensors.
+
+    Guards are those of ``TracedLoss``; a run whose reads differ from its graph's
+    changes nothing (the update also waits on the reads), and runs again as there."""
+
+    updates = True
+
+    def __init__(self, loss: nn.Module, trained: Sequence[str], device, update,
+                 max_records: int = 8, batch_size: Optional[int] = None):
+        super().__init__(loss, trained, device, None, max_records, batch_size)
+        self.update = update
+        self._copies = None  # of the trained parameters and the optimizer's state
+
+    def step(self, batch, weight: float = 1.0, num_data: Optional[int] = None,
+             beta: float = 1.0, dry: bool = False
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step on ``batch`` (a ``Draw``, or a tuple of tensors); ``dry``: on copies
+        of the trained parameters and the optimizer's state (made at the first dry step
+        and kept), changing nothing (to compile, or to time)."""
+        data, binarize = _data_inputs(batch)
+        key = (binarize, tuple((t.shape, t.dtype) for t in data), weight, num_data, beta,
+               self.update.key())
+        state, moments = self._inputs(), self.update.state()
+        scalars = self.update.scalars()
+        if dry:
+            if self._copies is None:
+                trained = set(self.trained)
+                self._copies = ({k: t.detach().clone() for k, t in state.items()
+                                 if k in trained}, [t.clone() for t in moments])
+            state = {k: self._copies[0].get(k, t) for k, t in state.items()}
+            moments = self._copies[1]
+        inputs = list(state.values()) + moments + scalars + data
+        out = self._run(key, inputs, lambda: self._record_step(
+            state, moments, scalars, data, binarize, weight, num_data, beta))
+        return out[0], out[1], out[2]
+
+    def _record_step(self, state, moments, scalars, data, binarize, weight, num_data,
+                     beta) -> _Graph:
+        names, trained = list(state), set(self.trained)
+        sizes = [len(state), len(moments), len(scalars)]
+        which = [names.index(n) for n in self.trained]
+
+        def whole_step(reads, *flat):
+            state, moments, scalars, data = _split(flat, sizes)
+            value, grads = self._loss_and_grads(names, state, _batch(data, binarize),
+                                                weight, num_data, beta)
+            sums = torch.stack([value.float()] + [g.sum().float() for g in grads])
+            finite = torch.isfinite(sums.sum())
+            ok = finite if not reads.tensors else finite & reads.unchanged()
+            self.update.apply([state[i] for i in which], grads, moments, scalars, ok)
+            return value, finite, sums
+
+        # Recorded on copies: recording runs the step, update included.
+        inputs = [t.detach().clone().requires_grad_(n in trained) for n, t in state.items()]
+        inputs += [t.clone() for t in moments] + scalars + data
+        return self._compile(*record(whole_step, inputs, self.device, pass_reads=True),
+                             inputs)
+
+
+def _data_inputs(batch) -> Tuple[List[torch.Tensor], Optional[bool]]:
+    """The graph's data inputs for ``batch`` and how it gathers them: a ``Draw`` with an
+    index tensor gives the whole training tensors, the index (and the noise, when
+    binarized: True; else False); anything else its tensors as they are (None)."""
+    if isinstance(batch, Draw) and torch.is_tensor(batch.index):
+        data = list(batch.data.tensors) + [batch.index]
+        if batch.data.dynamic_binarize and batch.noise is not None:
+            return data + [batch.noise], True
+        if not batch.data.dynamic_binarize:
+            return data, False
+    return list(batch), None
+
+
+def _batch(data: List[torch.Tensor], binarize: Optional[bool]):
+    """The batch, from the graph's data inputs (``_data_inputs``): gathered (and
+    binarized) inside the graph, or as given."""
+    if binarize is None:
+        return data
+    if binarize:
+        return gather(tuple(data[:-2]), data[-2], True, data[-1])
+    return gather(tuple(data[:-1]), data[-1])
+
+
+def _split(flat, sizes: Sequence[int]) -> List[list]:
+    """``flat`` cut into consecutive pieces of ``sizes``, and the rest."""
+    out, i = [], 0
+    for n in sizes:
+        out.append(list(flat[i:i + n]))
+        i += n
+    return out + [list(flat[i:])]
