@@ -66,7 +66,7 @@ def check_device(device) -> torch.device:
 
 
 def check_hooks(hooks) -> list:
-    """``hooks`` as a list of ``Hook``s: a plain function becomes an ``on_epoch_end``
+    """``hooks`` as a list of ``Hook`` objects: a plain function becomes an ``on_epoch_end``
     hook; anything else is refused in one line, before training starts."""
     if isinstance(hooks, (Hook, str, bytes)) or callable(hooks) or not hasattr(
             hooks, "__iter__"):

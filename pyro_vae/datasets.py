@@ -1,15 +1,15 @@
 """Data sets as whole tensors: the MNIST family, Caltech 101 Silhouettes, Frey Faces,
 binarization, and the embedded default.
 
-``load(name, data_dir=None)`` returns ``(train, valid, test)`` ``TensorDataset``s. The data
-root is ``data_dir``, else ``$PYRO_VAE_DATA``, else ``~/.cache/pyro_vae``; it holds one
-folder per data set (``mnist/``, ``fashion-mnist/``, ``binarized-mnist/``,
-``caltech101-silhouettes/``, ``frey-faces/``). Missing files are downloaded where a
-mirror is known into a temporary file, md5-checked, then renamed into place. Every file is
-md5-checked on its decompressed content, so a gzipped or a plain copy both pass and a
-truncated or corrupt one is an error naming it. Files are read as untrusted input: only
-regular files, checked against their known sizes before anything is decompressed, and
-decompressed (or downloaded) no further than those sizes allow.
+``load(name, data_dir=None)`` returns ``(train, valid, test)``, three ``TensorDataset``
+objects. The data root is ``data_dir``, else ``$PYRO_VAE_DATA``, else
+``~/.cache/pyro_vae``; it holds one folder per data set (``mnist/``, ``fashion-mnist/``,
+``binarized-mnist/``, ``caltech101-silhouettes/``, ``frey-faces/``). Missing files are
+downloaded where a mirror is known into a temporary file, md5-checked, then renamed into
+place. Every file is md5-checked on its decompressed content, so a gzipped or a plain copy
+both pass and a truncated or corrupt one is an error naming it. Files are read as
+untrusted input: only regular files, checked against their known sizes before anything is
+decompressed, and decompressed (or downloaded) no further than those sizes allow.
 """
 
 import dataclasses

@@ -3,7 +3,7 @@
 Both follow the package's model contract (``pyro_vae.contract``): ``model(x=None,
 num_data=None)`` and ``guide(x, num_data=None)``, nothing more. Model and guide are methods
 of the same module, so every parameter has exactly one name in Pyro's parameter store.
-Child networks are plain ``nn.Module``s; PyroModule registers them (``pyro.module``)
+Child networks are plain ``nn.Module`` objects; PyroModule registers them (``pyro.module``)
 whenever ``model`` or ``guide`` touches them. The KL weight beta is not an argument: the
 trainer applies it to the latent sites of any model (``pyro_vae.objectives.scale_latents``).
 """

@@ -164,7 +164,7 @@ class Trainer:
     ``Trainer(model, train, valid, Options(**options), hooks, progress).fit(resume)``.
 
     Building it checks the options, the objective and the precision, and moves the model
-    to the device (one-line ``ValueError``s for what cannot work); ``fit()`` trains and
+    to the device (a one-line ``ValueError`` for what cannot work); ``fit()`` trains and
     returns the history. Its phases (the step, warm-up, epochs, validation, checkpoints)
     are methods of their own."""
 
@@ -593,7 +593,7 @@ def fit(model, train, valid=None, *, hooks: Sequence = (), resume=None,
     """Train ``model`` (any ``model``/``guide`` pair, see ``pyro_vae.contract``) on
     ``train`` by stochastic variational inference and return the per-epoch history.
 
-    ``train`` and ``valid``: ``TensorDataset``s (the package's or
+    ``train`` and ``valid``: ``TensorDataset`` objects (the package's or
     ``torch.utils.data.TensorDataset``), tensors, or tuples of tensors sharing their
     first dimension (a batch is passed as ``model(*batch, num_data=N)``).
     ``options``: the fields of ``Options`` (epochs, loss, beta, batch_size, lr, ...).

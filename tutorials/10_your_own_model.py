@@ -35,7 +35,7 @@ answer from the model itself (the most probable c with ``temperature=0``).
 The model contract is Pyro's and nothing more (``pyro_vae.contract``): one object with
 ``model(x, num_data=None)`` and ``guide(x, num_data=None)``, every site of a data point in
 ``pyro.plate("data", num_data or len(x), subsample=x)``. Here that object is a plain
-``PyroModule``: two ``nn.Sequential`` networks, and mu_c, sigma_c as ``PyroParam``s (sigma_c
+``PyroModule``: two ``nn.Sequential`` networks, and mu_c, sigma_c as ``PyroParam`` values (sigma_c
 with a positivity constraint: it is trained as its logarithm). Two optional parts of the
 contract are there too: ``check_data`` (``pv.fit`` calls it before training) and
 ``sample`` (``pv.plots.plot_samples`` calls it).
