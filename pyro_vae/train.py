@@ -180,17 +180,7 @@ class Trainer:
         self.train = as_dataset(train, split="train").to(self.device)
         self.valid = None if valid is None else as_dataset(valid, split="valid").to(self.device)
         check_data(model, self.train, self.valid, batch_size=o.batch_size)
-        # The pair's structure; distribution checks are the first step's (which names a
-        # non-finite parameter, after a checkpoint of the state before it).
-        check_model_guide(self.model, self.train, validate=False)
-        with rng_untouched(self.device):  # gray data are binarized with random draws
-            self.probe = next(self.train.batches(2, False))  # two points to trace
-        self.objective, why = choose_elbo(o.loss, o.num_particles, model, self.probe)
-        check_objective(self.objective, o.beta, o.warmup_epochs)
-        check_step_memory(self.train, o.batch_size, self.objective.num_particles,
-                          self.device)
-        if self.world.main:
-            logger.info("loss: %s; %s", _describe(self.objective), why)
+        self.objective = self._choose_objective()
         self.steps = math.ceil(len(self.train) / o.batch_size)
         if self.world.size > 1:
             _check_distributed(self.objective, len(self.train), o.batch_size, self.world)
@@ -203,6 +193,23 @@ class Trainer:
             self.hooks.append(EarlyStopping(o.early_stopping, o.monitor))
         self.progress = progress and self.world.main
         self.pending = []  # steps since the last check: (step, points, loss, ok, bad)
+
+    def _choose_objective(self) -> ELBO:
+        """Check the model/guide pair on two points (``self.probe``) and return the ELBO
+        ``Options.loss`` names or, for ``"auto"``, the one their traces call for; checked
+        against beta and warm-up and the step's memory, and logged with the reason."""
+        o = self.options
+        # The pair's structure; distribution checks are the first step's (which names a
+        # non-finite parameter, after a checkpoint of the state before it).
+        check_model_guide(self.model, self.train, validate=False)
+        with rng_untouched(self.device):  # gray data are binarized with random draws
+            self.probe = next(self.train.batches(2, False))  # two points to trace
+        objective, why = choose_elbo(o.loss, o.num_particles, self.model, self.probe)
+        check_objective(objective, o.beta, o.warmup_epochs)
+        check_step_memory(self.train, o.batch_size, objective.num_particles, self.device)
+        if self.world.main:
+            logger.info("loss: %s; %s", _describe(objective), why)
+        return objective
 
     def fit(self, resume=None) -> List[Dict]:
         """Train, from the start or from ``resume`` (a ``TrainState`` or its dict), and
