@@ -272,8 +272,8 @@ def binarize(x: torch.Tensor, key: Optional[torch.Tensor],
     if every_value:
         u = uniforms(key, torch.arange(flat.numel(), device=x.device))
         return (u.to(x.dtype) < flat).to(x.dtype).view(x.shape)
-    between = ((flat > 0) & (flat < 1)).nonzero().squeeze(1)
-    out = (flat >= 1).to(x.dtype)
+    out = flat.floor()  # 0 and 1 draw themselves, and the others start at 0
+    between = (flat - out).nonzero().squeeze(1)
     out[between] = (uniforms(key, between).to(x.dtype) < flat[between]).to(x.dtype)
     return out.view(x.shape)
 

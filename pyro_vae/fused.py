@@ -292,7 +292,11 @@ def _batch(data: List[torch.Tensor], binarize: Optional[bool]):
     if binarize is None:
         return data
     if binarize:
-        return gather(tuple(data[:-2]), data[-2], True, data[-1], every_value=True)
+        x, *rest = gather(tuple(data[:-2]), data[-2], True, data[-1], every_value=True)
+        # One buffer of the binary batch: else inductor would hash in every kernel
+        # that reads it (the encoder's input, the likelihood, its gradient).
+        x = torch.ops.prims.inductor_force_stride_order(x, x.stride())
+        return [x] + rest
     return gather(tuple(data[:-1]), data[-1])
 
 
