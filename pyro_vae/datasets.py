@@ -259,8 +259,9 @@ def binarize(x: torch.Tensor, key: Optional[torch.Tensor],
              generator: Optional[torch.Generator] = None,
              every_value: bool = False) -> torch.Tensor:
     """A draw of ``Bernoulli(x)``: 1 where ``uniforms(key, i) < x_i``, the counter i
-    being each value's position in x (row-major); so P(1) = ceil(x 2^24) / 2^24, within
-    6e-8 of x. Without ``key``: ``torch.bernoulli(x, generator=generator)``.
+    being each value's position in x (row-major; x of fewer than 2^32 values); so
+    P(1) = ceil(x 2^24) / 2^24, within 6e-8 of x. Without ``key``:
+    ``torch.bernoulli(x, generator=generator)``.
 
     Values of 0 and 1 draw 0 and 1 whatever the uniform: eagerly the uniforms are
     computed for the values strictly between alone (four fifths of MNIST's pixels are
@@ -282,8 +283,8 @@ class Draw:
     """One minibatch of a ``TensorDataset`` (``draws``): reads as the tuple
     ``(x_b, *extras_b)``, gathered when first read (``batch``). ``data``, ``index`` (its
     rows: a slice or an index tensor) and ``key`` (its binarization noise's,
-    ``TensorDataset.noise_key``, or None) say what it is, so that a compiled step can gather it itself
-    (``pyro_vae.fused``); ``size`` is its number of points."""
+    ``TensorDataset.noise_key``, or None) say what it is, so that a compiled step can
+    gather it itself (``pyro_vae.fused``); ``size`` is its number of points."""
 
     def __init__(self, data: "TensorDataset", index, key: Optional[torch.Tensor],
                  batch: Optional[Tuple[torch.Tensor, ...]] = None):

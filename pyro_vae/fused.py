@@ -27,6 +27,7 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401 - prims.inductor_force_stride_order
 from torch import nn
 
 from pyro.optim.clipped_adam import ClippedAdam
