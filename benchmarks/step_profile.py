@@ -11,9 +11,10 @@ For each configuration (``train_speed.py``'s) and precision, ``fit`` trains two 
 - ``matrix products``: the matrix-product kernels the graph calls (``mm``, ``addmm``);
 - ``optimizer update``: the graph's kernel that holds Adam's update (named for its
   ``lerp``; PyTorch's ``_fused_adam_`` where the update is eager);
-- ``batch draw``: the binarization's uniforms (``uniform_``, drawn from the data
-  generator) and the gather (kernels named for ``index_select``; one that also computes
-  the likelihood counts under other kernels);
+- ``batch draw``: the key of the batch's binarization noise (``random_``, drawn from the
+  data generator; ``uniform_`` and ``bernoulli_`` where uniforms are drawn) and the
+  gather with the binarization's hash (kernels named for ``index_select``; one that also
+  computes the likelihood counts under other kernels);
 - ``other kernels``: every other kernel and operator (the likelihood, the KL, the
   finite check's sums, the sampler's ``normal_``, ...);
 - ``Python and calls``: the rest of the epoch's time: the trainer's Python between
@@ -53,7 +54,8 @@ def category(name: str) -> str:
         return "matrix products"
     if "lerp" in name or "_fused_adam" in name or name.startswith("Optimizer."):
         return "optimizer update"
-    if name in ("aten::uniform_", "aten::bernoulli_", "aten::index_select"):
+    if name in ("aten::random_", "aten::randint", "aten::uniform_", "aten::bernoulli_",
+                "aten::index_select"):
         return "batch draw"
     if "index_select" in name:  # a kernel that gathers the batch, alone or with more
         return "batch draw" if "softplus" not in name else "other kernels"

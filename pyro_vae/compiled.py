@@ -357,13 +357,21 @@ class TracedLoss:
             self.options["cpp_wrapper"] = True
         self.max_records = max_records
         self.graphs: Dict[tuple, List[_Graph]] = {}  # per key, one per branch taken
+        self._slots = None  # where each parameter and buffer lives (_inputs)
 
     def _inputs(self) -> Dict[str, torch.Tensor]:
         """Every parameter and buffer of the loss, by name: as they are where inductor
         compiled the graph (it runs without autograd), detached for ``torch.compile``
-        (CUDA graphs)."""
-        state = dict(self.loss.named_parameters())
-        state.update(self.loss.named_buffers())
+        (CUDA graphs). Their names and modules are found once (``named_parameters``,
+        ``named_buffers``); each call reads the tensors from their modules' slots, so a
+        tensor set anew in its slot is seen, without walking the modules at every step."""
+        if self._slots is None:
+            named = [(n, "_parameters") for n, _ in self.loss.named_parameters()]
+            named += [(n, "_buffers") for n, _ in self.loss.named_buffers()]
+            self._slots = [(name, getattr(self.loss.get_submodule(name.rpartition(".")[0]),
+                                          kind), name.rpartition(".")[2])
+                           for name, kind in named]
+        state = {name: slots[attr] for name, slots, attr in self._slots}
         if "triton.cudagraphs" in self.options:
             return {name: t.detach() for name, t in state.items()}
         return state

@@ -173,9 +173,9 @@ class TensorDataset:
               generator: Optional[torch.Generator] = None,
               order: Optional[torch.Tensor] = None,
               start: int = 0) -> Iterator["Draw"]:
-        """``batches``, each as a ``Draw``: its rows (``index``) and binarization noise
-        (``noise``, drawn from ``generator`` as the batch is yielded, in the order
-        ``batches`` draws it), gathered when first read, so that a compiled step can
+        """``batches``, each as a ``Draw``: its rows (``index``) and, when x is binarized
+        dynamically, the key of its binarization noise (``key``, drawn from ``generator``
+        as the batch is yielded), gathered when first read, so that a compiled step can
         gather it itself (``pyro_vae.fused``)."""
         n = len(self.x)
         if order is None and shuffle:
@@ -187,28 +187,31 @@ class TensorDataset:
             if self.device.type != "cpu":  # torch.bernoulli's own draw, as it is yielded
                 yield Draw(self, index, None, self.gather(index, None, generator))
                 continue
-            size = min(batch_size, n - i)
-            noise = self.noise(size, generator) if self.dynamic_binarize else None
-            yield Draw(self, index, noise)
+            key = self.noise_key(generator) if self.dynamic_binarize else None
+            yield Draw(self, index, key)
 
-    def noise(self, size: int, generator: Optional[torch.Generator] = None
-              ) -> Optional[torch.Tensor]:
-        """Uniform draws for the dynamic binarization of ``size`` points of x:
-        ``Bernoulli(x)`` is ``noise < x``. On the CPU this is, bit for bit, what
-        ``torch.bernoulli(x, generator=generator)`` draws (one uniform per value, in
-        order, from the same stream), about 3 times faster. None on other devices, where
-        ``binarize`` calls ``torch.bernoulli`` itself."""
+    def noise_key(self, generator: Optional[torch.Generator] = None
+                  ) -> Optional[torch.Tensor]:
+        """The key of one batch's binarization noise (``uniforms``): two 32-bit integers
+        drawn from ``generator``, as an int64 tensor of shape (2,). The generator decides
+        every batch's noise, and its state after a batch (saved with a checkpoint) the
+        noise of the batches after it. None on other devices than the CPU, where
+        ``binarize`` calls ``torch.bernoulli`` itself.
+
+        (Earlier builds of the package drew one uniform per value from the generator,
+        ``torch.bernoulli``'s draws. A checkpoint of theirs still resumes, from its
+        generator state; the batches after it draw this noise, not the uniforms the
+        interrupted run would have drawn.)"""
         if self.device.type != "cpu":
             return None
-        dtype = torch.float64 if self.x.dtype == torch.float64 else torch.float32
-        return torch.rand((size,) + tuple(self.x.shape[1:]), generator=generator,
-                          dtype=dtype, device=self.device)
+        return torch.randint(0, 1 << 32, (2,), generator=generator, dtype=torch.int64)
 
-    def gather(self, index, noise: Optional[torch.Tensor] = None,
+    def gather(self, index, key: Optional[torch.Tensor] = None,
                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, ...]:
         """The minibatch of the rows ``index`` (a slice or index tensor), x binarized
-        with ``noise`` (see ``noise``) when the data are binarized dynamically."""
-        return gather(self.tensors, index, self.dynamic_binarize, noise, generator)
+        with the noise of ``key`` (see ``noise_key``) when the data are binarized
+        dynamically."""
+        return gather(self.tensors, index, self.dynamic_binarize, key, generator)
 
     def support_view(self) -> Tuple[torch.Tensor, ...]:
         """The tensors with x as the model may see it: a dynamically binarized x is
@@ -218,39 +221,85 @@ class TensorDataset:
 
 
 def gather(tensors: Tuple[torch.Tensor, ...], index, dynamic_binarize: bool = False,
-           noise: Optional[torch.Tensor] = None,
-           generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, ...]:
+           key: Optional[torch.Tensor] = None,
+           generator: Optional[torch.Generator] = None,
+           every_value: bool = False) -> Tuple[torch.Tensor, ...]:
     """The rows ``index`` (a slice or an index tensor) of ``tensors`` (x first), x
-    binarized (``binarize``) when ``dynamic_binarize``: ``TensorDataset.gather``, as a
-    function of tensors alone (a compiled step records it)."""
+    binarized (``binarize``, with ``key`` and ``every_value``) when
+    ``dynamic_binarize``: ``TensorDataset.gather``, as a function of tensors alone (a
+    compiled step records it)."""
     if isinstance(index, slice):
         batch = tuple(t[index] for t in tensors)
     else:  # index_select: no host sync
         batch = tuple(t.index_select(0, index) for t in tensors)
     if dynamic_binarize:
-        batch = (binarize(batch[0], noise, generator),) + batch[1:]
+        batch = (binarize(batch[0], key, generator, every_value),) + batch[1:]
     return batch
 
 
-def binarize(x: torch.Tensor, noise: Optional[torch.Tensor],
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """A draw of ``Bernoulli(x)``: ``noise < x`` for ``TensorDataset.noise``'s uniforms
-    (without ``noise``: ``torch.bernoulli(x, generator=generator)``)."""
-    if noise is None:
+_LOW32 = 0xFFFFFFFF
+#: lowbias32's multipliers (Chris Wellons, "hash-prospector"), each as a signed number
+#: below 2^31 in size that equals it modulo 2^32 (0x846CA68B - 2^32 for the second): a
+#: product with a 32-bit value then stays below 2^63 in size, so int64 never overflows,
+#: and its low 32 bits are the 32-bit product's.
+_MULTIPLIERS = (0x7FEB352D, 0x846CA68B - (1 << 32))
+
+
+def mix32(h: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (Wellons), a bijection of the 32-bit integers whose every input bit
+    changes every output bit with a probability close to 1/2, on an int64 tensor of
+    values in [0, 2^32) (returned in the same range)."""
+    h = h ^ (h >> 16)
+    h = (h * _MULTIPLIERS[0]) & _LOW32
+    h = h ^ (h >> 15)
+    h = (h * _MULTIPLIERS[1]) & _LOW32
+    return h ^ (h >> 16)
+
+
+def uniforms(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms in [0, 1), float32: for each ``counter`` (int64 in
+    [0, 2^32)), h = mix32(mix32(counter ^ key[0]) ^ key[1]) and u = (h >> 8) / 2^24, its
+    top 24 bits (``key``: two integers in [0, 2^32), ``TensorDataset.noise_key``). For
+    one key, distinct counters give distinct h (mix32 is a bijection). Tensor operations
+    alone, so a compiled graph computes the very same bits in one kernel."""
+    h = mix32(mix32(counter ^ key[0]) ^ key[1])
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def binarize(x: torch.Tensor, key: Optional[torch.Tensor],
+             generator: Optional[torch.Generator] = None,
+             every_value: bool = False) -> torch.Tensor:
+    """A draw of ``Bernoulli(x)``: 1 where ``uniforms(key, i) < x_i``, the counter i
+    being each value's position in x (row-major; x of fewer than 2^32 values); so
+    P(1) = ceil(x 2^24) / 2^24, within 6e-8 of x. Without ``key``:
+    ``torch.bernoulli(x, generator=generator)``.
+
+    Values of 0 and 1 draw 0 and 1 whatever the uniform: eagerly the uniforms are
+    computed for the values strictly between alone (four fifths of MNIST's pixels are
+    0), which gives the same bits; ``every_value``: for all values (a recorded graph,
+    whose shapes cannot depend on the data)."""
+    if key is None:
         return torch.bernoulli(x, generator=generator)
-    return (noise < x.to(noise.dtype)).to(x.dtype)
+    flat = x.reshape(-1)
+    if every_value:
+        u = uniforms(key, torch.arange(flat.numel(), device=x.device))
+        return (u.to(x.dtype) < flat).to(x.dtype).view(x.shape)
+    out = flat.floor()  # 0 and 1 draw themselves, and the others start at 0
+    between = (flat - out).nonzero().squeeze(1)
+    out[between] = (uniforms(key, between).to(x.dtype) < flat[between]).to(x.dtype)
+    return out.view(x.shape)
 
 
 class Draw:
     """One minibatch of a ``TensorDataset`` (``draws``): reads as the tuple
     ``(x_b, *extras_b)``, gathered when first read (``batch``). ``data``, ``index`` (its
-    rows: a slice or an index tensor) and ``noise`` (the binarization's uniforms, or
-    None) say what it is, so that a compiled step can gather it itself
-    (``pyro_vae.fused``); ``size`` is its number of points."""
+    rows: a slice or an index tensor) and ``key`` (its binarization noise's,
+    ``TensorDataset.noise_key``, or None) say what it is, so that a compiled step can
+    gather it itself (``pyro_vae.fused``); ``size`` is its number of points."""
 
-    def __init__(self, data: "TensorDataset", index, noise: Optional[torch.Tensor],
+    def __init__(self, data: "TensorDataset", index, key: Optional[torch.Tensor],
                  batch: Optional[Tuple[torch.Tensor, ...]] = None):
-        self.data, self.index, self.noise, self._batch = data, index, noise, batch
+        self.data, self.index, self.key, self._batch = data, index, key, batch
         self.size = (len(range(len(data))[index]) if isinstance(index, slice)
                      else len(index))
 
@@ -258,7 +307,7 @@ class Draw:
     def batch(self) -> Tuple[torch.Tensor, ...]:
         """The gathered tensors."""
         if self._batch is None:
-            self._batch = self.data.gather(self.index, self.noise)
+            self._batch = self.data.gather(self.index, self.key)
         return self._batch
 
     def __len__(self) -> int:

@@ -13,9 +13,11 @@ takes a whole step and no Python runs between the gradients and the update:
   gradient are finite (the test ``Step`` makes eagerly); the graph returns the sums, so a
   non-finite step is named;
 - **the batch draw**: the batch's rows are gathered from the whole training tensors
-  inside the graph, and dynamic binarization compares with uniforms that
-  ``TensorDataset.noise`` draws from the data generator: bit for bit the eager run's
-  ``torch.bernoulli``, so a compiled run takes the eager run's noise and resumes exactly.
+  inside the graph, and dynamic binarization compares with counter-based uniforms
+  (``pyro_vae.datasets.uniforms``: an integer hash of the batch's key, drawn from the
+  data generator, and each value's position), computed in the graph's kernels: bit for
+  bit the eager run's, so a compiled run takes the eager run's noise and resumes
+  exactly.
 
 It runs on the CPU. On CUDA the step stays a ``TracedLoss`` (with CUDA graphs) and the
 update eager, as before.
@@ -25,6 +27,7 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401 - prims.inductor_force_stride_order
 from torch import nn
 
 from pyro.optim.clipped_adam import ClippedAdam
@@ -273,12 +276,12 @@ class TracedStep(TracedLoss):
 
 def _data_inputs(batch) -> Tuple[List[torch.Tensor], Optional[bool]]:
     """The graph's data inputs for ``batch`` and how it gathers them: a ``Draw`` with an
-    index tensor gives the whole training tensors, the index (and the noise, when
+    index tensor gives the whole training tensors, the index (and the noise's key, when
     binarized: True; else False); anything else its tensors as they are (None)."""
     if isinstance(batch, Draw) and torch.is_tensor(batch.index):
         data = list(batch.data.tensors) + [batch.index]
-        if batch.data.dynamic_binarize and batch.noise is not None:
-            return data + [batch.noise], True
+        if batch.data.dynamic_binarize and batch.key is not None:
+            return data + [batch.key], True
         if not batch.data.dynamic_binarize:
             return data, False
     return list(batch), None
@@ -290,7 +293,11 @@ def _batch(data: List[torch.Tensor], binarize: Optional[bool]):
     if binarize is None:
         return data
     if binarize:
-        return gather(tuple(data[:-2]), data[-2], True, data[-1])
+        x, *rest = gather(tuple(data[:-2]), data[-2], True, data[-1], every_value=True)
+        # One buffer of the binary batch: else inductor would hash in every kernel
+        # that reads it (the encoder's input, the likelihood, its gradient).
+        x = torch.ops.prims.inductor_force_stride_order(x, x.stride())
+        return [x] + rest
     return gather(tuple(data[:-1]), data[-1])
 
 

@@ -176,25 +176,106 @@ def test_batches_cover_each_point_once_and_binarize_dynamically():
     assert torch.allclose(draws.mean(0), x, atol=0.05)  # 4 sd of a mean of 2000 draws
 
 
+def _lowbias32(h: int) -> int:
+    """Wellons' lowbias32 on Python integers, as published (multipliers 0x7feb352d and
+    0x846ca68b)."""
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_the_binarization_hash_is_lowbias32_in_int64_without_overflow():
+    """``mix32`` is lowbias32 exactly, on the edges of its range too (the largest
+    products a multiplier makes), and ``uniforms`` its composition with the key."""
+    from pyro_vae.datasets import mix32, uniforms
+
+    values = [0, 1, 2, 255, 65535, 65536, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 2**32 - 1]
+    assert mix32(torch.tensor(values)).tolist() == [_lowbias32(v) for v in values]
+    key = torch.tensor([2**32 - 1, 12345])
+    expected = [(_lowbias32(_lowbias32(c ^ (2**32 - 1)) ^ 12345) >> 8) / 2**24
+                for c in values]
+    got = uniforms(key, torch.tensor(values))
+    assert got.dtype == torch.float32 and got.tolist() == expected
+
+
+def test_counter_uniforms_are_uniform_and_uncorrelated():
+    """One key's uniforms over 10^6 counters: their 64-bin histogram passes a chi-square
+    test and their mean is 1/2; neighbouring counters (the next pixel, the next row of
+    784), and two keys (two batches, and keys one bit apart) give uncorrelated streams.
+    Tolerances: the mean's sd is (12 n)^-1/2 = 2.9e-4, allowed 5 sd = 1.5e-3; a sample
+    correlation's sd is n^-1/2 = 1e-3, allowed 5 sd = 5e-3; chi-square on 63 degrees of
+    freedom between its 1e-6 and 1 - 1e-6 quantiles, 23.2 and 131.4 (a weak mixer fails
+    either way: too even a histogram, or too uneven)."""
+    from pyro_vae.datasets import uniforms
+
+    n = 10**6
+    counters = torch.arange(n)
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randint(0, 2**32, (2,), generator=g) for _ in range(2)]
+    u = uniforms(keys[0], counters).double()
+    counts = torch.bincount((u * 64).long(), minlength=64).double()
+    chi2 = float(((counts - n / 64) ** 2 / (n / 64)).sum())
+    assert 23.2 < chi2 < 131.4, chi2
+    assert abs(float(u.mean()) - 0.5) < 1.5e-3
+    assert float(u.min()) >= 0 and float(u.max()) < 1
+
+    def corr(a, b):
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    assert abs(corr(u[:-1], u[1:])) < 5e-3           # next pixel
+    assert abs(corr(u[:-784], u[784:])) < 5e-3       # the same pixel, next row
+    other = uniforms(keys[1], counters).double()
+    assert abs(corr(u, other)) < 5e-3                # another batch
+    for flipped in (keys[0] ^ torch.tensor([1, 0]), keys[0] ^ torch.tensor([0, 1])):
+        assert abs(corr(u, uniforms(flipped, counters).double())) < 5e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dynamic_binarization_is_bitwise_torch_bernoulli_from_the_same_generator(dtype):
-    """On the CPU a batch's binarization compares uniforms drawn from the data generator
-    (``noise``) with the gray values: the very draws ``torch.bernoulli(x_b,
-    generator=g)`` makes, epoch after epoch, so runs keep the noise they had with it
-    (and a compiled step that gathers the batch itself, from ``draws``, takes the
-    same)."""
+def test_dynamic_binarization_hashes_keys_drawn_from_the_data_generator(dtype):
+    """On the CPU each batch draws a key (two 32-bit integers) from the data generator
+    after the epoch's permutation, and its binarization is ``uniforms(key, position) <
+    x``, epoch after epoch: the generator decides every batch, and its state after a
+    batch the rest. Eagerly only values strictly between 0 and 1 are hashed; that gives
+    the bits of hashing every value."""
+    from pyro_vae.datasets import binarize, uniforms
+
     x = torch.rand(230, 17, dtype=dtype)
-    x[x < 0.3] = 0  # MNIST-like: many exact zeros, and values in between
+    x[x < 0.3] = 0  # MNIST-like: many exact zeros and ones, and values in between
+    x[x > 0.9] = 1
     data = TensorDataset(x, "toy", "train", dynamic_binarize=True, extras=(torch.arange(230),))
     ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    for _ in range(2):  # two epochs: the permutation and the draws share one stream
+    for _ in range(2):  # two epochs: the permutation and the keys share one stream
         order = torch.randperm(230, generator=theirs)
-        expected = [torch.bernoulli(x[order[i:i + 64]], generator=theirs)
-                    for i in range(0, 230, 64)]
+        expected = []
+        for i in range(0, 230, 64):
+            key = torch.randint(0, 2**32, (2,), generator=theirs)
+            rows = x[order[i:i + 64]]
+            u = uniforms(key, torch.arange(rows.numel())).view(rows.shape)
+            expected.append((u.to(dtype) < rows).to(dtype))
+            assert torch.equal(binarize(rows, key), binarize(rows, key, every_value=True))
         got = [b[0] for b in data.batches(64, generator=ours)]
         assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 4
         assert got[0].dtype == dtype
     assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_binarized_values_average_to_the_gray_values():
+    """Over 2000 keys each value's draws average to it (sd at most (0.25 / 2000)^1/2 =
+    0.011; allowed 0.05), and all values' to their mean (sd at most (0.25 / 2e7)^1/2 =
+    1.1e-4; allowed 6e-4); 0 and 1 draw 0 and 1 always."""
+    from pyro_vae.datasets import binarize
+
+    torch.manual_seed(0)
+    x = torch.rand(100, 100)
+    x[:, :10], x[:, 10:20] = 0, 1
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([binarize(x, torch.randint(0, 2**32, (2,), generator=g))
+                         for _ in range(2000)])
+    mean = draws.double().mean(0)
+    assert float((mean - x).abs().max()) < 0.05
+    assert abs(float(mean.mean() - x.double().mean())) < 6e-4
+    assert bool((mean[:, :10] == 0).all() and (mean[:, 10:20] == 1).all())
 
 
 def test_tuple_batches_keep_rows_together_and_binarize_the_images_only():
