@@ -602,66 +602,40 @@ def fit(model, train, valid=None, *, hooks: Sequence = (), resume=None,
 
     ``train`` and ``valid``: ``TensorDataset`` objects (the package's or
     ``torch.utils.data.TensorDataset``), tensors, or tuples of tensors sharing their
-    first dimension (a batch is passed as ``model(*batch, num_data=N)``).
-    ``options``: the fields of ``Options`` (epochs, loss, beta, batch_size, lr, ...).
+    first dimension (a batch is passed as ``model(*batch, num_data=N)``). ``options``:
+    the fields of ``Options`` (epochs, loss, beta, batch_size, lr, compile, ...).
+    ``hooks``: ``Hook`` objects or functions of ``(record, history, model)``.
+    ``resume``: a ``TrainState`` (or its dict) that a hook's ``on_checkpoint`` received,
+    with ``model`` holding the weights saved with it; the run continues where the state
+    was taken, on the CPU bitwise as the uninterrupted run (``lr`` and ``clip_norm``
+    given now replace the saved ones). ``progress``: a bar per epoch on a terminal, and
+    each record printed in one line.
 
-    Each step does what ``pyro.infer.SVI.step`` does, with one PyTorch optimizer for all
-    parameters (``Step``): Pyro's ELBO gives the loss and its gradients, estimating the
-    objective of the whole training set from one minibatch (the ``"data"`` plate scales
-    it by N / B). The model trains the same under plain ``SVI`` when Pyro sees its
-    parameters (``@pyro_method`` on model and guide, ``PyroModule`` children, or
-    ``pyro.module``); ``fit`` finds them by their gradients and says in one line when
-    Pyro would not. The ELBO is chosen from the model and guide unless ``loss`` names one
-    (``pyro_vae.objectives.choose_elbo``), and logged.
+    Each step is ``pyro.infer.SVI.step`` with one PyTorch optimizer for all parameters
+    (``Step``); the model trains the same under plain ``SVI`` when Pyro sees its
+    parameters, and ``fit`` says in one line when it would not. The ELBO is chosen from
+    model and guide unless ``loss`` names one (``pyro_vae.objectives.choose_elbo``).
+    Before the first step ``fit`` checks that the loss scales with ``num_data``.
 
-    Before the first step ``fit`` checks the model on two points: that its loss scales
-    with ``num_data`` (a plate that ignores it is refused: the ELBOs reported would be off
-    by B / N), and that ``beta_sites`` names latent sites of the guide.
+    Returns one record per epoch, ``{"epoch", "beta", "train_elbo", "valid_elbo",
+    "seconds", "loss"}``, each also passed to every hook: per data point, in nats;
+    ``train_elbo`` is the training objective (beta-weighted ELBO or Renyi bound)
+    averaged over the epoch's minibatches, ``valid_elbo`` the plain ELBO of ``valid``,
+    ``seconds`` excludes validation and checkpoints, ``loss`` the ELBO's class name.
 
-    After each epoch a record ``{"epoch", "beta", "train_elbo", "valid_elbo", "seconds",
-    "loss"}`` is appended to the history and passed to every hook. Values are per data
-    point, in nats: ``train_elbo`` is the training objective (the beta-weighted ELBO, or
-    the Renyi bound) averaged over the epoch's minibatches; ``valid_elbo`` is the plain
-    ELBO (beta = 1) of ``valid``; ``seconds`` excludes validation and checkpoints;
-    ``loss`` is the ELBO's class name. With ``progress`` and standard error a terminal, a
-    progress bar runs during each epoch; with ``progress``, each record is printed in one
-    line.
+    Clears Pyro's parameter store first (a stale entry of an earlier model with the same
+    names would be optimized instead). With ``torch.distributed`` initialized, each
+    process trains on its shard of every batch (``pyro_vae.distributed``); process 0
+    validates and calls the hooks; an ELBO without ``differentiable_loss`` is refused
+    there.
 
-    A step whose loss or gradient is not finite changes no parameter (with the default
-    ``adam`` the fused kernel skips it on the device). At the next check, training stops
-    with ``TrainingDiverged`` naming the epoch, the step and, when checked at that step,
-    the quantity; ``skip_nonfinite`` such steps are skipped (and logged) first. SIGINT or
-    SIGTERM stops at the next step boundary with ``TrainingInterrupted``, after a
-    checkpoint.
-
-    Exact resume: hooks' ``on_checkpoint(state)`` receive the ``TrainState`` (see
-    ``Checkpointer``); ``fit(..., resume=state)`` with ``model`` holding the weights
-    saved with it continues where it was taken: on the CPU bitwise as the uninterrupted
-    run. Weights other than those saved with the state are refused (load them first), as
-    is another objective unless ``allow_loss_change=True``. ``lr`` and ``clip_norm``
-    given on resume replace the saved ones.
-
-    ``compile=True``: the whole step (model, guide, Pyro's ELBO and the backward pass;
-    on the CPU also the optimizer's update, the finite check and the batch's gather and
-    binarization, ``pyro_vae.fused``) is recorded once for the full batch size and
-    compiled (``pyro_vae.compiled``); where it cannot be recorded, the model's networks
-    and the package's densities are compiled alone, after one line saying why. The
-    warm-up draws no random number and changes no weight, so the run takes the eager
-    run's noise. ``precision="bf16"``: the networks' matrix products in bfloat16.
-
-    Several processes (``torch.distributed`` initialized, e.g. by ``torchrun``): each
-    trains on its shard of every global batch under ``DistributedDataParallel``, with the
-    result of one process taking the same batches. Process 0 alone validates and calls
-    the hooks. An ELBO without ``differentiable_loss`` (``RenyiELBO``, ``TraceGraph_ELBO``)
-    is refused there.
-
-    Clears Pyro's parameter store first: PyroModule registers parameters by name, and a
-    stale entry from an earlier model of the same shape would be optimized instead.
-
-    Raises ``TypeError`` for an unknown option, ``ValueError`` (often an
-    ``ArgumentError`` naming the option) for a bad value, data the model cannot take or
-    a resume that does not fit, and ``TrainingDiverged`` / ``TrainingInterrupted`` as
-    above.
+    Raises ``TypeError`` for an unknown option; ``ValueError`` (often an
+    ``ArgumentError`` naming the option) for a bad value, data the model cannot take, or
+    a resume that does not fit (other weights than those saved, another objective unless
+    ``allow_loss_change=True``); ``TrainingDiverged`` when a step's loss or gradient is
+    not finite (the step changes nothing; ``skip_nonfinite`` such steps are skipped
+    first); ``TrainingInterrupted`` on SIGINT or SIGTERM, at the next step boundary
+    after a checkpoint.
     """
     try:
         opts = Options(**options)
