@@ -410,6 +410,10 @@ class Trainer:
         self.step = Step(self.model, self.objective, self.params, optimizer, self.world,
                          model_fn, o.beta_sites)
 
+    def _shapes(self) -> Dict[str, List[int]]:
+        """The trained parameters' shapes by name, as ``TrainState.parameters`` holds them."""
+        return {k: list(p.shape) for k, p in self.params.items()}
+
     def _check_resume(self, state: TrainState) -> None:
         """Refuse to resume ``state`` with weights other than those saved with it, or
         with another objective unless ``allow_loss_change``."""
@@ -432,7 +436,7 @@ class Trainer:
         if self.pos.order is not None:
             self.pos.order = self.pos.order.to(self.device)
         self.history = [dict(r) for r in state.history]
-        shapes = {k: list(p.shape) for k, p in self.params.items()}
+        shapes = self._shapes()
         if state.parameters is not None and state.parameters != shapes:
             bad = next((k for k in {**state.parameters, **shapes}
                         if state.parameters.get(k) != shapes.get(k)))
@@ -587,7 +591,7 @@ class Trainer:
                                {"parameters": list(self.params),
                                 "state": self.step.optimizer.state_dict()}, rng,
                                objective=describe_elbo(self.objective),
-                               parameters={k: list(p.shape) for k, p in self.params.items()},
+                               parameters=self._shapes(),
                                fingerprint=fingerprint(self.model))
             for hook in self.hooks:
                 hook.on_checkpoint(state)
