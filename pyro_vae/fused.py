@@ -2,13 +2,15 @@
 
 ``pyro_vae.compiled.TracedLoss`` records Pyro's ELBO and its backward pass as one graph.
 ``TracedStep`` records the rest of ``Step`` into the same graph, so that one compiled call
-takes a whole step and no Python runs between the gradients and the update:
+takes a whole step:
 
-- **the optimizer's update**: PyTorch's fused ``Adam`` (the default) or Pyro's
-  ``ClippedAdam``, written as tensor operations (``AdamUpdate``, ``ClippedAdamUpdate``)
-  on the optimizer's own state tensors, which the graph updates in place. The
-  optimizer's ``state_dict`` keeps its layout, so checkpoints, resume and an eager step
-  (the last, smaller batch of an epoch) all see the same state;
+- **the optimizer's update**: Pyro's ``ClippedAdam`` written as tensor operations
+  (``ClippedAdamUpdate``) on the optimizer's own state tensors, which the graph updates
+  in place; PyTorch's fused ``Adam`` (the default) right after the graph, by its own
+  kernel on the gradients the graph returns (``AdamUpdate``: in the graph, the update's
+  code took longer to compile than the loss's). The optimizer's ``state_dict`` keeps
+  its layout, so checkpoints, resume and an eager step (the last, smaller batch of an
+  epoch) all see the same state;
 - **the finite check**: the update applies only where the loss and the sum of every
   gradient are finite (the test ``Step`` makes eagerly); the graph returns the sums, so a
   non-finite step is named;
@@ -37,15 +39,18 @@ from .datasets import Draw, gather
 
 
 class AdamUpdate:
-    """``torch.optim.Adam(fused=True)``'s step as tensor operations, as its CPU kernel
-    computes it (Kingma & Ba 2015, Algorithm 1): with t the step count,
-    m <- lerp(m, g, 1 - beta1), v <- beta2 v + (1 - beta2) g^2,
-    p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), the bias
-    corrections computed on the host in float64 (``scalars``). The state is the optimizer's own: per parameter ``step`` (a
-    float32 scalar tensor), ``exp_avg`` and ``exp_avg_sq``, created as Adam creates them
-    on its first step. Adam without amsgrad, weight decay or maximize only
+    """``torch.optim.Adam(fused=True)``'s step, made right after the recorded graph, which
+    returns the gradients: PyTorch's own fused Adam kernel (``torch._fused_adam_``) on the
+    optimizer's own state: from the same gradients, the weights and moments are bitwise
+    the eager optimizer's (but for moments flushed to 0, see ``_adam_``).
+    (Written into the graph as tensor operations, the update took inductor longer to
+    compile than the whole loss; the kernel is as fast.) The state: per parameter
+    ``step`` (a float32 scalar tensor), ``exp_avg`` and ``exp_avg_sq``, created as Adam
+    creates them on its first step. Adam without amsgrad, weight decay or maximize only
     (``supports``)."""
 
+    #: Made by ``TracedStep.step`` after the graph, not recorded in it.
+    in_graph = False
     per_parameter = 3
 
     def __init__(self, optimizer: torch.optim.Adam, params: Sequence[torch.Tensor]):
@@ -80,31 +85,52 @@ class AdamUpdate:
         return out
 
     def scalars(self) -> List[torch.Tensor]:
-        """The step's scalars, computed on the host as the fused kernel computes them
-        (in float64, then rounded to float32): per parameter, -lr / (1 - beta1^t) and
-        sqrt(1 - beta2^t) for t its step count after this step. (Computed in the graph,
-        they would be computed once per vector of every tensor.)"""
-        beta1, beta2 = self.group["betas"]
-        lr = float(self.group["lr"])
-        steps = [float(self.optimizer.state[p]["step"]) + 1 for p in self.params]
-        return [torch.tensor([(-lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t))
-                              for t in steps], device=self.params[0].device)]
+        """None in the graph."""
+        return []
 
     def apply(self, params, grads, state, scalars, ok: torch.Tensor) -> None:
-        """Update ``params`` and ``state`` in place where ``ok`` (recorded)."""
+        """Update ``params`` and ``state`` (``state()``'s layout) in place if ``ok``."""
         beta1, beta2 = self.group["betas"]
-        eps = self.group["eps"]
-        (coefficients,) = scalars
-        for i, (p, g) in enumerate(zip(params, grads)):
-            step, m, v = state[3 * i:3 * i + 3]
-            minus_step_size, bias2_sqrt = coefficients[i]
-            m_new = _flushed(m.lerp(g, 1 - beta1))
-            v_new = _flushed(v * beta2 + (1 - beta2) * g * g)
-            p_new = p + minus_step_size * m_new / (v_new.sqrt() / bias2_sqrt + eps)
-            _assign(ok, (p, p_new), (m, m_new), (v, v_new), (step, step + 1))
+        with torch.no_grad():
+            _adam_(params, list(grads), state[1::3], state[2::3], state[0::3],
+                   float(self.group["lr"]), ok, beta1, beta2, self.group["eps"])
 
     def commit(self, finite: torch.Tensor) -> None:
         """Host bookkeeping after a step: none (the step count is a tensor)."""
+
+
+#: Moments below this are set to 0 (see ``_adam_``).
+TINY = 1e-30
+#: Every this many steps (of a parameter's step count).
+FLUSH_EVERY = 64
+
+
+def _adam_(params: List[torch.Tensor], grads: List[torch.Tensor],
+           exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor],
+           steps: List[torch.Tensor], lr: float, ok: torch.Tensor, beta1: float,
+           beta2: float, eps: float) -> None:
+    """One step of ``torch.optim.Adam(fused=True)`` where ``ok`` (a bool scalar), as
+    ``Adam.step`` takes it: the step counts advanced, then PyTorch's fused kernel.
+
+    Every ``FLUSH_EVERY`` steps the moments below ``TINY`` in size are set to 0. A
+    weight whose gradient has been 0 for a while (a network's weights for MNIST's nearly
+    always black border pixels) sees its first moment decay by beta1 = 0.9 per step, into
+    float32's subnormal range (below 1.2e-38) within a thousand steps; arithmetic on
+    subnormals takes the CPU a hundred times longer, and after two epochs of MNIST such
+    steps took a quarter longer (measured). A moment below 1e-30 moves its weight by at
+    most lr * 1e-30 / eps = 1e-25 per step, and from 1e-30 it needs more than 150 steps
+    to decay into the subnormals. (Eager PyTorch keeps the subnormals; XLA, and so
+    NumPyro, flushes them to zero.)"""
+    if not bool(ok):
+        return
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr,
+                       beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+                       amsgrad=False, maximize=False)
+    if steps and int(steps[0]) % FLUSH_EVERY == 0:
+        for m, v in zip(exp_avgs, exp_avg_sqs):
+            m.masked_fill_(m.abs() < TINY, 0)
+            v.masked_fill_(v < TINY, 0)
 
 
 class ClippedAdamUpdate:
@@ -117,6 +143,8 @@ class ClippedAdamUpdate:
     (``supports``)."""
 
     per_parameter = 2
+    #: Recorded in the graph (``apply`` is tensor operations).
+    in_graph = True
 
     def __init__(self, optimizer: ClippedAdam, params: Sequence[torch.Tensor]):
         self.optimizer, self.params = optimizer, list(params)
@@ -188,19 +216,9 @@ def functional_update(optimizer: torch.optim.Optimizer, params: Sequence[torch.T
     return next((u(optimizer, params) for u in UPDATES if u.supports(optimizer)), None)
 
 
-#: Moments below this are set to 0 (see ``_flushed``).
-TINY = 1e-30
-
-
 def _flushed(moment: torch.Tensor) -> torch.Tensor:
-    """``moment`` with entries below ``TINY`` in size set to 0. A weight whose gradient
-    has been 0 for a while (a network's weights for MNIST's nearly always black border
-    pixels) sees its first moment decay by beta1 = 0.9 per step, into float32's
-    subnormal range (below 1.2e-38) within a thousand steps; arithmetic on subnormals
-    takes the CPU a hundred times longer, and after two epochs of MNIST such steps took
-    a quarter longer (measured). Such a moment moves its weight by at most
-    lr * 1e-30 / eps = 1e-25 per step. (Eager PyTorch keeps the subnormals; XLA, and so
-    NumPyro, flushes them to zero by default.)"""
+    """``moment`` with entries below ``TINY`` in size set to 0 (why: ``_adam_``), as
+    tensor operations, at every step."""
     return torch.where(moment.abs() < TINY, torch.zeros_like(moment), moment)
 
 
@@ -213,8 +231,9 @@ def _assign(ok: torch.Tensor, *pairs) -> None:
 
 class TracedStep(TracedLoss):
     """The whole step as one compiled graph: loss and gradients (``TracedLoss``), the
-    finite check, the optimizer's ``update`` in place, and the batch's gather and
-    binarization from a ``Draw`` (see the module). ``step`` returns the loss, whether it
+    finite check, the optimizer's ``update`` in place (in the graph, or right after it:
+    the update's ``in_graph``), and the batch's gather and binarization from a ``Draw``
+    (see the module). ``step`` returns the loss, whether it
     and every gradient's sum were finite, and those sums (loss first), as tensors.
 
     Guards are those of ``TracedLoss``; a run whose reads differ from its graph's
@@ -249,6 +268,9 @@ class TracedStep(TracedLoss):
         inputs = list(state.values()) + moments + scalars + data
         out = self._run(key, inputs, lambda: self._record_step(
             state, moments, scalars, data, binarize, weight, num_data, beta))
+        if not self.update.in_graph:  # the graph returned whether to, and the gradients
+            trained = [state[name] for name in self.trained]
+            self.update.apply(trained, out[4:4 + len(trained)], moments, scalars, out[3])
         return out[0], out[1], out[2]
 
     def _record_step(self, state, moments, scalars, data, binarize, weight, num_data,
@@ -264,6 +286,8 @@ class TracedStep(TracedLoss):
             sums = torch.stack([value.float()] + [g.sum().float() for g in grads])
             finite = torch.isfinite(sums.sum())
             ok = finite if not reads.tensors else finite & reads.unchanged()
+            if not self.update.in_graph:
+                return (value, finite, sums, ok, *grads)
             self.update.apply([state[i] for i in which], grads, moments, scalars, ok)
             return value, finite, sums
 

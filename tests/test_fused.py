@@ -222,3 +222,59 @@ def test_compiled_fit_logs_what_compiling_costs_and_when_it_pays(digits, caplog)
     assert len(lines) == 1
     assert f"compiling took {history[0]['compile_seconds']:.1f} s and saves " in lines[0]
     assert "it has paid for itself after epoch " in lines[0] or "saves nothing" in lines[0]
+
+
+def _adam_pair(lr=0.01):
+    """Two copies of three parameters, each with a fused Adam."""
+    torch.manual_seed(0)
+    a = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True),
+         torch.randn(7, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    return (a, torch.optim.Adam(a, lr=lr, fused=True)), (b, torch.optim.Adam(b, lr=lr,
+                                                                            fused=True))
+
+
+def test_the_adam_update_after_the_graph_is_the_eager_optimizers_bitwise():
+    """From the same gradients, AdamUpdate (PyTorch's fused kernel, called as the
+    compiled step calls it) and ``Adam.step`` give bitwise the same weights and state,
+    over three steps; a step that is not ok changes nothing, its step count included."""
+    (a, eager), (b, opt) = _adam_pair()
+    update = functional_update(opt, b)
+    assert type(update).__name__ == "AdamUpdate" and not update.in_graph
+    for i in range(4):
+        grads = [torch.randn_like(p) for p in a]
+        ok = torch.tensor(i != 2)
+        if bool(ok):
+            for p, g in zip(a, grads):
+                p.grad = g.clone()
+            eager.step()
+        update.apply(b, grads, update.state(), update.scalars(), ok)
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+        for p, q in zip(a, b):
+            s, t = eager.state[p], opt.state[q]
+            assert all(torch.equal(s[k], t[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert float(opt.state[b[0]]["step"]) == 3
+
+
+@pytest.mark.parametrize("steps_before, flushed", [(62, False), (63, True)])
+def test_adam_moments_below_tiny_are_flushed_every_64_steps(steps_before, flushed):
+    """Moments below 1e-30 (after the update) are set to 0 at step 64, not at step 63;
+    moments above stay as the kernel left them."""
+    from pyro_vae.fused import TINY
+    (_, _), (b, opt) = _adam_pair()
+    update = functional_update(opt, b)
+    state = update.state()
+    for i in range(len(b)):
+        state[3 * i].fill_(steps_before)
+        state[3 * i + 1].fill_(1e-29)
+        state[3 * i + 2].fill_(1e-29)
+        state[3 * i + 1].view(-1)[0] = 1e-31
+        state[3 * i + 2].view(-1)[0] = 1e-31
+    update.apply(b, [torch.zeros_like(p) for p in b], state, update.scalars(),
+                 torch.tensor(True))
+    for i in range(len(b)):
+        for m in state[3 * i + 1:3 * i + 3]:
+            small, rest = m.view(-1)[0], m.view(-1)[1:]
+            assert float(small) == 0 if flushed else 0 < float(small) < TINY
+            assert bool((rest > TINY).all())
