@@ -83,7 +83,7 @@ class Step:
         self.device_skip = (isinstance(optimizer, torch.optim.Adam)
                             and bool(optimizer.defaults.get("fused")))
         # Set by fit(compile=True): a TracedLoss (pyro_vae.compiled; the update stays
-        # eager), or a TracedStep (pyro_vae.fused: the update is in the graph too).
+        # eager), or a TracedStep (pyro_vae.fused: the update made by it too).
         self.traced = None
 
     def __call__(self, batch: Sequence[torch.Tensor], weight: float = 1.0, check: bool = True,
