@@ -83,8 +83,9 @@ def test_the_batch_gathered_and_binarized_in_a_graph_is_the_eager_batch():
 @needs_cxx
 @pytest.mark.parametrize("optimizer", ["adam", "clipped_adam"])
 def test_the_update_in_the_graph_is_the_eager_optimizers(optimizer):
-    """Three steps of the VampPrior VAE, the update (PyTorch's fused Adam, or Pyro's
-    ClippedAdam) and the batch draw inside the compiled graph, against the eager step
+    """Three steps of the VampPrior VAE, the batch draw inside the compiled graph and the
+    update (PyTorch's fused Adam right after it, or Pyro's ClippedAdam in it too),
+    against the eager step
     on the same batches and noise: the weights within 1e-6 (Adam steps of size about
     lr = 0.01 on values of about 1, from gradients equal to float32 rounding: measured at
     most 4.8e-8), the losses within 1e-6 relative (measured 1.7e-7), and the
