@@ -44,7 +44,7 @@ class AdamUpdate:
     optimizer's own state: from the same gradients, the weights and moments are bitwise
     the eager optimizer's (but for moments flushed to 0, see ``_adam_``).
     (Written into the graph as tensor operations, the update took inductor longer to
-    compile than the whole loss; the kernel is as fast.) The state: per parameter
+    compile than the whole loss, and the step ran no faster.) The state: per parameter
     ``step`` (a float32 scalar tensor), ``exp_avg`` and ``exp_avg_sq``, created as Adam
     creates them on its first step. Adam without amsgrad, weight decay or maximize only
     (``supports``)."""
@@ -233,8 +233,8 @@ class TracedStep(TracedLoss):
     """The whole step as one compiled graph: loss and gradients (``TracedLoss``), the
     finite check, the optimizer's ``update`` in place (in the graph, or right after it:
     the update's ``in_graph``), and the batch's gather and binarization from a ``Draw``
-    (see the module). ``step`` returns the loss, whether it
-    and every gradient's sum were finite, and those sums (loss first), as tensors.
+    (see the module). ``step`` returns the loss, whether it and every gradient's sum
+    were finite, and those sums (loss first), as tensors.
 
     Guards are those of ``TracedLoss``; a run whose reads differ from its graph's
     changes nothing (the update also waits on the reads), and runs again as there."""
