@@ -237,33 +237,48 @@ def gather(tensors: Tuple[torch.Tensor, ...], index, dynamic_binarize: bool = Fa
     return batch
 
 
-_LOW32 = 0xFFFFFFFF
-#: lowbias32's multipliers (Chris Wellons, "hash-prospector"), each as a signed number
-#: below 2^31 in size that equals it modulo 2^32 (0x846CA68B - 2^32 for the second): a
-#: product with a 32-bit value then stays below 2^63 in size, so int64 never overflows,
-#: and its low 32 bits are the 32-bit product's.
+#: lowbias32's multipliers (Chris Wellons, "hash-prospector") as int32 words: the second,
+#: 0x846CA68B, is above 2^31 and is written as the signed number equal to it modulo 2^32.
 _MULTIPLIERS = (0x7FEB352D, 0x846CA68B - (1 << 32))
+
+
+def _words(h: torch.Tensor) -> torch.Tensor:
+    """Integers in [0, 2^32) as int32 words (two's complement: those from 2^31 on become
+    negative); int32 tensors as they are."""
+    if h.dtype == torch.int32:
+        return h
+    return (h - ((h >> 31) << 32)).to(torch.int32)
+
+
+def _lowbias32(h: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int32 words. Products wrap modulo 2^32, which is the 32-bit hash's
+    own arithmetic; the right shifts are masked to shift in zeros, as on unsigned
+    words. (32-bit vector products are native on x86 CPUs; 64-bit ones are not on AVX2,
+    and the int64 form of this hash took twice the time.)"""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _MULTIPLIERS[0]
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * _MULTIPLIERS[1]
+    return h ^ ((h >> 16) & 0xFFFF)
 
 
 def mix32(h: torch.Tensor) -> torch.Tensor:
     """lowbias32 (Wellons), a bijection of the 32-bit integers whose every input bit
     changes every output bit with a probability close to 1/2, on an int64 tensor of
     values in [0, 2^32) (returned in the same range)."""
-    h = h ^ (h >> 16)
-    h = (h * _MULTIPLIERS[0]) & _LOW32
-    h = h ^ (h >> 15)
-    h = (h * _MULTIPLIERS[1]) & _LOW32
-    return h ^ (h >> 16)
+    return _lowbias32(_words(h)).to(torch.int64) & 0xFFFFFFFF
 
 
 def uniforms(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """Counter-based uniforms in [0, 1), float32: for each ``counter`` (int64 in
-    [0, 2^32)), h = mix32(mix32(counter ^ key[0]) ^ key[1]) and u = (h >> 8) / 2^24, its
-    top 24 bits (``key``: two integers in [0, 2^32), ``TensorDataset.noise_key``). For
-    one key, distinct counters give distinct h (mix32 is a bijection). Tensor operations
-    alone, so a compiled graph computes the very same bits in one kernel."""
-    h = mix32(mix32(counter ^ key[0]) ^ key[1])
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    """Counter-based uniforms in [0, 1), float32: for each ``counter`` (integers in
+    [0, 2^32): int64, or int32 below 2^31), h = mix32(mix32(counter ^ key[0]) ^ key[1])
+    and u = (h >> 8) / 2^24, its top 24 bits (``key``: two integers in [0, 2^32),
+    ``TensorDataset.noise_key``). For one key, distinct counters give distinct h (mix32
+    is a bijection). Tensor operations alone, on 32-bit words, so a compiled graph
+    computes the very same bits in one kernel."""
+    key = _words(key)
+    h = _lowbias32(_lowbias32(_words(counter) ^ key[0]) ^ key[1])
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def binarize(x: torch.Tensor, key: Optional[torch.Tensor],
@@ -282,7 +297,9 @@ def binarize(x: torch.Tensor, key: Optional[torch.Tensor],
         return torch.bernoulli(x, generator=generator)
     flat = x.reshape(-1)
     if every_value:
-        u = uniforms(key, torch.arange(flat.numel(), device=x.device))
+        small = flat.numel() < 1 << 31  # int32 counters: one conversion less per value
+        u = uniforms(key, torch.arange(flat.numel(), device=x.device,
+                                       dtype=torch.int32 if small else torch.int64))
         return (u.to(x.dtype) < flat).to(x.dtype).view(x.shape)
     out = flat.floor()  # 0 and 1 draw themselves, and the others start at 0
     between = (flat - out).nonzero().squeeze(1)

@@ -186,9 +186,10 @@ def _lowbias32(h: int) -> int:
     return h ^ (h >> 16)
 
 
-def test_the_binarization_hash_is_lowbias32_in_int64_without_overflow():
-    """``mix32`` is lowbias32 exactly, on the edges of its range too (the largest
-    products a multiplier makes), and ``uniforms`` its composition with the key."""
+def test_the_binarization_hash_is_lowbias32_on_32_bit_words():
+    """``mix32`` is lowbias32 exactly, on the edges of its range too (words from 2^31 on,
+    which int32 holds as negative numbers, and products that wrap), and ``uniforms`` its
+    composition with the key, for int64 counters and for int32 ones."""
     from pyro_vae.datasets import mix32, uniforms
 
     values = [0, 1, 2, 255, 65535, 65536, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 2**32 - 1]
@@ -198,6 +199,9 @@ def test_the_binarization_hash_is_lowbias32_in_int64_without_overflow():
                 for c in values]
     got = uniforms(key, torch.tensor(values))
     assert got.dtype == torch.float32 and got.tolist() == expected
+    small = [v for v in values if v < 2**31]
+    assert uniforms(key, torch.tensor(small, dtype=torch.int32)).tolist() == \
+        [e for v, e in zip(values, expected) if v < 2**31]
 
 
 def test_counter_uniforms_are_uniform_and_uncorrelated():
