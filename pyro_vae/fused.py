@@ -85,7 +85,7 @@ class AdamUpdate:
         return out
 
     def scalars(self) -> List[torch.Tensor]:
-        """None in the graph."""
+        """The graph's scalar inputs for the update: none (it is not in the graph)."""
         return []
 
     def apply(self, params, grads, state, scalars, ok: torch.Tensor) -> None:
