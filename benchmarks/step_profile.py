@@ -22,7 +22,9 @@ For each configuration (``train_speed.py``'s) and precision, ``fit`` trains two 
 
 The floor: the step's matrix products (their shapes, layouts and dtypes, as an eager step
 runs them) timed back to back with ``torch.mm``, best of 30 repeats; with their FLOP count
-it gives the rate this core reaches on them. Run it on a quiet machine: the profile
+it gives the rate this core reaches on them. Where JAX is installed, the same float32
+products are also timed as one ``jax.jit`` (XLA's matrix kernels, which NumPyro's step
+calls), best of 30. Run it on a quiet machine: the profile
 measures wall time.
 """
 
@@ -135,8 +137,44 @@ def matmul_floor(vae, batch, num_data: int, bf16: bool) -> dict:
         for (a, b), out in zip(products, outs):
             torch.mm(a, b, out=out)
         best = min(best, time.perf_counter() - start)
-    return {"products": len(products), "mflop": flops / 1e6, "ms": 1e3 * best,
-            "gflops": flops / best / 1e9}
+    floor = {"products": len(products), "mflop": flops / 1e6, "ms": 1e3 * best,
+             "gflops": flops / best / 1e9}
+    xla = None if bf16 else xla_floor(products)
+    if xla is not None:
+        floor.update(xla_ms=1e3 * xla, xla_gflops=flops / xla / 1e9)
+    return floor
+
+
+def xla_floor(products) -> float | None:
+    """Seconds XLA takes for the same float32 products (one ``jax.jit`` of them all, the
+    transposed operands transposed inside it, as NumPyro's step has them), best of 30;
+    None where JAX is not installed."""
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+
+    def stored(t):  # the array as it lies in memory, and whether the product reads it transposed
+        transposed = t.stride(0) == 1 and t.shape[1] > 1
+        return jnp.asarray((t.t() if transposed else t).contiguous().numpy()), transposed
+
+    operands = [(stored(a), stored(b)) for a, b in products]
+    flags = tuple((ta, tb) for (_, ta), (_, tb) in operands)
+    arrays = [(a, b) for (a, _), (b, _) in operands]
+
+    @jax.jit
+    def run(arrays):
+        return [(a.T if ta else a) @ (b.T if tb else b)
+                for (a, b), (ta, tb) in zip(arrays, flags)]
+
+    jax.block_until_ready(run(arrays))
+    best = math.inf
+    for _ in range(30):
+        start = time.perf_counter()
+        jax.block_until_ready(run(arrays))
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def run(name: str, train, precision: str, steps: int) -> dict:
@@ -189,9 +227,11 @@ def main():
     for r in results:
         f = r["matmul_floor"]
         cells = [f"{r['breakdown'].get(p, 0.0):.2f}" for p in parts]
+        xla = (f"; XLA {f['xla_ms']:.2f} ({f['xla_gflops']:.0f} GFLOP/s)"
+               if "xla_ms" in f else "")
         print(f"| {r['config']}, {r['precision']} | {r['ms_per_step']:.2f} | "
               + " | ".join(cells) + f" | {f['ms']:.2f} ({f['products']} products, "
-              f"{f['mflop']:.0f} MFLOP, {f['gflops']:.0f} GFLOP/s) |")
+              f"{f['mflop']:.0f} MFLOP, {f['gflops']:.0f} GFLOP/s{xla}) |")
 
 
 if __name__ == "__main__":
