@@ -243,14 +243,16 @@ class Trainer:
     def _interruptible(self):
         """SIGINT and SIGTERM only note that a stop was asked for inside the block; the
         step under way ends, a checkpoint is taken and ``TrainingInterrupted`` raised
-        (``_take_step``); a signal after the first is ignored, with one line. One process
-        in the main thread only: several processes would have to agree on the step, and
-        there a killed run resumes from its checkpoint."""
+        (``_take_step``); a signal after the first is ignored, with one line. A signal
+        the process already ignores (``SIG_IGN``: SIGINT in a shell script's background
+        job) stays ignored. One process in the main thread only: several processes would
+        have to agree on the step, and there a killed run resumes from its checkpoint."""
         self.signals = []
         if self.world.size > 1 or threading.current_thread() is not threading.main_thread():
             yield
             return
-        caught = (signal.SIGINT, signal.SIGTERM)
+        caught = [s for s in (signal.SIGINT, signal.SIGTERM)
+                  if signal.getsignal(s) is not signal.SIG_IGN]
         before = {s: signal.signal(s, self._on_signal) for s in caught}
         try:
             yield
@@ -639,7 +641,7 @@ def fit(model, train, valid=None, *, hooks: Sequence = (), resume=None,
     ``allow_loss_change=True``); ``TrainingDiverged`` when a step's loss or gradient is
     not finite (the step changes nothing; ``skip_nonfinite`` such steps are skipped
     first); ``TrainingInterrupted`` on SIGINT or SIGTERM, at the next step boundary
-    after a checkpoint.
+    after a checkpoint (a signal the process ignores stays ignored).
     """
     try:
         opts = Options(**options)

@@ -162,10 +162,17 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(t
     path = tmp_path / "checkpoint.pt"
     sent = lambda record, history, model: record["epoch"] == 1 and os.kill(  # noqa: E731
         os.getpid(), signal.SIGINT)
-    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT after epoch 2, step 1;"):
-        fit(vae, train, valid, epochs=3, batch_size=64, progress=False, compile=compile,
-            hooks=[sent, Checkpointer(path, vae)])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # Python's own handler, whatever the process was started with (a shell's background
+    # job starts with SIGINT ignored, and fit leaves an ignored signal ignored).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted,
+                           match="stopped by SIGINT after epoch 2, step 1;"):
+            fit(vae, train, valid, epochs=3, batch_size=64, progress=False,
+                compile=compile, hooks=[sent, Checkpointer(path, vae)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, before)
     saved = read_checkpoint(path)
     assert (saved["training"]["position"]["epoch"], saved["training"]["position"]["step"]) \
         == (2, 1)
@@ -179,6 +186,40 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(t
     assert [r["valid_elbo"] for r in again] == [r["valid_elbo"] for r in history]
 
 
+def test_an_ignored_sigint_stays_ignored():
+    """With SIGINT ignored (SIG_IGN, as in a shell script's background job), a SIGINT
+    during training changes nothing: the run ends as the one without it, and SIGINT is
+    still ignored after."""
+    import os
+    import signal
+
+    train, valid, _ = load("digits")
+    torch.manual_seed(0)
+    reference = VAE(64, 4, (16,))
+    history = fit(reference, train, valid, epochs=2, batch_size=64, progress=False)
+    torch.manual_seed(0)
+    vae = VAE(64, 4, (16,))
+    sent = lambda record, history, model: record["epoch"] == 1 and os.kill(  # noqa: E731
+        os.getpid(), signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        again = fit(vae, train, valid, epochs=2, batch_size=64, progress=False,
+                    hooks=[sent])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert [r["valid_elbo"] for r in again] == [r["valid_elbo"] for r in history]
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in reference.state_dict().items())
+
+
+def _sigint_as_python_starts_it():
+    """For a child process: SIGINT at its default, whatever this process has (a shell's
+    background job starts with it ignored, and a child inherits that), so that the child
+    Python installs its own handler as it does when started from a terminal."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_the_command_line_is_one_line_and_resumable(tmp_path):
     import signal
     import subprocess
@@ -188,7 +229,8 @@ def test_ctrl_c_on_the_command_line_is_one_line_and_resumable(tmp_path):
     out = tmp_path / "run"
     child = subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", "--dataset",
                               "digits", "--epochs", "200", "--out", str(out), "--quiet"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_sigint_as_python_starts_it)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
         assert time.time() < deadline and child.poll() is None
@@ -243,7 +285,8 @@ def test_a_second_ctrl_c_while_stopping_is_ignored_in_one_line(tmp_path):
     args = ["train", "--dataset", "digits", "--epochs", "2", "--z-dim", "3", "--hidden", "8",
             "--quiet"]
     r = subprocess.run([sys.executable, "-c", _THREE_SIGINTS, *args, "--out",
-                        str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+                        str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                       preexec_fn=_sigint_as_python_starts_it)
     assert r.returncode == 130, r.stderr
     assert r.stderr.splitlines() == [
         "WARNING pyro_vae: SIGINT ignored: already stopping at the end of this step",
