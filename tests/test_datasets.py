@@ -262,6 +262,9 @@ def test_dynamic_binarization_hashes_keys_drawn_from_the_data_generator(dtype):
         assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 4
         assert got[0].dtype == dtype
     assert torch.equal(ours.get_state(), theirs.get_state())
+    for shape in [(230 * 17,), (10, 23, 17)]:  # positions are row-major whatever the shape
+        y = x.reshape(shape)
+        assert torch.equal(binarize(y, key, every_value=True), binarize(y, key))
 
 
 def test_binarized_values_average_to_the_gray_values():
