@@ -24,8 +24,7 @@ The floor: the step's matrix products (their shapes, layouts and dtypes, as an e
 runs them) timed back to back with ``torch.mm``, best of 30 repeats; with their FLOP count
 it gives the rate this core reaches on them. Where JAX is installed, the same float32
 products are also timed as one ``jax.jit`` (XLA's matrix kernels, which NumPyro's step
-calls), best of 30. Run it on a quiet machine: the profile
-measures wall time.
+calls), best of 30. Run it on a quiet machine: the profile measures wall time.
 """
 
 import argparse
@@ -155,7 +154,7 @@ def xla_floor(products) -> float | None:
     except ImportError:
         return None
 
-    def stored(t):  # the array as it lies in memory, and whether the product reads it transposed
+    def stored(t):  # the array as it lies in memory; whether the product reads it transposed
         transposed = t.stride(0) == 1 and t.shape[1] > 1
         return jnp.asarray((t.t() if transposed else t).contiguous().numpy()), transposed
 

@@ -1,5 +1,6 @@
 """Exact resume: SIGKILL at any point, ``pyro-vae train --resume``, bitwise the same run."""
 
+import contextlib
 import dataclasses
 import json
 
@@ -140,6 +141,17 @@ def test_resume_config_keeps_the_runs_settings(tmp_path):
     assert got == dataclasses.replace(saved, epochs=5)
 
 
+@contextlib.contextmanager
+def _sigint_handled_by(handler):
+    """SIGINT's handler set to ``handler`` inside the block, and put back after it."""
+    import signal
+    before = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(tmp_path,
                                                                               compile):
@@ -164,15 +176,12 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(t
         os.getpid(), signal.SIGINT)
     # Python's own handler, whatever the process was started with (a shell's background
     # job starts with SIGINT ignored, and fit leaves an ignored signal ignored).
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with _sigint_handled_by(signal.default_int_handler):
         with pytest.raises(TrainingInterrupted,
                            match="stopped by SIGINT after epoch 2, step 1;"):
             fit(vae, train, valid, epochs=3, batch_size=64, progress=False,
                 compile=compile, hooks=[sent, Checkpointer(path, vae)])
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
-    finally:
-        signal.signal(signal.SIGINT, before)
     saved = read_checkpoint(path)
     assert (saved["training"]["position"]["epoch"], saved["training"]["position"]["step"]) \
         == (2, 1)
@@ -201,13 +210,10 @@ def test_an_ignored_sigint_stays_ignored():
     vae = VAE(64, 4, (16,))
     sent = lambda record, history, model: record["epoch"] == 1 and os.kill(  # noqa: E731
         os.getpid(), signal.SIGINT)
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with _sigint_handled_by(signal.SIG_IGN):
         again = fit(vae, train, valid, epochs=2, batch_size=64, progress=False,
                     hooks=[sent])
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, before)
     assert [r["valid_elbo"] for r in again] == [r["valid_elbo"] for r in history]
     assert all(torch.equal(v, vae.state_dict()[k]) for k, v in reference.state_dict().items())
 
