@@ -3,7 +3,7 @@
 matrix products alone, timed with ``torch.mm`` at the step's shapes).
 
     python benchmarks/step_profile.py --data-dir ../shared/data [--config mlp gated-vamp]
-        [--precision float32 bf16] [--threads 1] [--steps 100]
+        [--precision float32 bf16] [--threads 1] [--steps 100] [--kernels]
 
 For each configuration (``train_speed.py``'s) and precision, ``fit`` trains two epochs of
 ``--steps`` steps; the second is profiled (with inductor's kernel names) and split into:
@@ -20,6 +20,10 @@ For each configuration (``train_speed.py``'s) and precision, ``fit`` trains two 
 - ``Python and calls``: the rest of the epoch's time: the trainer's Python between
   steps, the graph's wrapper and calls, the profiler's own cost.
 
+With ``--kernels``, each kernel of the step (the graph's kernels, its matrix products, the
+fused Adam update) in the order the step calls it, with its median and its fastest time
+over the profiled steps.
+
 The floor: the step's matrix products (their shapes, layouts and dtypes, as an eager step
 runs them) timed back to back with ``torch.mm``, best of 30 repeats; with their FLOP count
 it gives the rate this core reaches on them. Where JAX is installed, the same float32
@@ -32,6 +36,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -91,6 +96,26 @@ def breakdown(events, seconds: float, steps: int) -> dict:
     total = 1e3 * seconds
     spent["Python and calls"] = max(total - sum(spent.values()), 0.0)
     return {k: v / steps for k, v in spent.items()}
+
+
+def kernels(events, steps: int) -> list | None:
+    """Each kernel of a step in the order the step calls them (the graph's kernels, its
+    matrix products and the fused Adam update), with its median and its fastest time
+    over the profiled steps, in ms: ``[(name, median, fastest), ...]``; None when the
+    steps did not all call the same kernels."""
+    calls = sorted((e for e in events if e.name in MATMULS or e.name.startswith("graph_")
+                    or "_fused_adam" in e.name), key=lambda e: e.time_range.start)
+    per_step = len(calls) // steps
+    if not calls or per_step * steps != len(calls):
+        return None
+    rows = []
+    for i in range(per_step):
+        seen = [calls[k * per_step + i] for k in range(steps)]
+        if len({e.name for e in seen}) != 1:
+            return None
+        times = [e.cpu_time_total / 1e3 for e in seen]
+        rows.append((seen[0].name, statistics.median(times), min(times)))
+    return rows
 
 
 class _Matmuls(TorchDispatchMode):
@@ -186,11 +211,12 @@ def run(name: str, train, precision: str, steps: int) -> dict:
     pv.fit(vae, data, epochs=2, batch_size=cfg["batch_size"], lr=cfg["lr"], compile=True,
            precision=precision, hooks=[hook], progress=False)
     parts = breakdown(hook.prof.key_averages(), hook.seconds, steps)
+    each = kernels(hook.prof.events(), steps)
     batch = next(data.batches(cfg["batch_size"], generator=torch.Generator().manual_seed(0)))
     floor = matmul_floor(vae, tuple(batch), len(data), precision == "bf16")
     return {"config": name, "precision": precision, "steps": steps,
             "ms_per_step": 1e3 * hook.seconds / steps, "breakdown": parts,
-            "matmul_floor": floor}
+            "matmul_floor": floor, "kernels": each}
 
 
 def main():
@@ -201,6 +227,8 @@ def main():
                         choices=["float32", "bf16"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=100, help="steps per epoch")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also each kernel of the step, in order: median and fastest ms")
     args = parser.parse_args()
     _threads(args.threads)
     torch._inductor.config.cpp.enable_kernel_profile = True  # kernels by name
@@ -231,6 +259,13 @@ def main():
         print(f"| {r['config']}, {r['precision']} | {r['ms_per_step']:.2f} | "
               + " | ".join(cells) + f" | {f['ms']:.2f} ({f['products']} products, "
               f"{f['mflop']:.0f} MFLOP, {f['gflops']:.0f} GFLOP/s{xla}) |")
+    for r in results if args.kernels else []:
+        print(f"\n{r['config']}, {r['precision']}: each kernel of a step, in order, over "
+              f"{r['steps']} steps (ms)\n\n| kernel | median | fastest |\n|---|---|---|")
+        for name, median, fastest in r["kernels"] or []:
+            print(f"| {name[:70]} | {median:.3f} | {fastest:.3f} |")
+        if r["kernels"] is None:
+            print("| (the steps did not all call the same kernels) | | |")
 
 
 if __name__ == "__main__":
