@@ -18,12 +18,13 @@ The compilers' own imports are timed apart, on both sides alike: ``fit`` imports
 inductor's modules at its first compile (so its ``compile_seconds`` holds them), while
 a NumPyro user has imported JAX and NumPyro before the JIT. Each child first imports
 the compiler (inductor's modules; JAX and NumPyro), timed as ``import``, then compiles.
-The table gives both sums: compile alone, and compile with its import. Models: ``mlp`` and
-``gated-vamp`` (``train_speed.py``'s), ``m2`` (``SemiSupervisedVAE``, the paper's
-500-unit networks, 100 labels, ``TraceEnum_ELBO``), ``user`` (a VAE written as a new
-user writes it: a ``PyroModule`` with its own networks, ``Trace_ELBO``). NumPyro's JIT
-(``numpyro_vae.py``: ``SVI.init`` and the epoch's ahead-of-time compilation, on the
-same networks) for ``mlp`` and ``gated-vamp``.
+The table gives the compile alone, and in parentheses with its import.
+
+Models: ``mlp`` and ``gated-vamp`` (``train_speed.py``'s), ``m2``
+(``SemiSupervisedVAE``, the paper's 500-unit networks, 100 labels, ``TraceEnum_ELBO``),
+``user`` (a VAE written as a new user writes it: a ``PyroModule`` with its own networks,
+``Trace_ELBO``). NumPyro's JIT (``numpyro_vae.py``: ``SVI.init`` and the epoch's
+ahead-of-time compilation, on the same networks) for ``mlp`` and ``gated-vamp``.
 """
 
 import argparse
@@ -129,7 +130,8 @@ def measure(model: str, data_dir: str, threads: int, cache: str,
 
 
 def _cell(m: Optional[dict]) -> str:
-    """"compile (compile + import)" seconds of a measurement, or empty."""
+    """A table cell: the compile's seconds, then with its import in parentheses;
+    empty for no measurement."""
     if m is None:
         return ""
     return f"{m['seconds']:.1f} ({m['seconds'] + m['import_seconds']:.1f})"
