@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,7 +42,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _import_compiler(numpyro: bool) -> float:
     """Seconds to import the compiler a compile needs: inductor's modules (which ``fit``
     would import at its first compile), or JAX and NumPyro."""
-    import time
     start = time.perf_counter()
     if numpyro:
         import numpyro_vae  # noqa: F401 - jax, numpyro
